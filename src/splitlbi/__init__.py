@@ -1,0 +1,11 @@
+"""splitlbi: Split Linearized Bregman Iteration (DessiLBI) for PyTorch.
+
+Train deep networks with :class:`SplitLBI` and read structural sparsity off the
+solution path of its structure parameter Γ.
+"""
+
+from .optim import SplitLBI, Sparsity
+
+__version__ = "0.1.0"
+
+__all__ = ["SplitLBI", "Sparsity", "__version__"]

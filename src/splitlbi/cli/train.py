@@ -1,0 +1,133 @@
+"""``splitlbi train``: parse the command line into a TrainConfig and run it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List
+
+from splitlbi.errors import SplitLBIError
+from splitlbi.train.config import OPTIMIZER_NAMES, TrainConfig
+from splitlbi.train.run import read_train_config, run_training
+
+__all__ = ["add_parser", "config_from_arguments", "run"]
+
+_DEFAULTS = TrainConfig()
+
+
+def _epoch_list(text: str) -> List[int]:
+    """``80,120`` or ``80`` -> epochs; lets ``--lr-milestones 80 120`` and ``80,120`` both work."""
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epochs like 80,120, got {text!r}") from None
+
+
+def _default(name: str) -> str:
+    value = getattr(_DEFAULTS, name)
+    return "none" if value is None else str(value)
+
+
+def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Register ``train`` on the ``splitlbi`` subcommand parsers."""
+    parser = subparsers.add_parser(
+        "train",
+        help="train a model with SplitLBI or a baseline optimizer, writing a run directory",
+        description="Train a model with SplitLBI (or a baseline optimizer) and write a run directory with "
+                    "config.json, metrics.csv, path.csv, init.pt, checkpoints/ and masks/. "
+                    "A stopped or killed run continues with --resume RUN_DIR.",
+    )
+    # Every option defaults to SUPPRESS so that we know which ones the user gave: with
+    # --resume, given options must agree with the run's config.json.
+    option = dict(default=argparse.SUPPRESS)
+    model = parser.add_argument_group("model and data")
+    model.add_argument("--model", **option, help=f"model name (default: {_default('model')})")
+    model.add_argument("--dataset", **option, help=f"mnist, fashion-mnist, digits, ... (default: {_default('dataset')})")
+    model.add_argument("--data-dir", **option, metavar="DIR",
+                       help="dataset folder (default: $SPLITLBI_DATA, else ~/.cache/splitlbi)")
+    model.add_argument("--train-split", type=int, metavar="N", **option,
+                       help="train on the first N images of the official test set and evaluate on the rest")
+    model.add_argument("--pad-to", type=int, metavar="SIZE", **option,
+                       help="zero-pad images to SIZE x SIZE (e.g. 32 for ResNet/VGG on 28x28 data)")
+    model.add_argument("--limit-train", type=int, **option, help=argparse.SUPPRESS)
+    model.add_argument("--limit-test", type=int, **option, help=argparse.SUPPRESS)
+
+    optim = parser.add_argument_group("optimizer")
+    optim.add_argument("--optimizer", choices=OPTIMIZER_NAMES, **option,
+                       help=f"(default: {_default('optimizer')})")
+    optim.add_argument("--lr", type=float, **option,
+                       help=f"learning rate (default: {_default('lr')}; adaptive methods want ~1e-3)")
+    optim.add_argument("--kappa", type=float, **option, help=f"SplitLBI damping factor κ (default: {_default('kappa')})")
+    optim.add_argument("--nu", type=float, **option, help=f"SplitLBI coupling strength ν (default: {_default('nu')})")
+    optim.add_argument("--lam", type=float, **option, help=f"SplitLBI penalty weight λ (default: {_default('lam')})")
+    optim.add_argument("--penalty", **option,
+                       help="SplitLBI penalty: auto (group lasso on conv filters, lasso on linear weights), "
+                            "group, neuron, l1 (weight sparsity) or none (default: auto)")
+    optim.add_argument("--momentum", type=float, **option,
+                       help=f"momentum of splitlbi and sgd (default: {_default('momentum')})")
+    optim.add_argument("--nesterov", action="store_true", **option, help="Nesterov momentum (splitlbi, sgd)")
+    optim.add_argument("--weight-decay", type=float, **option, help=f"(default: {_default('weight_decay')})")
+
+    schedule = parser.add_argument_group("schedule")
+    schedule.add_argument("--epochs", type=int, **option, help=f"(default: {_default('epochs')})")
+    schedule.add_argument("--batch-size", type=int, **option, help=f"(default: {_default('batch_size')})")
+    schedule.add_argument("--lr-milestones", type=_epoch_list, nargs="+", metavar="EPOCH", **option,
+                          help="epochs after which the learning rate is multiplied by --lr-gamma, e.g. 80 120")
+    schedule.add_argument("--lr-gamma", type=float, **option, help=f"(default: {_default('lr_gamma')})")
+    schedule.add_argument("--seed", type=int, **option, help=f"(default: {_default('seed')})")
+
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--device", **option, help="auto, cpu, cuda or cuda:N (default: auto)")
+    where = run_group.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="RUN_DIR", help="new run directory (default: runs/MODEL-DATASET-OPTIMIZER-TIME)")
+    where.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue the run in RUN_DIR from its last checkpoint; --epochs may extend it")
+    run_group.add_argument("--save-every", type=int, metavar="N", **option,
+                           help="keep checkpoints/epoch_XXXX.pt every N epochs; the last epoch and last.pt "
+                                f"are always written (default: {_default('save_every')})")
+    run_group.add_argument("--eval-batch-size", type=int, **option,
+                           help=f"(default: {_default('eval_batch_size')})")
+    run_group.add_argument("--no-progress", action="store_true", **option, help="no progress bar")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _given_settings(namespace: argparse.Namespace) -> Dict[str, Any]:
+    """The TrainConfig fields that the user set on the command line."""
+    given = dict(vars(namespace))
+    if "lr_milestones" in given:
+        given["lr_milestones"] = tuple(epoch for group in given["lr_milestones"] for epoch in group)
+    if given.pop("no_progress", False):
+        given["progress"] = False
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {name: value for name, value in given.items() if name in names}
+
+
+def config_from_arguments(namespace: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of a new run: the given options over the defaults."""
+    return TrainConfig(**_given_settings(namespace))
+
+
+def _default_run_dir(config: TrainConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config.model}-{config.dataset}-{config.optimizer}-{stamp}"
+
+
+def run(namespace: argparse.Namespace) -> int:
+    """Execute ``splitlbi train``."""
+    if namespace.resume is not None:
+        run_dir = Path(namespace.resume)
+        if not run_dir.is_dir():
+            raise SplitLBIError(f"--resume {run_dir}: no such directory")
+        given = _given_settings(namespace)
+        given.setdefault("progress", True)  # showing a bar is not a property of the run
+        config = dataclasses.replace(read_train_config(run_dir), **given)
+        run_training(config, run_dir, resume=True)
+    else:
+        config = config_from_arguments(namespace)
+        run_dir = Path(namespace.out) if namespace.out is not None else _default_run_dir(config)
+        run_training(config, run_dir)
+    print(f"done: {run_dir}")
+    return 0

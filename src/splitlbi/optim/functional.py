@@ -1,0 +1,223 @@
+r"""Functional core of SplitLBI: one step on lists of tensors.
+
+With ``α`` the learning rate, ``g`` the gradient after weight decay and momentum
+(exactly as :class:`torch.optim.SGD`), and ``Γ = κ·prox_Ω(V)``:
+
+.. math::
+
+    W &\leftarrow W - κα\,(g + (W - Γ)/ν) \\
+    V &\leftarrow V + (α/ν)\,(W_{old} - Γ) \\
+    Γ &\leftarrow κ\,\mathrm{prox}_Ω(V)
+
+Two implementations, as in ``torch.optim``: :func:`splitlbi_update` is the per-tensor
+reference that reads like the equations; the multi-tensor path applies the same
+arithmetic with ``torch._foreach_*`` ops. On CPU it walks the parameters in *waves*
+of a few hundred thousand elements (whole filters, tensors cut where they are large)
+so that the temporaries and the tensors a wave touches stay in cache between the ops
+of one step: the step then costs close to the 7 passes over memory that a fused
+kernel would need instead of one pass per op.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .penalties import GROUPED, gamma_from_v, group_norms, shrink_factor
+
+# Elements per wave on CPU: chosen with benchmarks/bench_optimizer.py (a wave's
+# tensors, about 5 arrays of this size, stay within the L2/L3 caches).
+CPU_WAVE_NUMEL = 262_144
+
+
+def momentum_direction(
+    grad: Tensor,
+    weight: Tensor,
+    momentum_buffer: Optional[Tensor],
+    *,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """``g`` of ``torch.optim.SGD``: ``d = grad + wd·W``; ``buf = m·buf + (1−dampening)·d``
+    (``buf = d`` on the first step); ``g = buf``, or ``d + m·buf`` with Nesterov.
+
+    Returns ``(g, momentum_buffer)``; the buffer is updated in place.
+    """
+    d = grad if weight_decay == 0 else grad.add(weight, alpha=weight_decay)
+    if momentum == 0:
+        return d, momentum_buffer
+    if momentum_buffer is None:
+        momentum_buffer = torch.clone(d).detach()
+    else:
+        momentum_buffer.mul_(momentum).add_(d, alpha=1 - dampening)
+    g = d.add(momentum_buffer, alpha=momentum) if nesterov else momentum_buffer
+    return g, momentum_buffer
+
+
+def splitlbi_update(
+    weight: Tensor,
+    grad: Tensor,
+    momentum_buffer: Optional[Tensor],
+    v: Optional[Tensor],
+    *,
+    lr: float,
+    kappa: float,
+    nu: float,
+    lam: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    penalty: str,
+) -> Optional[Tensor]:
+    """One SplitLBI step on one tensor (the reference path). Updates ``weight`` and
+    ``v`` in place and returns the momentum buffer (new on the first step).
+
+    ``v`` is ``None`` for penalty ``"none"``: plain SGD(-momentum) with step ``κ·α``.
+    """
+    g, momentum_buffer = momentum_direction(
+        grad, weight, momentum_buffer,
+        momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay,
+    )
+    if v is None:
+        weight.add_(g, alpha=-kappa * lr)
+        return momentum_buffer
+    gamma = gamma_from_v(v, kappa, lam, penalty)
+    coupling = weight - gamma  # W_old − Γ: drives both updates
+    v.add_(coupling, alpha=lr / nu)
+    weight.sub_(kappa * lr * (g + coupling / nu))
+    return momentum_buffer
+
+
+Piece = tuple[int, Optional[slice]]  # (parameter index, rows/elements of it, None = whole)
+
+
+def _cut(tensor: Tensor, rows: Optional[slice], grouped: bool) -> Tensor:
+    """The part of ``tensor`` a piece covers: rows of its ``[out, -1]`` view (grouped
+    penalties keep whole filters together) or a range of its flat view."""
+    if rows is None:
+        return tensor
+    return tensor.view(tensor.shape[0], -1)[rows] if grouped else tensor.view(-1)[rows]
+
+
+def plan_waves(numels: list[int], rows: list[int], grouped: list[bool], wave_numel: int) -> list[list[Piece]]:
+    """Cut tensors larger than ``wave_numel`` into pieces (whole filters when grouped)
+    and pack consecutive pieces into waves of about ``wave_numel`` elements."""
+    waves: list[list[Piece]] = [[]]
+    filled = 0
+    for index, (numel, out, is_grouped) in enumerate(zip(numels, rows, grouped)):
+        if numel <= wave_numel:
+            pieces: list[tuple[Optional[slice], int]] = [(None, numel)]
+        elif is_grouped:
+            row = numel // out
+            step = max(1, wave_numel // row)
+            pieces = [(slice(r, min(r + step, out)), (min(r + step, out) - r) * row) for r in range(0, out, step)]
+        else:
+            pieces = [(slice(e, min(e + wave_numel, numel)), min(e + wave_numel, numel) - e)
+                      for e in range(0, numel, wave_numel)]
+        for cut, size in pieces:
+            if filled and filled + size > wave_numel:
+                waves.append([])
+                filled = 0
+            waves[-1].append((index, cut))
+            filled += size
+    return [w for w in waves if w]
+
+
+def multi_tensor_splitlbi(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Optional[Tensor]],
+    vs: list[Optional[Tensor]],
+    penalties: list[str],
+    *,
+    lr: float,
+    kappa: float,
+    nu: float,
+    lam: float,
+    momentum: float,
+    dampening: float,
+    nesterov: bool,
+    weight_decay: float,
+    wave_numel: Optional[int] = None,
+) -> list[Optional[Tensor]]:
+    """One SplitLBI step on tensors of one device and dtype, with ``torch._foreach_*``.
+
+    Same arithmetic as :func:`splitlbi_update`. ``vs[i]`` is None for penalty
+    ``"none"``. Returns the momentum buffers (new ones created on the first step).
+    ``wave_numel=None`` picks :data:`CPU_WAVE_NUMEL` on CPU and one wave on accelerators,
+    whose fused multi-tensor kernels want long lists.
+    """
+    if not params:
+        return momentum_buffers
+    if wave_numel is None:
+        wave_numel = CPU_WAVE_NUMEL if params[0].device.type == "cpu" else 1 << 62
+    grouped = [pen in GROUPED for pen in penalties]
+
+    # First step of a buffer: buf = d (as torch.optim.SGD); these skip the m·buf update.
+    fresh = [False] * len(params)
+    if momentum != 0:
+        for i, buf in enumerate(momentum_buffers):
+            if buf is None:
+                d = grads[i] if weight_decay == 0 else grads[i].add(params[i], alpha=weight_decay)
+                momentum_buffers[i] = torch.clone(d).detach()
+                fresh[i] = True
+
+    # Γ = κ·prox(V_old) for grouped penalties is a per-filter factor times V: one
+    # vectorised norm per layer, and the factors of all layers of one rank computed
+    # together (norms kept as [out, 1, ...] so the split pieces broadcast as they are).
+    factors: list[Optional[Tensor]] = [None] * len(params)
+    for rank in {params[i].dim() for i, g in enumerate(grouped) if g}:
+        indices = [i for i, g in enumerate(grouped) if g and params[i].dim() == rank]
+        norms = [group_norms(vs[i], keepdim=True) for i in indices]
+        neg_gamma_factor = shrink_factor(torch.cat(norms), lam).mul_(-kappa)
+        if neg_gamma_factor.dtype != params[0].dtype:
+            neg_gamma_factor = neg_gamma_factor.to(params[0].dtype)
+        for i, factor in zip(indices, neg_gamma_factor.split([n.shape[0] for n in norms])):
+            factors[i] = factor
+
+    waves = plan_waves([p.numel() for p in params], [p.shape[0] if p.dim() else 1 for p in params], grouped, wave_numel)
+    for wave in waves:
+        weights = [_cut(params[i], cut, grouped[i]) for i, cut in wave]
+        d = [_cut(grads[i], cut, grouped[i]) for i, cut in wave]
+        if weight_decay != 0:
+            d = torch._foreach_add(d, weights, alpha=weight_decay)
+        if momentum != 0:
+            bufs = [_cut(momentum_buffers[i], cut, grouped[i]) for i, cut in wave]
+            old = [k for k, (i, _) in enumerate(wave) if not fresh[i]]
+            if len(old) == len(wave):
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, d, alpha=1 - dampening)
+            elif old:
+                old_bufs = [bufs[k] for k in old]
+                torch._foreach_mul_(old_bufs, momentum)
+                torch._foreach_add_(old_bufs, [d[k] for k in old], alpha=1 - dampening)
+            g = torch._foreach_add(d, bufs, alpha=momentum) if nesterov else bufs
+        else:
+            g = d
+
+        # W_old − Γ (grouped: W + V·(−κ·factor); l1: W − κ·softshrink(V)), then V and W
+        group_pieces = [(k, i, cut) for k, (i, cut) in enumerate(wave) if grouped[i]]
+        l1_pieces = [(k, i, cut) for k, (i, cut) in enumerate(wave) if vs[i] is not None and not grouped[i]]
+        coupled_w = [weights[k] for k, _, _ in group_pieces] + [weights[k] for k, _, _ in l1_pieces]
+        coupled_v = [_cut(vs[i], cut, True) for _, i, cut in group_pieces]
+        coupled_v += [_cut(vs[i], cut, False) for _, i, cut in l1_pieces]
+        coupling: list[Tensor] = []
+        if group_pieces:
+            group_factors = [factors[i] if cut is None else factors[i].view(-1, 1)[cut] for _, i, cut in group_pieces]
+            coupling = torch._foreach_addcmul(coupled_w[: len(group_pieces)], coupled_v[: len(group_pieces)],
+                                              group_factors)
+        if l1_pieces:
+            l1_v = coupled_v[len(group_pieces):]
+            shrunk = [torch.nn.functional.softshrink(v, lam) for v in l1_v] if lam > 0 else l1_v
+            coupling += torch._foreach_add(coupled_w[len(group_pieces):], shrunk, alpha=-kappa)
+        if coupling:
+            torch._foreach_add_(coupled_v, coupling, alpha=lr / nu)
+        torch._foreach_add_(weights, g, alpha=-kappa * lr)
+        if coupling:
+            torch._foreach_add_(coupled_w, coupling, alpha=-kappa * lr / nu)
+    return momentum_buffers

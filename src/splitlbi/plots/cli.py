@@ -1,0 +1,94 @@
+"""``splitlbi plot ...``: the figure commands (registered by the main CLI)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def _cmd_path(args: argparse.Namespace) -> int:
+    from splitlbi.plots.path import plot_filter_paths
+
+    out = plot_filter_paths(args.runs, args.layer, args.out, title=args.title, pdf=args.pdf)
+    print(f"wrote {out}" + (f" and {out.with_suffix('.pdf')}" if args.pdf else ""))
+    return 0
+
+
+def _cmd_filters(args: argparse.Namespace) -> int:
+    from splitlbi.plots.filters import plot_filter_visualizations
+
+    out = plot_filter_visualizations(
+        args.run, args.layer, args.epochs, args.out,
+        steps=args.steps, num_filters=args.filters, support_from=args.support_from,
+        lr=args.lr, seed=args.seed, title=args.title, pdf=args.pdf,
+    )
+    print(f"wrote {out}" + (f" and {out.with_suffix('.pdf')}" if args.pdf else ""))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``plot`` with its sub-commands ``path`` and ``filters`` on ``subparsers``."""
+    plot = subparsers.add_parser(
+        "plot", help="draw the paper's figures from run directories",
+        description="Draw figures from run directories written by `splitlbi train`.",
+    )
+    commands = plot.add_subparsers(dest="plot_command", metavar="{path,filters}", required=True)
+
+    path = commands.add_parser(
+        "path", help="filter-norm paths, coloured by the support of Γ (Figure 1)",
+        description="One panel per run: the ℓ2 norm of every filter of LAYER against epoch, "
+        "blue if the filter is in the final support of Γ, red if not. Runs without Γ (SGD) "
+        "are coloured by the first SplitLBI run given.",
+    )
+    path.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories, one panel each")
+    path.add_argument("--layer", required=True, help="layer (module name) as in path.csv, e.g. conv3")
+    path.add_argument("--out", required=True, type=Path, help="output PNG")
+    path.add_argument("--title", default=None, help="figure title")
+    path.add_argument("--pdf", action="store_true", help="also save a PDF next to the PNG")
+    path.set_defaults(func=_cmd_path)
+
+    filters = commands.add_parser(
+        "filters", help="filter images by activation maximization at some epochs (Figure 1)",
+        description="For each epoch, the input images that maximize each filter of LAYER "
+        "(Erhan et al. 2009), framed blue if the filter is selected by Γ at the last epoch, "
+        "red if not.",
+    )
+    filters.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory with checkpoints/")
+    filters.add_argument("--layer", required=True, help="conv layer (module name), e.g. conv3")
+    filters.add_argument("--epochs", required=True, nargs="+", type=_non_negative_int, metavar="EPOCH",
+                         help="epochs to show (0 = initialization)")
+    filters.add_argument("--out", required=True, type=Path, help="output PNG")
+    filters.add_argument("--steps", type=_non_negative_int, default=200, help="ascent steps (default 200)")
+    filters.add_argument("--lr", type=_positive_float, default=0.1,
+                         help="ascent step as a fraction of the image-norm bound (default 0.1)")
+    filters.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    filters.add_argument("--filters", type=_positive_int, default=None, metavar="N",
+                         help="show only the first N filters (default all)")
+    filters.add_argument("--support-from", type=Path, default=None, metavar="RUN_DIR",
+                         help="frame by the final Γ of this (SplitLBI) run, e.g. for an SGD run")
+    filters.add_argument("--title", default=None, help="figure title")
+    filters.add_argument("--pdf", action="store_true", help="also save a PDF next to the PNG")
+    filters.set_defaults(func=_cmd_filters)
+    return plot

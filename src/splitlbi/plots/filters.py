@@ -1,0 +1,456 @@
+"""What filters respond to, by activation maximization (Figure 1, filter images).
+
+Activation maximization (Erhan et al., 2009) looks for the input image that excites
+a filter most: starting from faint noise, gradient ascent on the image raises the
+spatial mean of the filter's output channel. The image is kept in an ℓ2 ball of
+fixed radius (in normalized input space), else the ascent just scales it up.
+
+All filters of a layer are optimized at once as one batch: image f only feeds the
+objective of filter f, so the batch objective Σ_f mean(act_f(x_f)) has independent
+gradients per image and one forward/backward serves every filter. The forward pass
+stops at the layer (a hook raises), so the rest of the network costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+from torch import Tensor, nn
+
+from splitlbi.errors import SplitLBIError
+from splitlbi.plots.path import read_filter_paths, read_run_config
+from splitlbi.plots.style import (
+    FULL_WIDTH,
+    NOT_SELECTED_COLOR,
+    SELECTED_COLOR,
+    UNKNOWN_SUPPORT_COLOR,
+    paper_style,
+    run_label,
+    save_figure,
+    support_color,
+)
+
+_CHECKPOINT_NAME = re.compile(r"^epoch_(\d+)\.pt$")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class _StopForward(Exception):
+    """Raised by the layer hook: nothing after the layer is needed."""
+
+
+# --------------------------------------------------------------------------- #
+# Activation maximization
+# --------------------------------------------------------------------------- #
+
+
+def get_layer(model: nn.Module, layer_name: str) -> nn.Module:
+    """The submodule ``layer_name`` of ``model``; the error lists the conv/linear layers."""
+    try:
+        return model.get_submodule(layer_name)
+    except AttributeError:
+        names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        raise SplitLBIError(
+            f"model has no layer {layer_name!r}; conv/linear layers: {', '.join(names)}"
+        ) from None
+
+
+def num_filters_of(layer: nn.Module) -> int:
+    """Number of output filters/neurons of a conv or linear layer."""
+    for attr in ("out_channels", "out_features"):
+        if hasattr(layer, attr):
+            return int(getattr(layer, attr))
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() >= 2:
+        return int(weight.shape[0])
+    raise SplitLBIError(f"layer {type(layer).__name__} has no output filters to visualize")
+
+
+def _own_filter_activation(output: Tensor, filter_ids: Tensor) -> Tensor:
+    """Activation of filter ``filter_ids[i]`` on image i: spatial mean of its channel."""
+    picked = output[torch.arange(len(filter_ids), device=output.device), filter_ids]
+    return picked.flatten(1).mean(1) if picked.dim() > 1 else picked
+
+
+def _layer_output(model: nn.Module, layer: nn.Module, images: Tensor) -> Tensor:
+    """Run ``model`` on ``images`` up to ``layer`` and return the layer's (pre-activation) output."""
+    captured: list[Tensor] = []
+
+    def hook(_module: nn.Module, _inputs: Any, output: Tensor) -> None:
+        captured.append(output)
+        raise _StopForward
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(images)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise SplitLBIError("the layer was not reached by the model's forward pass")
+    return captured[0]
+
+
+def filter_activations(
+    model: nn.Module, layer_name: str, images: Tensor, filters: Optional[Sequence[int]] = None
+) -> Tensor:
+    """Mean activation of filter ``filters[i]`` (default i) on ``images[i]``, shape [n]."""
+    layer = get_layer(model, layer_name)
+    filter_ids = torch.as_tensor(
+        list(filters) if filters is not None else range(len(images)), dtype=torch.long
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _own_filter_activation(_layer_output(model, layer, images), filter_ids)
+    finally:
+        model.train(was_training)
+
+
+def project_to_ball_(images: Tensor, radius: float) -> Tensor:
+    """In place: scale every image whose ℓ2 norm exceeds ``radius`` back onto the ball."""
+    norms = images.flatten(1).norm(dim=1).clamp_min(1e-12)
+    scale = (radius / norms).clamp(max=1.0)
+    images.mul_(scale.view(-1, *([1] * (images.dim() - 1))))
+    return images
+
+
+def activation_maximization(
+    model: nn.Module,
+    layer_module_name: str,
+    image_shape: Sequence[int],
+    steps: int = 200,
+    lr: float = 0.1,
+    radius: Optional[float] = None,
+    seed: int = 0,
+    filters: Optional[Sequence[int]] = None,
+) -> Tensor:
+    """Input images that maximize each filter of a layer, shape [n_filters, C, H, W].
+
+    Projected gradient ascent from seeded noise: each image moves by ``lr · radius``
+    (decaying linearly to 0) along its own normalized gradient, then is projected onto
+    the ℓ2 ball of ``radius``. The normalized step treats every filter alike however
+    large its gradient, and unlike Adam's sign-like steps it does not saturate every
+    pixel into salt-and-pepper noise.
+    ``radius`` defaults to sqrt(C·H·W), the norm of an image whose normalized pixels
+    have unit RMS, i.e. the size of a typical input. ``filters`` restricts the search
+    to some filter indices (default: all). The model is left as it was (mode and
+    parameter gradients untouched).
+    """
+    if steps < 0:
+        raise SplitLBIError(f"steps must be >= 0, got {steps}")
+    layer = get_layer(model, layer_module_name)
+    filter_ids = torch.as_tensor(
+        list(filters) if filters is not None else range(num_filters_of(layer)), dtype=torch.long
+    )
+    shape = tuple(int(s) for s in image_shape)
+    if radius is None:
+        radius = math.sqrt(math.prod(shape))
+    reference = next(model.parameters(), None)
+    device = reference.device if reference is not None else torch.device("cpu")
+    dtype = reference.dtype if reference is not None else torch.float32
+
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(filter_ids), *shape), generator=generator, dtype=dtype)
+    # Start at 10% of the radius: fainter noise leaves every ReLU below a negative bias
+    # off in a trained net, the gradient is then exactly zero and the ascent never starts.
+    noise_norms = noise.flatten(1).norm(dim=1).view(-1, *([1] * len(shape)))
+    images = (0.1 * radius * noise / noise_norms).to(device).requires_grad_(True)
+    filter_ids = filter_ids.to(device)
+
+    was_training = model.training
+    model.eval()  # BatchNorm/Dropout in inference mode: filters see single images
+    try:
+        for step in range(steps):
+            # linearly decaying step: big moves first, then settle on the best point of the ball
+            step_size = lr * radius * (1.0 - step / steps)
+            activation = _own_filter_activation(_layer_output(model, layer, images), filter_ids)
+            # autograd.grad: only the images' gradient; model parameters' .grad stay as they were
+            (grad,) = torch.autograd.grad(activation.sum(), images)
+            with torch.no_grad():
+                grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+                images.add_(grad / grad_norm.view(-1, *([1] * len(shape))), alpha=step_size)
+                project_to_ball_(images, radius)
+    finally:
+        model.train(was_training)
+    return images.detach()
+
+
+# --------------------------------------------------------------------------- #
+# Run directories: model and checkpoints
+# --------------------------------------------------------------------------- #
+
+
+def checkpoint_epochs(run_dir: Path) -> dict[int, Path]:
+    """Epoch → checkpoint file of a run: ``checkpoints/epoch_XXXX.pt``, and 0 → ``init.pt``."""
+    run_dir = Path(run_dir)
+    found: dict[int, Path] = {}
+    for init in (run_dir / "init.pt", run_dir / "checkpoints" / "init.pt"):
+        if init.is_file():
+            found[0] = init
+            break
+    checkpoint_dir = run_dir / "checkpoints"
+    if checkpoint_dir.is_dir():
+        for file in checkpoint_dir.iterdir():
+            match = _CHECKPOINT_NAME.match(file.name)
+            if match:
+                found[int(match.group(1))] = file
+    return dict(sorted(found.items()))
+
+
+def load_state_dict_at(run_dir: Path, epoch: int) -> dict[str, Tensor]:
+    """The model state_dict of a run at ``epoch`` (0 = initialization)."""
+    available = checkpoint_epochs(run_dir)
+    if epoch not in available:
+        listed = ", ".join(str(e) for e in available) or "none"
+        raise SplitLBIError(f"{run_dir}: no checkpoint for epoch {epoch}; available epochs: {listed}")
+    try:
+        checkpoint = torch.load(available[epoch], map_location="cpu", weights_only=False)
+    except Exception as exc:  # corrupt/truncated files raise many different types
+        raise SplitLBIError(f"{available[epoch]}: cannot load checkpoint ({exc})") from exc
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict):
+        raise SplitLBIError(f"{available[epoch]}: no model state_dict in checkpoint")
+    return {_strip_wrapper_prefix(key): value for key, value in state.items()}
+
+
+def _strip_wrapper_prefix(key: str) -> str:
+    """Undo the key prefixes of DataParallel ("module.") and torch.compile ("_orig_mod.")."""
+    for prefix in _WRAPPER_PREFIXES:
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def build_model(config: Mapping[str, Any]) -> nn.Module:
+    """A fresh model of the architecture recorded in a run's config."""
+    from splitlbi.models import create_model  # late: keeps plotting importable without models
+
+    try:
+        return create_model(
+            config["model"],
+            num_classes=int(config["num_classes"]),
+            in_channels=int(config["in_channels"]),
+        )
+    except KeyError as exc:
+        raise SplitLBIError(f"config.json lacks {exc} needed to rebuild the model") from None
+
+
+def image_shape_of(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """(C, H, W) of the run's inputs from ``in_channels`` and ``image_size`` (int or [H, W])."""
+    try:
+        size = config["image_size"]
+        height, width = (size, size) if isinstance(size, (int, float)) else size
+        return int(config["in_channels"]), int(height), int(width)
+    except (KeyError, TypeError, ValueError):
+        raise SplitLBIError("config.json needs 'in_channels' and 'image_size' for the input shape") from None
+
+
+def load_model_at(run_dir: Path, epoch: int, config: Mapping[str, Any]) -> nn.Module:
+    """The run's model with the weights of ``epoch``, in eval mode."""
+    state = load_state_dict_at(run_dir, epoch)
+    model = build_model(config)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[-1].strip()
+        raise SplitLBIError(f"epoch {epoch} checkpoint does not fit model {config['model']!r}: {first_line}") from None
+    if result.missing_keys:
+        raise SplitLBIError(
+            f"epoch {epoch} checkpoint lacks weights of model {config['model']!r}: "
+            f"{', '.join(result.missing_keys[:5])}"
+        )
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- #
+# Figure
+# --------------------------------------------------------------------------- #
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) for n tiles, about square, preferring a full last row (120 → 10×12)."""
+    if n <= 0:
+        return 1, 1
+    base = math.ceil(math.sqrt(n))
+    best = min(
+        range(base, max(base, int(1.5 * math.sqrt(n))) + 1),
+        key=lambda cols: (math.ceil(n / cols) * cols - n, cols),
+    )
+    return math.ceil(n / best), best
+
+
+def to_display(images: Tensor, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]) -> np.ndarray:
+    """[n, C, H, W] normalized images → [n, H, W, 3] floats in [0, 1] for imshow.
+
+    Undo the input normalization, then stretch each image's 1st–99th percentile to the
+    full range: the maximizing images are not in the data range, only their pattern
+    matters, and a plain min–max lets a few extreme pixels grey out the rest.
+    """
+    images = images.detach().float().cpu()
+    channels = images.shape[1]
+    if std is not None:
+        images = images * torch.as_tensor(std, dtype=images.dtype).view(1, -1, 1, 1)
+    if mean is not None:
+        images = images + torch.as_tensor(mean, dtype=images.dtype).view(1, -1, 1, 1)
+    flat = images.flatten(1)
+    low = torch.quantile(flat, 0.01, dim=1).view(-1, 1, 1, 1)
+    high = torch.quantile(flat, 0.99, dim=1).view(-1, 1, 1, 1)
+    images = ((images - low) / (high - low).clamp_min(1e-12)).clamp(0.0, 1.0)
+    images = images.permute(0, 2, 3, 1).numpy()
+    if channels == 1:
+        images = np.repeat(images, 3, axis=3)
+    return images[..., :3]
+
+
+def _mosaic(tiles: np.ndarray, rows: int, cols: int, gap: int) -> np.ndarray:
+    """Tiles [n, H, W, 3] on a white canvas, row-major, ``gap`` pixels apart."""
+    n, height, width, _ = tiles.shape
+    canvas = np.ones((rows * (height + gap) + gap, cols * (width + gap) + gap, 3))
+    for k in range(n):
+        top = gap + (k // cols) * (height + gap)
+        left = gap + (k % cols) * (width + gap)
+        canvas[top:top + height, left:left + width] = tiles[k]
+    return canvas
+
+
+def plot_filter_grid(
+    images_by_epoch: Mapping[int, Tensor],
+    support: Optional[np.ndarray] = None,
+    filter_ids: Optional[Sequence[int]] = None,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    title: Optional[str] = None,
+    note: Optional[str] = None,
+) -> Figure:
+    """One block per epoch, side by side, with the filters' images in a grid.
+
+    Each image is framed by the support of Γ: blue selected, red not, grey if
+    ``support`` is None. ``filter_ids[k]`` is the filter of image k (default k);
+    frames have ``gid`` ``frame<filter>``.
+    """
+    if not images_by_epoch:
+        raise SplitLBIError("no epoch to plot")
+    first = next(iter(images_by_epoch.values()))
+    n_tiles = first.shape[0]
+    filter_ids = list(filter_ids) if filter_ids is not None else list(range(n_tiles))
+    rows, cols = grid_shape(n_tiles)
+    height, width = first.shape[-2:]
+    gap = max(2, height // 5)  # room for the frame line between neighbours
+
+    n_blocks = len(images_by_epoch)
+    block_width = min(FULL_WIDTH / n_blocks, 3.0)
+    with paper_style():
+        fig = Figure(
+            figsize=(block_width * n_blocks, block_width * rows / cols + 0.65),
+            layout="constrained",
+        )
+        axes = fig.subplots(1, n_blocks, squeeze=False)[0]
+        for ax, (epoch, images) in zip(axes, images_by_epoch.items()):
+            ax.imshow(_mosaic(to_display(images, mean, std), rows, cols, gap), interpolation="nearest")
+            for k, f in enumerate(filter_ids):
+                selected = None if support is None else bool(support[f])
+                top = gap + (k // cols) * (height + gap) - 0.5
+                left = gap + (k % cols) * (width + gap) - 0.5
+                ax.add_patch(Rectangle(
+                    (left, top), width, height, fill=False, linewidth=1.0,
+                    edgecolor=support_color(selected), gid=f"frame{f}",
+                ))
+            ax.set_title(f"epoch {epoch}")
+            ax.set_axis_off()
+        if support is None:
+            handles = [Patch(facecolor="none", edgecolor=UNKNOWN_SUPPORT_COLOR, label="support of Γ unknown")]
+        else:
+            n_selected = int(np.asarray(support).sum())
+            handles = [
+                Patch(facecolor="none", edgecolor=SELECTED_COLOR,
+                      label=f"selected by Γ ({n_selected}/{len(support)})"),
+                Patch(facecolor="none", edgecolor=NOT_SELECTED_COLOR, label="not selected"),
+            ]
+        if note:
+            handles.append(Patch(facecolor="none", edgecolor="none", label=note))
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), handlelength=1.0)
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def resolve_support(
+    run_dir: Path, layer: str, support_from: Optional[Path] = None
+) -> tuple[Optional[np.ndarray], Optional[str]]:
+    """The final support of Γ for framing filters, and a note on where it came from.
+
+    An explicit ``support_from`` run wins; else the run's own Γ (from path.csv); else
+    None (grey frames), e.g. an SGD run shown alone.
+    """
+    if support_from is not None:
+        paths = read_filter_paths(Path(support_from), layer)
+        if paths.final_support is None:
+            raise SplitLBIError(f"{support_from}: path.csv has no support of Γ (in_support is empty)")
+        config = read_run_config(Path(support_from))
+        source = run_label(config) if config else Path(support_from).name
+        return paths.final_support, f"frames: Γ of {source}"
+    try:
+        paths = read_filter_paths(Path(run_dir), layer)
+    except SplitLBIError:
+        return None, None  # no path.csv or layer not logged: frames stay grey
+    return paths.final_support, None
+
+
+def plot_filter_visualizations(
+    run_dir: Path,
+    layer: str,
+    epochs: Sequence[int],
+    out: Path,
+    steps: int = 200,
+    num_filters: Optional[int] = None,
+    support_from: Optional[Path] = None,
+    lr: float = 0.1,
+    seed: int = 0,
+    title: Optional[str] = None,
+    pdf: bool = False,
+) -> Path:
+    """Activation-maximization images of ``layer``'s filters at ``epochs``, saved to ``out``.
+
+    ``num_filters`` shows only the first N filters (by index). The same seed is used at
+    every epoch so that differences between blocks come from the weights alone.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SplitLBIError(f"run directory {run_dir} does not exist")
+    if not epochs:
+        raise SplitLBIError("give at least one epoch (--epochs)")
+    config = read_run_config(run_dir, required=True)
+    shape = image_shape_of(config)
+    support, note = resolve_support(run_dir, layer, support_from)
+
+    images_by_epoch: dict[int, Tensor] = {}
+    filter_ids: list[int] = []
+    for epoch in epochs:
+        model = load_model_at(run_dir, int(epoch), config)
+        total = num_filters_of(get_layer(model, layer))
+        if support is not None and len(support) != total:
+            raise SplitLBIError(f"layer {layer!r} has {total} filters but the support of Γ has {len(support)}")
+        filter_ids = list(range(total if num_filters is None else min(num_filters, total)))
+        images_by_epoch[int(epoch)] = activation_maximization(
+            model, layer, shape, steps=steps, lr=lr, seed=seed, filters=filter_ids
+        )
+
+    if support is None and note is None:
+        note = "no Γ in this run (use --support-from)"
+    label = run_label(config) if config else run_dir.name
+    fig = plot_filter_grid(
+        images_by_epoch, support=support, filter_ids=filter_ids,
+        mean=config.get("mean"), std=config.get("std"),
+        title=title if title is not None else f"{label}: {layer}",
+        note=note,
+    )
+    return save_figure(fig, out, pdf=pdf)

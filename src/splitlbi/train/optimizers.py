@@ -1,0 +1,58 @@
+"""Build the optimizer and learning-rate schedule that a :class:`TrainConfig` names."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from torch import nn
+
+from splitlbi.errors import SplitLBIError
+from splitlbi.optim import SplitLBI
+from splitlbi.train.config import OPTIMIZER_NAMES, TrainConfig
+
+__all__ = ["build_optimizer", "build_scheduler", "is_splitlbi"]
+
+
+def is_splitlbi(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` carries a structure parameter Γ (support, sparsity, masks)."""
+    return isinstance(optimizer, SplitLBI)
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer ``config.optimizer`` over ``model``'s parameters.
+
+    Invalid hyperparameters (rejected by the optimizer's constructor with ValueError)
+    are re-raised as :class:`SplitLBIError` so the CLI prints them as one line.
+    """
+    name = config.optimizer
+    try:
+        if name == "splitlbi":
+            # Named parameters let SplitLBI report support/sparsity by layer name.
+            return SplitLBI(model.named_parameters(), lr=config.lr, kappa=config.kappa, nu=config.nu,
+                            lam=config.lam, momentum=config.momentum, nesterov=config.nesterov,
+                            weight_decay=config.weight_decay, penalty=config.penalty)
+        parameters: List[nn.Parameter] = list(model.parameters())
+        if name == "sgd":
+            return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                                   nesterov=config.nesterov, weight_decay=config.weight_decay)
+        if name == "adam":
+            return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        if name == "adamw":
+            return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        if name == "adagrad":
+            return torch.optim.Adagrad(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        if name == "rmsprop":
+            # --momentum defaults to 0.9 for SGD-type methods; RMSprop keeps torch's default of 0.
+            return torch.optim.RMSprop(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        if name == "radam":
+            return torch.optim.RAdam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    except ValueError as error:
+        raise SplitLBIError(f"--optimizer {name}: {error}") from None
+    raise SplitLBIError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZER_NAMES)})")
+
+
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
+    """Per-epoch step schedule: the learning rate is multiplied by ``lr_gamma`` at each milestone."""
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones),
+                                                gamma=config.lr_gamma)

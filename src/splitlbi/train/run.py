@@ -1,0 +1,539 @@
+"""A training run on disk: create or resume a run directory, train epoch by epoch, checkpoint.
+
+Layout of a run directory (all writes atomic or append-then-fsync, so a run killed at
+any moment can be resumed with ``--resume`` and finishes with the same weights)::
+
+    config.json                  settings, dataset facts, model, versions (see read_run_config)
+    metrics.csv                  one row per epoch, METRICS_COLUMNS
+    path.csv                     one row per epoch x layer x filter, PATH_COLUMNS; epoch 0 = init
+    init.pt                      the initial model state_dict (for lottery retraining)
+    checkpoints/epoch_XXXX.pt    every --save-every epochs and the final epoch
+    checkpoints/last.pt          always the latest epoch (epoch 0 right after creation)
+    masks/epoch_XXXX.pt          SplitLBI runs: optimizer.masks() (support of Γ) per epoch
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import splitlbi
+from splitlbi.data import canonical_dataset_name, load_dataset
+from splitlbi.errors import SplitLBIError
+from splitlbi.models import create_model, is_model, list_models
+from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig, resolve_device, validate_config
+from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
+from splitlbi.optim import SplitLBI
+from splitlbi.train.optimizers import build_optimizer, build_scheduler
+from splitlbi.utils.io import atomic_torch_save, atomic_write_text, fsync_directory
+
+__all__ = [
+    "CONFIG_FILE", "METRICS_FILE", "PATH_FILE", "INIT_FILE", "CHECKPOINT_DIR", "LAST_CHECKPOINT", "MASK_DIR",
+    "METRICS_COLUMNS", "PATH_COLUMNS",
+    "run_training", "read_run_config", "read_train_config", "list_checkpoints", "load_checkpoint",
+    "load_masks", "load_model_from_run", "filter_path_rows",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.csv"
+PATH_FILE = "path.csv"
+INIT_FILE = "init.pt"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+MASK_DIR = "masks"
+RUN_FORMAT = 1
+
+METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+                   "sparse_test_acc", "sparsity", "epoch_seconds")
+PATH_COLUMNS = ("epoch", "layer", "filter", "w_norm", "gamma_norm", "in_support")
+
+EpochCallback = Callable[[int, Dict[str, Any]], None]
+
+
+def epoch_file_name(epoch: int) -> str:
+    """``epoch_0007.pt``: the file name of epoch ``epoch`` under checkpoints/ and masks/."""
+    return f"epoch_{epoch:04d}.pt"
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+def read_run_config(run_dir: PathLike) -> Dict[str, Any]:
+    """The parsed ``config.json`` of a run: one flat dict.
+
+    Keys: every :class:`TrainConfig` field (``model`` is the model name, ``dataset`` the
+    dataset name, ``optimizer``, ``lr``, ``kappa``, ``nu``, ``seed``, ``epochs``, ...);
+    the dataset facts ``num_classes``, ``in_channels`` (with ``model``: the arguments of
+    ``create_model``), ``image_size``, ``mean``, ``std``, ``train_size``, ``test_size``,
+    ``dataset_description``; and ``format``, ``versions`` (splitlbi, torch, numpy,
+    python), ``created``, ``resumed`` (one entry per resume).
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise SplitLBIError(f"{run_dir} is not a splitlbi run directory (no {CONFIG_FILE})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SplitLBIError(f"cannot read {path}: {error}") from None
+
+
+def read_train_config(run_dir: PathLike) -> TrainConfig:
+    """The :class:`TrainConfig` a run was started with (epochs as extended by resumes)."""
+    return _train_config_from_info(read_run_config(run_dir))
+
+
+def _train_config_from_info(info: Dict[str, Any]) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig.from_dict({key: value for key, value in info.items() if key in names})
+
+
+def list_checkpoints(run_dir: PathLike) -> Dict[int, Path]:
+    """Epoch -> path of each kept ``checkpoints/epoch_XXXX.pt``, in epoch order."""
+    found = {}
+    for path in (Path(run_dir) / CHECKPOINT_DIR).glob("epoch_*.pt"):
+        try:
+            found[int(path.stem.split("_", 1)[1])] = path
+        except ValueError:
+            continue
+    return dict(sorted(found.items()))
+
+
+def _torch_load(path: Path, map_location: Any) -> Any:
+    if not path.is_file():
+        raise SplitLBIError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise SplitLBIError(f"cannot read {path}: {error}") from None
+
+
+def load_checkpoint(run_dir: PathLike, epoch: Optional[int] = None, map_location: Any = "cpu") -> Dict[str, Any]:
+    """A checkpoint dict: ``epoch``, ``model``, ``optimizer``, ``scheduler``, ``rng``, ``format``.
+
+    ``epoch=None`` loads ``checkpoints/last.pt``; otherwise ``checkpoints/epoch_XXXX.pt``
+    (only epochs kept by ``--save-every``, plus the final one, exist).
+    """
+    name = LAST_CHECKPOINT if epoch is None else epoch_file_name(epoch)
+    return _torch_load(Path(run_dir) / CHECKPOINT_DIR / name, map_location)
+
+
+def load_masks(run_dir: PathLike, epoch: int) -> Dict[str, Tensor]:
+    """Support of Γ at the end of ``epoch`` (SplitLBI runs): param name -> BoolTensor shaped like W."""
+    return _torch_load(Path(run_dir) / MASK_DIR / epoch_file_name(epoch), "cpu")
+
+
+def load_model_from_run(run_dir: PathLike, weights: Union[int, str] = "last", map_location: Any = "cpu") -> nn.Module:
+    """Recreate a run's model from ``config.json`` and load weights into it.
+
+    Args:
+        weights: ``"last"`` (latest checkpoint), ``"init"`` (``init.pt``) or an epoch
+            number with a kept checkpoint.
+    """
+    info = read_run_config(run_dir)
+    model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
+    if weights == "init":
+        state = _torch_load(Path(run_dir) / INIT_FILE, map_location)
+    elif weights == "last":
+        state = load_checkpoint(run_dir, None, map_location)["model"]
+    elif isinstance(weights, int):
+        state = load_checkpoint(run_dir, weights, map_location)["model"]
+    else:
+        raise SplitLBIError(f"weights must be 'last', 'init' or an epoch number, got {weights!r}")
+    model.load_state_dict(state)
+    return model.to(map_location) if map_location is not None else model
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+class _Data(NamedTuple):
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    mean: Sequence[float]
+    std: Sequence[float]
+    facts: Dict[str, Any]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _load_data(config: TrainConfig, device: torch.device) -> _Data:
+    splits = load_dataset(config.dataset, config.data_dir, train_split=config.train_split, pad_to=config.pad_to)
+    train_images, train_labels = splits.train.images[:config.limit_train], splits.train.labels[:config.limit_train]
+    test_images, test_labels = splits.test.images[:config.limit_test], splits.test.labels[:config.limit_test]
+    facts = {
+        "num_classes": int(splits.num_classes),
+        "in_channels": int(splits.in_channels),
+        "image_size": _jsonable(splits.image_size),
+        "mean": _jsonable(splits.mean),
+        "std": _jsonable(splits.std),
+        "train_size": int(train_images.shape[0]),
+        "test_size": int(test_images.shape[0]),
+        "dataset_description": splits.description,
+    }
+    return _Data(train_images.to(device), train_labels.to(device), test_images.to(device), test_labels.to(device),
+                 splits.mean, splits.std, facts)
+
+
+def _check_model_name(name: str) -> None:
+    if not is_model(name):
+        raise SplitLBIError(f"unknown model {name!r} (choose from {', '.join(list_models())})")
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _rng_state() -> Dict[str, Any]:
+    numpy_state: Any = np.random.get_state()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # Stored as plain tensors/numbers so checkpoints load with weights_only=True.
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    cuda_states = state.get("cuda")
+    if cuda_states is not None and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _as_tuples(value: Any) -> Any:
+    # random.setstate needs tuples; be lenient in case a serializer turned them into lists.
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(item) for item in value)
+    return value
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _layer_name(parameter_name: str) -> str:
+    return parameter_name[: -len(".weight")] if parameter_name.endswith(".weight") else parameter_name
+
+
+def _number(value: Optional[float], spec: str = ".6g") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def filter_path_rows(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> List[List[str]]:
+    """The path.csv rows of one epoch: ``[epoch, layer, filter, w_norm, gamma_norm, in_support]``.
+
+    SplitLBI: every coupled parameter, with the ℓ2 norms of each output filter of W and
+    of Γ and whether the filter is in the support of Γ. Other optimizers: the weights of
+    conv (4-D) and linear (2-D) layers, with the Γ columns empty.
+    """
+    rows: List[List[str]] = []
+    if isinstance(optimizer, SplitLBI):
+        weight_norms = optimizer.filter_norms("weight")
+        gamma_norms = optimizer.filter_norms("gamma")
+        support = optimizer.filter_support()
+        for name, norms in weight_norms.items():
+            layer = _layer_name(name)
+            columns = zip(norms.tolist(), gamma_norms[name].tolist(), support[name].tolist())
+            rows.extend([str(epoch), layer, str(index), _number(w), _number(g), str(int(s))]
+                        for index, (w, g, s) in enumerate(columns))
+    else:
+        for name, parameter in model.named_parameters():
+            if parameter.dim() not in (2, 4):
+                continue
+            norms = parameter.detach().flatten(1).norm(dim=1).tolist()
+            layer = _layer_name(name)
+            rows.extend([str(epoch), layer, str(index), _number(w), "", ""] for index, w in enumerate(norms))
+    return rows
+
+
+def _metrics_row(metrics: Dict[str, Any]) -> List[str]:
+    return [str(metrics["epoch"]), _number(metrics["lr"]), _number(metrics["train_loss"]),
+            _number(metrics["train_acc"], ".4f"), _number(metrics["test_loss"]), _number(metrics["test_acc"], ".4f"),
+            _number(metrics["sparse_test_acc"], ".4f"), _number(metrics["sparsity"]),
+            _number(metrics["epoch_seconds"], ".3f")]
+
+
+def _append_rows(path: Path, rows: Iterable[Sequence[str]]) -> None:
+    # Values never contain commas or quotes (numbers, module names), so plain joins are valid CSV.
+    text = "".join(",".join(row) + "\n" for row in rows)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _truncate_rows_after(path: Path, epoch: int, columns: Sequence[str]) -> None:
+    """Keep the header and the complete rows of epochs <= ``epoch``: undo a crash's half-epoch."""
+    header = ",".join(columns)
+    lines = path.read_text(encoding="utf-8").split("\n") if path.exists() else [""]
+    # The piece after the last newline is empty, or a row cut short by a crash: dropped.
+    complete = lines[:-1]
+    kept = [header]
+    for line in complete[1:]:
+        try:
+            row_epoch = int(line.split(",", 1)[0])
+        except ValueError:
+            continue
+        if row_epoch <= epoch and line.count(",") == len(columns) - 1:
+            kept.append(line)
+    atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SplitLBIError(f"--out {run_dir} exists and is not a directory")
+    if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
+        raise SplitLBIError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
+                            f"or choose another --out")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise SplitLBIError(f"--out {run_dir} exists and is not empty; choose a new or empty directory")
+
+
+def _merge_resume_config(run_dir: Path, stored: TrainConfig, requested: Optional[TrainConfig]) -> TrainConfig:
+    if requested is None:
+        return stored
+    changed = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in RESUME_OVERRIDABLE_FIELDS and getattr(requested, f.name) != getattr(stored, f.name)]
+    if changed:
+        options = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise SplitLBIError(f"cannot change {options} when resuming {run_dir}: its {CONFIG_FILE} fixes them "
+                            f"(only {', '.join(sorted(RESUME_OVERRIDABLE_FIELDS))} may change)")
+    return dataclasses.replace(stored, **{name: getattr(requested, name) for name in RESUME_OVERRIDABLE_FIELDS})
+
+
+def _versions() -> Dict[str, str]:
+    return {"splitlbi": splitlbi.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _run_info(config: TrainConfig, facts: Dict[str, Any]) -> Dict[str, Any]:
+    # Flat on purpose: readers (plots) get model/num_classes/in_channels/image_size/mean/std
+    # and the hyperparameters without knowing any nesting.
+    return {"format": RUN_FORMAT, **config.to_dict(), **facts, "versions": _versions(), "created": _now(),
+            "resumed": []}
+
+
+def _write_json(path: Path, value: Dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def _save_checkpoint(run_dir: Path, state: Dict[str, Any], keep_epoch_file: bool) -> None:
+    directory = run_dir / CHECKPOINT_DIR
+    last = directory / LAST_CHECKPOINT
+    if not keep_epoch_file:
+        atomic_torch_save(state, last)
+        return
+    epoch_path = directory / epoch_file_name(state["epoch"])
+    atomic_torch_save(state, epoch_path)
+    # last.pt becomes a second name of the same file (no second copy on disk), swapped in atomically.
+    temporary = directory / f".{LAST_CHECKPOINT}.link.tmp"
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(epoch_path, temporary)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(epoch_path, temporary)
+    os.replace(temporary, last)
+    fsync_directory(directory)
+
+
+def _remove_epoch_files_after(directory: Path, epoch: int) -> None:
+    for path in directory.glob("epoch_*.pt"):
+        try:
+            if int(path.stem.split("_", 1)[1]) > epoch:
+                path.unlink()
+        except ValueError:
+            continue
+
+
+def _summary_line(metrics: Dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {metrics['epoch']:>3}/{epochs}", f"lr {metrics['lr']:.4g}",
+             f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2f}%",
+             f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:6.2f}%"]
+    if metrics["sparsity"] is not None:
+        parts.append(f"sparse acc {metrics['sparse_test_acc']:6.2f}%")
+        parts.append(f"sparsity {100.0 * metrics['sparsity']:6.2f}%")
+    parts.append(f"{metrics['epoch_seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def _check_same_dataset(run_dir: Path, stored: Dict[str, Any], current: Dict[str, Any]) -> None:
+    # A different dataset would silently break "same weights as an uninterrupted run".
+    for key in ("num_classes", "in_channels", "train_size", "test_size"):
+        if key in stored and stored[key] != current[key]:
+            raise SplitLBIError(f"the dataset differs from the one {run_dir} was trained on "
+                                f"({key}: {stored[key]} then, {current[key]} now)")
+
+
+def run_training(
+    config: Optional[TrainConfig],
+    out_dir: PathLike,
+    resume: bool = False,
+    *,
+    log: Optional[Callable[[str], None]] = print,
+    on_epoch_end: Optional[EpochCallback] = None,
+) -> Path:
+    """Train a model as ``config`` says, writing a run directory at ``out_dir``; return its path.
+
+    Args:
+        config: the run's settings. With ``resume=True`` it may be ``None`` (use the
+            stored ``config.json``); otherwise it must equal the stored settings except
+            for ``RESUME_OVERRIDABLE_FIELDS`` (e.g. a larger ``epochs`` extends the run).
+        out_dir: the run directory; for a new run it must not exist or be empty.
+        resume: continue the run in ``out_dir`` from ``checkpoints/last.pt``. The result
+            is bitwise identical (on CPU) to an uninterrupted run.
+        log: receives the human-readable progress lines (``None``: silent).
+        on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` after each epoch's files
+            and checkpoint are written; ``metrics`` has the metrics.csv columns as keys.
+
+    Raises:
+        SplitLBIError: invalid settings, unusable run directory, missing or corrupt data.
+    """
+    say = log if log is not None else (lambda line: None)
+    run_dir = Path(out_dir)
+    if resume:
+        if not run_dir.is_dir():
+            raise SplitLBIError(f"--resume {run_dir}: no such directory")
+        info = read_run_config(run_dir)
+        config = _merge_resume_config(run_dir, _train_config_from_info(info), config)
+        if not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+            raise SplitLBIError(f"--resume {run_dir}: no checkpoint to resume from "
+                                f"({CHECKPOINT_DIR}/{LAST_CHECKPOINT} is missing); delete the directory and start again")
+    else:
+        if config is None:
+            raise SplitLBIError("a new run needs a TrainConfig")
+        _check_new_run_dir(run_dir)
+    validate_config(config)
+    _check_model_name(config.model)
+    canonical_dataset_name(config.dataset)  # unknown names fail before any file is written
+    device = resolve_device(config.device)
+
+    data = _load_data(config, device)
+    _seed_everything(config.seed)
+    model = create_model(config.model, num_classes=data.facts["num_classes"],
+                         in_channels=data.facts["in_channels"]).to(device)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer)
+    # The structure parameter Γ exists only under SplitLBI; baselines leave its columns empty.
+    lbi = optimizer if isinstance(optimizer, SplitLBI) else None
+
+    if resume:
+        _check_same_dataset(run_dir, info, data.facts)
+        checkpoint = load_checkpoint(run_dir)
+        start_epoch = int(checkpoint["epoch"])
+        if config.epochs < start_epoch:
+            raise SplitLBIError(f"--epochs {config.epochs} is below the {start_epoch} epochs {run_dir} already has")
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        _restore_rng_state(checkpoint["rng"])
+        del checkpoint
+        # Rows, masks and epoch checkpoints written after last.pt belong to an epoch that
+        # will be redone.
+        _truncate_rows_after(run_dir / METRICS_FILE, start_epoch, METRICS_COLUMNS)
+        _truncate_rows_after(run_dir / PATH_FILE, start_epoch, PATH_COLUMNS)
+        _remove_epoch_files_after(run_dir / MASK_DIR, start_epoch)
+        _remove_epoch_files_after(run_dir / CHECKPOINT_DIR, start_epoch)
+        info.update(config.to_dict())
+        info.setdefault("resumed", []).append({"from_epoch": start_epoch, "at": _now(), "versions": _versions()})
+        _write_json(run_dir / CONFIG_FILE, info)
+        say(f"resuming {run_dir} from epoch {start_epoch}/{config.epochs}")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / CONFIG_FILE, _run_info(config, data.facts))
+        atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+                          run_dir / INIT_FILE)
+        atomic_write_text(run_dir / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
+        atomic_write_text(run_dir / PATH_FILE, ",".join(PATH_COLUMNS) + "\n")
+        _append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, 0))
+        (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        if lbi is not None:
+            (run_dir / MASK_DIR).mkdir(exist_ok=True)
+        # An epoch-0 checkpoint makes a run killed during its first epoch resumable.
+        _save_checkpoint(run_dir, _checkpoint_state(0, model, optimizer, scheduler), keep_epoch_file=False)
+        start_epoch = 0
+        say(f"run directory: {run_dir}")
+
+    say(f"{config.model} on {config.dataset} ({data.facts['train_size']} train / "
+        f"{data.facts['test_size']} test images), optimizer {config.optimizer}, device {device}")
+    if start_epoch >= config.epochs:
+        say(f"nothing to do: {run_dir} already has {start_epoch} epochs")
+        return run_dir
+
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(model, optimizer, data.train_images, data.train_labels,
+                                batch_size=config.batch_size, mean=data.mean, std=data.std,
+                                generator=epoch_generator(config.seed, epoch),
+                                progress=None if config.progress else False,
+                                description=f"epoch {epoch}/{config.epochs}")
+        test = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
+                        mean=data.mean, std=data.std)
+        sparse_accuracy = sparsity = None
+        if lbi is not None:
+            with lbi.sparse_model():
+                sparse_accuracy = evaluate(model, data.test_images, data.test_labels,
+                                           batch_size=config.eval_batch_size, mean=data.mean, std=data.std).accuracy
+            sparsity = float(lbi.sparsity().overall)
+        scheduler.step()
+        metrics = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_acc": train.accuracy,
+                   "test_loss": test.loss, "test_acc": test.accuracy, "sparse_test_acc": sparse_accuracy,
+                   "sparsity": sparsity, "epoch_seconds": time.perf_counter() - started}
+
+        _append_rows(run_dir / METRICS_FILE, [_metrics_row(metrics)])
+        _append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, epoch))
+        if lbi is not None:
+            atomic_torch_save(lbi.masks(), run_dir / MASK_DIR / epoch_file_name(epoch))
+        # The checkpoint comes last: once it exists, everything of this epoch is on disk.
+        keep = epoch % config.save_every == 0 or epoch == config.epochs
+        _save_checkpoint(run_dir, _checkpoint_state(epoch, model, optimizer, scheduler), keep_epoch_file=keep)
+        say(_summary_line(metrics, config.epochs))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
+    return run_dir
+
+
+def _checkpoint_state(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler) -> Dict[str, Any]:
+    return {"format": RUN_FORMAT, "epoch": epoch, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}

@@ -1,0 +1,25 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The folder of real datasets (``../shared/data`` next to the repo, or ``$SPLITLBI_TEST_DATA``).
+
+    Skips the test when it is absent, except on CI (``CI=true``), where a missing
+    folder is a setup error and fails the test.
+    """
+    from_env = os.environ.get("SPLITLBI_TEST_DATA")
+    path = Path(from_env) if from_env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not path.is_dir():
+        reason = f"real datasets not found at {path} (set SPLITLBI_TEST_DATA to the folder holding mnist/raw/)"
+        if os.environ.get("CI", "").strip().lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
