@@ -436,3 +436,18 @@ def test_cuda_matches_cpu():
         results.append([p.detach().cpu() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_channels_last_params_in_small_waves(monkeypatch):
+    """Tensors cut into pieces (rows along dim 0) work in any memory format."""
+    monkeypatch.setattr(functional, "CPU_WAVE_NUMEL", 40)
+    batches = make_batches(20)
+    finals = []
+    for foreach in (True, False):
+        model = make_model().to(memory_format=torch.channels_last)
+        assert not model[0].weight.is_contiguous()
+        optimizer_run(model, batches, foreach=foreach, penalty="auto", lr=0.05, kappa=2.0, nu=0.5, lam=0.05,
+                      momentum=0.9, dampening=0.0, nesterov=False, weight_decay=1e-3)
+        finals.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -13,7 +14,7 @@ from pathlib import Path
 from splitlbi.data.idx import md5_hex, read_decompressed
 from splitlbi.errors import DataError
 
-__all__ = ["OFFLINE_ENV", "DOWNLOAD_TIMEOUT_S", "offline_reason", "download_file"]
+__all__ = ["OFFLINE_ENV", "DOWNLOAD_TIMEOUT_S", "offline_reason", "file_md5", "download_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +43,34 @@ def _fetch_to(url: str, destination: Path, timeout: float) -> None:
             out.write(chunk)
 
 
+def file_md5(path: str | os.PathLike) -> str:
+    """Hex md5 of the bytes of ``path`` as stored (no decompression), read in chunks."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def download_file(
-    urls: Sequence[str], target: str | os.PathLike, expected_md5: str, *, timeout: float = DOWNLOAD_TIMEOUT_S
+    urls: Sequence[str],
+    target: str | os.PathLike,
+    expected_md5: str,
+    *,
+    timeout: float = DOWNLOAD_TIMEOUT_S,
+    checksum: str = "decompressed",
 ) -> Path:
     """Download the first of ``urls`` whose content checks out to ``target``.
 
-    The file is written to a temporary file next to ``target``, its decompressed
-    content is checked against ``expected_md5``, and only then renamed to
-    ``target``, so an interrupted or bad download never leaves a file that looks
-    valid. Raises :class:`DataError` with the reason of each failed mirror.
+    The file is written to a temporary file next to ``target``, checked against
+    ``expected_md5``, and only then renamed to ``target``, so an interrupted or bad
+    download never leaves a file that looks valid. ``checksum="decompressed"``
+    checks the md5 of the gunzipped content (IDX files), ``checksum="file"`` that of
+    the bytes as downloaded (archives such as CIFAR-10's ``.tar.gz``). Raises
+    :class:`DataError` with the reason of each failed mirror.
     """
+    if checksum not in ("decompressed", "file"):
+        raise ValueError(f"checksum must be 'decompressed' or 'file', got {checksum!r}")
     target = Path(target)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,9 +87,12 @@ def download_file(
         try:
             logger.info("downloading %s to %s", url, target)
             _fetch_to(url, tmp, timeout)
-            actual = md5_hex(read_decompressed(tmp))
+            if checksum == "file":
+                actual, what = file_md5(tmp), "md5"
+            else:
+                actual, what = md5_hex(read_decompressed(tmp)), "md5 of decompressed content"
             if actual != expected_md5:
-                raise DataError(f"md5 of decompressed content is {actual}, expected {expected_md5}")
+                raise DataError(f"{what} is {actual}, expected {expected_md5}")
             os.replace(tmp, target)
             return target
         except (urllib.error.URLError, OSError, DataError) as exc:
