@@ -162,9 +162,9 @@ def test_invalid_pad_to(pad_to, shared_data_dir: Path) -> None:
 
 
 def test_unknown_dataset_lists_choices() -> None:
-    with pytest.raises(DataError, match="unknown dataset 'cifar-1000'.*digits, fashion-mnist, mnist"):
+    with pytest.raises(DataError, match="unknown dataset 'cifar-1000'.*cifar10, digits, fashion-mnist, mnist"):
         load_dataset("cifar-1000")
-    assert available_datasets() == ["digits", "fashion-mnist", "mnist"]
+    assert available_datasets() == ["cifar10", "digits", "fashion-mnist", "mnist"]
 
 
 # --- finding files --------------------------------------------------------------------------

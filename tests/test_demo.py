@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from splitlbi.cli import main as cli_main
+from splitlbi.cli.main import main as cli_main
 from splitlbi.errors import SplitLBIError
 from splitlbi.experiments.demo import (
     DEMO_EPOCHS,

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from splitlbi.errors import SplitLBIError
-from splitlbi.train.config import OPTIMIZER_NAMES, TrainConfig
+from splitlbi.train.config import AUGMENTATIONS, OPTIMIZER_NAMES, SCHEDULES, TrainConfig, apply_schedule_preset
+from splitlbi.train.distributed import is_main_process
 from splitlbi.train.run import read_train_config, run_training
 
 __all__ = ["add_parser", "config_from_arguments", "run"]
@@ -44,13 +45,19 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     option = dict(default=argparse.SUPPRESS)
     model = parser.add_argument_group("model and data")
     model.add_argument("--model", **option, help=f"model name (default: {_default('model')})")
-    model.add_argument("--dataset", **option, help=f"mnist, fashion-mnist, digits, ... (default: {_default('dataset')})")
+    model.add_argument("--dataset", **option,
+                       help=f"mnist, fashion-mnist, cifar10, digits (default: {_default('dataset')})")
     model.add_argument("--data-dir", **option, metavar="DIR",
                        help="dataset folder (default: $SPLITLBI_DATA, else ~/.cache/splitlbi)")
     model.add_argument("--train-split", type=int, metavar="N", **option,
                        help="train on the first N images of the official test set and evaluate on the rest")
     model.add_argument("--pad-to", type=int, metavar="SIZE", **option,
                        help="zero-pad images to SIZE x SIZE (e.g. 32 for ResNet/VGG on 28x28 data)")
+    model.add_argument("--augment", choices=AUGMENTATIONS, **option,
+                       help="on-device training augmentation: crop-flip zero-pads 4 pixels, takes a random crop "
+                            "of the original size and flips left-right with probability 1/2 (the standard "
+                            "recipe for cifar10, and for fashion-mnist/mnist with --pad-to 32) "
+                            f"(default: {_default('augment')})")
     model.add_argument("--limit-train", type=int, **option, help=argparse.SUPPRESS)
     model.add_argument("--limit-test", type=int, **option, help=argparse.SUPPRESS)
 
@@ -71,8 +78,16 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     optim.add_argument("--weight-decay", type=float, **option, help=f"(default: {_default('weight_decay')})")
 
     schedule = parser.add_argument_group("schedule")
+    schedule.add_argument("--schedule", choices=SCHEDULES, **option,
+                          help="learning-rate schedule, stepped once per epoch: step multiplies --lr by --lr-gamma "
+                               "at each of --lr-milestones; paper is the paper's preset (160 epochs, lr 0.1, "
+                               "x0.1 at epochs 80 and 120, batch 128) where --epochs, --lr, --lr-milestones, "
+                               "--lr-gamma and --batch-size given on the command line win over the preset; "
+                               "cosine anneals --lr to 0 over --epochs (default: step)")
     schedule.add_argument("--epochs", type=int, **option, help=f"(default: {_default('epochs')})")
-    schedule.add_argument("--batch-size", type=int, **option, help=f"(default: {_default('batch_size')})")
+    schedule.add_argument("--batch-size", type=int, **option,
+                          help="images per step, per process under torchrun: the global batch is this x the "
+                               f"number of processes (default: {_default('batch_size')})")
     schedule.add_argument("--lr-milestones", type=_epoch_list, nargs="+", metavar="EPOCH", **option,
                           help="epochs after which the learning rate is multiplied by --lr-gamma, e.g. 80 120")
     schedule.add_argument("--lr-gamma", type=float, **option, help=f"(default: {_default('lr_gamma')})")
@@ -90,6 +105,21 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     run_group.add_argument("--eval-batch-size", type=int, **option,
                            help=f"(default: {_default('eval_batch_size')})")
     run_group.add_argument("--no-progress", action="store_true", **option, help="no progress bar")
+
+    speed = parser.add_argument_group("speed and scale",
+                                      "multi-GPU and multi-node: launch with torchrun --nproc-per-node N -m splitlbi "
+                                      "train ... (see docs/distributed.md)")
+    speed.add_argument("--sync-bn", action="store_true", **option,
+                       help="under torchrun, convert BatchNorm layers to SyncBatchNorm (statistics over the "
+                            "global batch; needs CUDA)")
+    speed.add_argument("--amp", action="store_true", **option,
+                       help="bfloat16 autocast for forward passes and loss (needs CUDA; weights, gradients and "
+                            "the optimizer stay float32)")
+    speed.add_argument("--channels-last", action="store_true", **option,
+                       help="model and input batches in channels-last memory format (faster convolutions on "
+                            "recent GPUs)")
+    speed.add_argument("--compile", action="store_true", **option,
+                       help="torch.compile the model (the first epoch pays the compilation)")
     parser.set_defaults(func=run)
     return parser
 
@@ -106,8 +136,9 @@ def _given_settings(namespace: argparse.Namespace) -> Dict[str, Any]:
 
 
 def config_from_arguments(namespace: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of a new run: the given options over the defaults."""
-    return TrainConfig(**_given_settings(namespace))
+    """The TrainConfig of a new run: the given options over the ``--schedule`` preset over the defaults."""
+    given = _given_settings(namespace)
+    return apply_schedule_preset(TrainConfig(**given), keep=given)
 
 
 def _default_run_dir(config: TrainConfig) -> Path:
@@ -129,5 +160,6 @@ def run(namespace: argparse.Namespace) -> int:
         config = config_from_arguments(namespace)
         run_dir = Path(namespace.out) if namespace.out is not None else _default_run_dir(config)
         run_training(config, run_dir)
-    print(f"done: {run_dir}")
+    if is_main_process():  # under torchrun, rank 0 speaks for all
+        print(f"done: {run_dir}")
     return 0

@@ -1,15 +1,20 @@
-"""Image classification datasets as uint8 tensors: MNIST, Fashion-MNIST, digits.
+"""Image classification datasets as uint8 tensors: MNIST, Fashion-MNIST, CIFAR-10, digits.
 
 Where the files are looked for, for a data directory ``<dir>`` (see
 :func:`resolve_data_dir`), in this order:
 
 - MNIST: ``<dir>/mnist/raw/``, ``<dir>/MNIST/raw/`` (torchvision's layout);
 - Fashion-MNIST: ``<dir>/fashion-mnist/raw/``, ``<dir>/FashionMNIST/raw/``, then
-  ``/usr/share/datasets/fashion-mnist/`` (Debian's ``dataset-fashion-mnist``).
+  ``/usr/share/datasets/fashion-mnist/`` (Debian's ``dataset-fashion-mnist``);
+- CIFAR-10: ``<dir>/cifar10/cifar-10-python.tar.gz``, ``<dir>/cifar-10-python.tar.gz``,
+  then the extracted ``<dir>/cifar-10-batches-py/`` (see :mod:`splitlbi.data.cifar`).
 
-Each file may be the original ``<name>.gz`` or its decompressed ``<name>``; its
+Each IDX file may be the original ``<name>.gz`` or its decompressed ``<name>``; its
 decompressed content must have the official md5. Missing files are downloaded
 into the first folder of the list unless downloads are disabled.
+
+ImageNet-style image folders are too large for memory and are read by DataLoaders
+instead: see :mod:`splitlbi.data.imagefolder`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from splitlbi.data.cifar import load_cifar10_arrays
 from splitlbi.data.digits import DIGITS_NUM_IMAGES, DIGITS_TRAIN_SIZE, digits_order, load_digits_images
 from splitlbi.data.download import download_file, offline_reason
 from splitlbi.data.idx import read_idx
@@ -137,6 +143,7 @@ _FASHION_MNIST = _IdxSource(
 
 _IDX_SOURCES = {source.name: source for source in (_MNIST, _FASHION_MNIST)}
 _DIGITS = "digits"
+_CIFAR10 = "cifar10"
 _DIGITS_CLASSES = tuple(str(digit) for digit in range(10))
 
 _ALIASES = {
@@ -145,6 +152,9 @@ _ALIASES = {
     "fashion_mnist": "fashion-mnist",
     "fashionmnist": "fashion-mnist",
     "digits": _DIGITS,
+    "cifar10": _CIFAR10,
+    "cifar-10": _CIFAR10,
+    "cifar_10": _CIFAR10,
 }
 
 
@@ -333,6 +343,25 @@ def _load_digits(train_split: int | None) -> tuple[Split, Split, str]:
     return train, test, description
 
 
+def _load_cifar10(
+    data_dir: str | os.PathLike | None, train_split: int | None, download: bool
+) -> tuple[Split, Split, str, list[str]]:
+    root = resolve_data_dir(data_dir)
+    train, test, classes, source = load_cifar10_arrays(root, test_only=train_split is not None, download=download)
+    if train_split is not None:
+        full_test = Split(*test)
+        _check_train_split_fits(train_split, len(full_test), "the CIFAR-10 test set")
+        train_part, test_part = _split_in_order(full_test, train_split)
+        description = (
+            f"CIFAR-10 official test set split in order: first {len(train_part)} images train, "
+            f"last {len(test_part)} held out for evaluation"
+        )
+        return train_part, test_part, description, classes
+    train_part, test_part = Split(*train), Split(*test)
+    description = f"CIFAR-10 official split: {len(train_part)} train images, {len(test_part)} test images"
+    return train_part, test_part, description, classes
+
+
 def load_dataset(
     name: str,
     data_dir: str | os.PathLike | None = None,
@@ -344,18 +373,21 @@ def load_dataset(
     """Load a dataset's train and test parts as uint8 tensors.
 
     Args:
-        name: ``"mnist"``, ``"fashion-mnist"`` (also ``"fashion_mnist"``, ``"fashionmnist"``)
-            or ``"digits"`` (scikit-learn's bundled digits, needs no files).
-        data_dir: folder holding ``mnist/raw/`` and ``fashion-mnist/raw/`` (or torchvision's
-            ``MNIST/raw/``, ``FashionMNIST/raw/``); default ``$SPLITLBI_DATA``, else
-            ``$XDG_CACHE_HOME/splitlbi`` or ``~/.cache/splitlbi``. Ignored for digits.
+        name: ``"mnist"``, ``"fashion-mnist"`` (also ``"fashion_mnist"``, ``"fashionmnist"``),
+            ``"cifar10"`` (also ``"cifar-10"``, ``"cifar_10"``) or ``"digits"``
+            (scikit-learn's bundled digits, needs no files).
+        data_dir: folder holding ``mnist/raw/``, ``fashion-mnist/raw/`` and
+            ``cifar10/cifar-10-python.tar.gz`` (or torchvision's ``MNIST/raw/``,
+            ``FashionMNIST/raw/``, ``cifar-10-batches-py/``); default ``$SPLITLBI_DATA``,
+            else ``$XDG_CACHE_HOME/splitlbi`` or ``~/.cache/splitlbi``. Ignored for digits.
         train_split: if given, use only the official TEST set: its first ``train_split``
             images train, the rest are held out for evaluation (no train files needed).
             For digits: the first ``train_split`` of the shuffled 1797 images train
             (default 1437).
         download: fetch missing files from public mirrors (also disabled by
             ``SPLITLBI_OFFLINE=1``).
-        pad_to: zero-pad the images (centred) to ``pad_to x pad_to``, e.g. 32 for ResNets.
+        pad_to: zero-pad the images (centred) to ``pad_to x pad_to``, e.g. 32 for ResNets;
+            a no-op for images that already have that size (CIFAR-10 with 32).
 
     Raises:
         DataError: unknown name, bad argument, or files missing, corrupt or not downloadable.
@@ -366,12 +398,14 @@ def load_dataset(
     if canonical == _DIGITS:
         train, test, description = _load_digits(train_split)
         classes = _DIGITS_CLASSES
+    elif canonical == _CIFAR10:
+        train, test, description, classes = _load_cifar10(data_dir, train_split, download)
     else:
         source = _IDX_SOURCES[canonical]
         train, test, description = _load_idx_dataset(source, data_dir, train_split, download)
         classes = source.classes
     mean, std = channel_stats(train.images)
-    if pad_to is not None:
+    if pad_to is not None and tuple(train.images.shape[-2:]) != (pad_to, pad_to):
         train = Split(_pad_images(train.images, pad_to), train.labels)
         test = Split(_pad_images(test.images, pad_to), test.labels)
         description += f", zero-padded to {pad_to}x{pad_to}"

@@ -12,6 +12,8 @@ stored: it is formed from ``V`` when it is needed (SPEC, "Implementation notes")
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -42,6 +44,13 @@ def resolve_penalty(penalty: str, shape: torch.Size | tuple[int, ...], name: str
     if penalty not in PENALTIES:
         raise ValueError(f"penalty must be one of {PENALTIES}, got {penalty!r} for {name}")
     return penalty
+
+
+@functools.lru_cache(maxsize=None)
+def penalty_for_rank(penalty: str, ndim: int) -> str:
+    """:func:`resolve_penalty` for a tensor of ``ndim`` dimensions, cached (the step asks
+    for every parameter; the optimizer validated the shapes when it was built)."""
+    return resolve_penalty(penalty, (1,) * ndim)
 
 
 def group_norms(v: Tensor, keepdim: bool = False) -> Tensor:

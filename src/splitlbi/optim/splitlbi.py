@@ -123,7 +123,7 @@ class SplitLBI(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, buffers, vs, penalties = self._init_group(group)
+            params, grads, buffers, vs, penalties, states = self._init_group(group)
             hyper = dict(
                 lr=group["lr"], kappa=group["kappa"], nu=group["nu"], lam=group["lam"],
                 momentum=group["momentum"], dampening=group["dampening"],
@@ -144,27 +144,33 @@ class SplitLBI(Optimizer):
                     for i, buf in zip(indices, new_buffers):
                         buffers[i] = buf
             if group["momentum"] != 0:
-                for p, buf in zip(params, buffers):
-                    self.state[p]["momentum_buffer"] = buf
+                for state, buf in zip(states, buffers):
+                    if state.get("momentum_buffer") is None:  # created by this first step
+                        state["momentum_buffer"] = buf
         return loss
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list, list, list, list, list]:
-        params, grads, buffers, vs, penalties = [], [], [], [], []
+    def _init_group(self, group: dict[str, Any]) -> tuple[list, list, list, list, list, list]:
+        params, grads, buffers, vs, penalties, states = [], [], [], [], [], []
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError("SplitLBI does not support sparse gradients")
-            penalty = _penalties.resolve_penalty(group["penalty"], p.shape)
+            penalty = _penalties.penalty_for_rank(group["penalty"], p.dim())
             state = self.state[p]
-            if penalty != "none" and "v" not in state:
-                state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            v = None
+            if penalty != "none":
+                v = state.get("v")
+                if v is None:
+                    v = state["v"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             buffers.append(state.get("momentum_buffer"))
-            vs.append(state.get("v") if penalty != "none" else None)
+            vs.append(v)
             penalties.append(penalty)
-        return params, grads, buffers, vs, penalties
+            states.append(state)
+        return params, grads, buffers, vs, penalties, states
 
     # -------------------------------------------------------- reading the path
     def named_coupled(self) -> Iterator[Coupled]:

@@ -123,6 +123,20 @@ def project_to_ball_(images: Tensor, radius: float) -> Tensor:
     return images
 
 
+def gaussian_blur(images: Tensor, sigma: float) -> Tensor:
+    """Depthwise Gaussian blur of ``[N, C, H, W]`` images (kernel radius 2σ, reflect padding)."""
+    radius = max(1, int(round(2 * sigma)))
+    offsets = torch.arange(-radius, radius + 1, dtype=images.dtype, device=images.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = images.shape[1]
+    padded = torch.nn.functional.pad(images, (radius, radius, radius, radius), mode="reflect")
+    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+    out = torch.nn.functional.conv2d(padded, horizontal, groups=channels)
+    return torch.nn.functional.conv2d(out, vertical, groups=channels)
+
+
 def activation_maximization(
     model: nn.Module,
     layer_module_name: str,
@@ -132,6 +146,8 @@ def activation_maximization(
     radius: Optional[float] = None,
     seed: int = 0,
     filters: Optional[Sequence[int]] = None,
+    blur_sigma: float = 0.5,
+    blur_every: int = 8,
 ) -> Tensor:
     """Input images that maximize each filter of a layer, shape [n_filters, C, H, W].
 
@@ -144,6 +160,9 @@ def activation_maximization(
     have unit RMS, i.e. the size of a typical input. ``filters`` restricts the search
     to some filter indices (default: all). The model is left as it was (mode and
     parameter gradients untouched).
+    Every ``blur_every`` steps the images are smoothed by a Gaussian of ``blur_sigma``
+    pixels (Yosinski et al. 2015): without such a prior the ascent through max-pooling
+    favours high-frequency patterns that look like noise. ``blur_sigma=0`` disables it.
     """
     if steps < 0:
         raise SplitLBIError(f"steps must be >= 0, got {steps}")
@@ -178,6 +197,8 @@ def activation_maximization(
             with torch.no_grad():
                 grad_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
                 images.add_(grad / grad_norm.view(-1, *([1] * len(shape))), alpha=step_size)
+                if blur_sigma > 0 and blur_every > 0 and (step + 1) % blur_every == 0 and step + 1 < steps:
+                    images.copy_(gaussian_blur(images, blur_sigma))
                 project_to_ball_(images, radius)
     finally:
         model.train(was_training)

@@ -6,27 +6,45 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Iterable, Mapping, Optional, Tuple
 
 import torch
 
+from splitlbi.data.augment import AUGMENTATIONS
 from splitlbi.errors import SplitLBIError
 
 __all__ = [
+    "AUGMENTATIONS",
     "OPTIMIZER_NAMES",
+    "PAPER_SCHEDULE",
     "RESUME_OVERRIDABLE_FIELDS",
+    "SCHEDULES",
+    "apply_schedule_preset",
     "TrainConfig",
     "validate_config",
     "resolve_device",
 ]
 
 #: Optimizers that ``splitlbi train --optimizer`` accepts; all but the first are baselines.
-OPTIMIZER_NAMES: Tuple[str, ...] = ("splitlbi", "sgd", "adam", "adamw", "adagrad", "rmsprop", "radam")
+OPTIMIZER_NAMES: Tuple[str, ...] = ("splitlbi", "sgd", "adam", "adamw", "adagrad", "rmsprop", "radam",
+                                     "amsgrad")
 
 #: Settings that may differ when a run is resumed: none of them changes the weights.
 #: ``device`` can change them in the last bits, but moving a run to another machine is a
 #: legitimate reason to resume, so it is allowed.
-RESUME_OVERRIDABLE_FIELDS = frozenset({"epochs", "progress", "device", "eval_batch_size", "save_every", "data_dir"})
+RESUME_OVERRIDABLE_FIELDS = frozenset({"epochs", "progress", "device", "eval_batch_size", "save_every", "data_dir",
+                                       "channels_last", "compile"})
+
+#: Learning-rate schedules of ``--schedule``: ``step`` (MultiStepLR at --lr-milestones),
+#: ``paper`` (the paper's preset, PAPER_SCHEDULE, then stepped like ``step``) and
+#: ``cosine`` (CosineAnnealingLR from --lr to 0 over --epochs, stepped per epoch).
+SCHEDULES: Tuple[str, ...] = ("step", "paper", "cosine")
+
+#: The schedule of the paper's CIFAR-10 experiments: 160 epochs, lr 0.1, x0.1 at epochs
+#: 80 and 120, batch 128. ``--schedule paper`` fills in the values the command line did
+#: not give (see :func:`apply_schedule_preset`).
+PAPER_SCHEDULE: Mapping[str, Any] = {"epochs": 160, "lr": 0.1, "lr_milestones": (80, 120), "lr_gamma": 0.1,
+                                     "batch_size": 128}
 
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -45,6 +63,8 @@ class TrainConfig:
     data_dir: Optional[str] = None
     train_split: Optional[int] = None
     pad_to: Optional[int] = None
+    # On-device training augmentation, one of AUGMENTATIONS ("crop-flip": pad 4, random crop, flip).
+    augment: str = "none"
     optimizer: str = "splitlbi"
     lr: float = 0.1
     kappa: float = 1.0
@@ -58,11 +78,19 @@ class TrainConfig:
     batch_size: int = 128
     lr_milestones: Tuple[int, ...] = field(default_factory=tuple)
     lr_gamma: float = 0.1
+    # One of SCHEDULES; "paper" presets are applied by apply_schedule_preset (the CLI does it).
+    schedule: str = "step"
     seed: int = 0
     device: str = "auto"
     save_every: int = 1
     eval_batch_size: int = 1000
     progress: bool = True
+    # Speed and scale (docs/distributed.md): SyncBatchNorm under torchrun, bfloat16 autocast
+    # on CUDA, channels-last memory format, torch.compile of the model.
+    sync_bn: bool = False
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
     # Subsample the data (first N images); meant for tests and quick trials.
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
@@ -96,12 +124,28 @@ def _is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def apply_schedule_preset(config: TrainConfig, keep: Iterable[str] = ()) -> TrainConfig:
+    """``config`` with its ``--schedule`` preset filled in: for ``schedule="paper"`` the
+    PAPER_SCHEDULE values, except for the fields named in ``keep`` (the ones the user
+    gave explicitly, which win); other schedules have no preset and come back unchanged.
+
+    >>> apply_schedule_preset(TrainConfig(schedule="paper", epochs=40), keep={"epochs"}).lr_milestones
+    (80, 120)
+    """
+    if config.schedule != "paper":
+        return config
+    kept = set(keep)
+    return dataclasses.replace(config, **{name: value for name, value in PAPER_SCHEDULE.items() if name not in kept})
+
+
 def validate_config(config: TrainConfig) -> None:
     """Raise :class:`SplitLBIError` with a one-line message for the first invalid setting.
 
     Model and dataset names are checked where they are used (model creation, dataset
     loading) so that the lists of names stay in one place.
     """
+    _require(config.augment in AUGMENTATIONS,
+             f"unknown augmentation {config.augment!r} (choose from {', '.join(AUGMENTATIONS)})")
     _require(config.optimizer in OPTIMIZER_NAMES,
              f"unknown optimizer {config.optimizer!r} (choose from {', '.join(OPTIMIZER_NAMES)})")
     for name in ("lr", "kappa", "nu", "lam", "momentum", "weight_decay", "lr_gamma"):
@@ -113,6 +157,12 @@ def validate_config(config: TrainConfig) -> None:
     _require(0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}")
     _require(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}")
     _require(config.lr_gamma > 0, f"--lr-gamma must be > 0, got {config.lr_gamma}")
+    for name in ("sync_bn", "amp", "channels_last", "compile"):
+        _require(isinstance(getattr(config, name), bool), f"{name} must be True or False, got {getattr(config, name)!r}")
+    _require(config.schedule in SCHEDULES,
+             f"unknown schedule {config.schedule!r} (choose from {', '.join(SCHEDULES)})")
+    _require(not (config.schedule == "cosine" and config.lr_milestones),
+             "--lr-milestones has no effect with --schedule cosine (it anneals over --epochs); drop one of them")
     _require(config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs}")
     _require(config.batch_size >= 1, f"--batch-size must be >= 1, got {config.batch_size}")
     _require(config.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {config.eval_batch_size}")

@@ -7,11 +7,13 @@ involved and an epoch is fully determined by the permutation generator.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
@@ -60,6 +62,9 @@ def train_one_epoch(
     transform: Optional[Callable[[Tensor], Tensor]] = None,
     progress: Optional[bool] = None,
     description: Optional[str] = None,
+    shard: Optional[Tuple[int, int]] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    memory_format: Optional[torch.memory_format] = None,
 ) -> Evaluation:
     """Train ``model`` for one pass over ``images`` (uint8 ``[N, C, H, W]``) in shuffled batches.
 
@@ -68,6 +73,20 @@ def train_one_epoch(
             torch RNG when ``None``.
         transform: optional augmentation applied to each normalized float batch.
         progress: show a tqdm bar on stderr (``None``: only on a terminal).
+        shard: ``(rank, world_size)`` in a DistributedDataParallel run (``model`` is the
+            DDP wrapper, every rank passes the same ``generator``): ``batch_size`` is
+            per process and rank ``r``'s k-th batch is ``order[k·G + r·B : k·G + (r+1)·B]``
+            with ``G = B·world_size``, so the ranks' k-th batches together are the k-th
+            batch of one process with ``batch_size=G``. The ragged last batch of ``n < G``
+            images is split as evenly as possible and each rank's mean loss weighted by
+            ``n_r·world_size/n``, so the gradient DDP averages is that batch's mean
+            gradient, as in one process (a rank left without images, ``n < world_size``,
+            runs one image with weight 0). ``transform`` is applied to the whole global
+            batch before slicing, so augmentation draws the same as in one process.
+            The returned loss and accuracy are over all ranks' images.
+        autocast_dtype: run forward and loss under ``torch.autocast`` with this dtype
+            (``torch.bfloat16`` for ``--amp``); ``None``: full precision.
+        memory_format: convert each input batch (e.g. ``torch.channels_last``).
 
     Returns:
         The sample-weighted mean training loss and accuracy (percent) over the epoch's
@@ -75,29 +94,65 @@ def train_one_epoch(
     """
     model.train()
     count = images.shape[0]
+    rank, world_size = shard if shard is not None else (0, 1)
+    global_batch = batch_size * world_size
     order = torch.randperm(count, generator=generator).to(images.device)
     # Sums stay on the device; one synchronisation at the end instead of one per batch.
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    with _progress_bar((count + batch_size - 1) // batch_size, description, progress) as bar:
-        for start in range(0, count, batch_size):
-            indices = order[start:start + batch_size]
-            inputs = normalize(images[indices], mean, std)
+    seen = 0
+    with _progress_bar((count + global_batch - 1) // global_batch, description, progress) as bar:
+        for start in range(0, count, global_batch):
+            batch = order[start:start + global_batch]
+            size = batch.shape[0]
+            low, high = _shard_bounds(size, rank, world_size)
+            weight = 1.0 if (high - low) * world_size == size else (high - low) * world_size / size
+            if high == low:  # n < world_size: stay in step with the others, contribute nothing
+                low, high, weight = 0, 1, 0.0
             if transform is not None:
-                inputs = transform(inputs)
-            targets = labels[indices]
+                inputs = transform(normalize(images[batch], mean, std))[low:high]
+            else:
+                inputs = normalize(images[batch[low:high]], mean, std)
+            if memory_format is not None and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=memory_format)
+            targets = labels[batch[low:high]]
             optimizer.zero_grad(set_to_none=True)
-            logits = model(inputs)
-            loss = loss_function(logits, targets)
-            loss.backward()
+            with _autocast(inputs.device, autocast_dtype):
+                logits = model(inputs)
+                loss = loss_function(logits, targets)
+            (loss if weight == 1.0 else loss * weight).backward()
             optimizer.step()
-            loss_sum += loss.detach().double() * targets.shape[0]
-            correct += (logits.detach().argmax(dim=1) == targets).sum()
+            if weight != 0.0:
+                loss_sum += loss.detach().double() * targets.shape[0]
+                correct += (logits.detach().argmax(dim=1) == targets).sum()
+                seen += targets.shape[0]
             bar.update(1)
-            if not bar.disable and (bar.n % 20 == 0 or bar.n == bar.total):
-                seen = min(start + batch_size, count)
+            if not bar.disable and (bar.n % 20 == 0 or bar.n == bar.total) and seen:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.2f}%")
-    return Evaluation(loss_sum.item() / count, 100.0 * correct.item() / count)
+    loss_sum, correct = _sum_over_ranks(loss_sum, correct, world_size)
+    return Evaluation(loss_sum / count, 100.0 * correct / count)
+
+
+def _shard_bounds(count: int, rank: int, world_size: int) -> Tuple[int, int]:
+    # Same as splitlbi.train.distributed.shard_bounds (kept here to avoid an import cycle).
+    base, extra = divmod(count, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _sum_over_ranks(loss_sum: Tensor, correct: Tensor, world_size: int) -> Tuple[float, int]:
+    """The two per-rank sums added over all ranks (one all-reduce), as Python numbers."""
+    if world_size > 1:
+        both = torch.stack([loss_sum, correct.double()])
+        dist.all_reduce(both)
+        return both[0].item(), int(round(both[1].item()))
+    return loss_sum.item(), int(correct.item())
 
 
 @torch.no_grad()
@@ -110,23 +165,37 @@ def evaluate(
     mean: Sequence[float],
     std: Sequence[float],
     loss_function: LossFunction = F.cross_entropy,
+    shard: Optional[Tuple[int, int]] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    memory_format: Optional[torch.memory_format] = None,
 ) -> Evaluation:
     """Mean loss and accuracy (percent) of ``model`` in eval mode on uint8 ``images``.
 
     The model is left in eval mode; :func:`train_one_epoch` switches it back to train.
+    With ``shard=(rank, world_size)`` (every rank calls it, with the same weights) each
+    rank evaluates its contiguous share of the images and the results are summed over
+    the ranks: the whole set's loss and accuracy, on every rank. ``autocast_dtype`` and
+    ``memory_format`` act as in :func:`train_one_epoch`.
     """
     model.eval()
-    count = images.shape[0]
-    if count == 0:
+    total = images.shape[0]
+    if total == 0:
         return Evaluation(float("nan"), float("nan"))
+    rank, world_size = shard if shard is not None else (0, 1)
+    low, high = _shard_bounds(total, rank, world_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    for start in range(0, count, batch_size):
-        inputs = normalize(images[start:start + batch_size], mean, std)
-        targets = labels[start:start + batch_size]
-        logits = model(inputs)
-        # Mean loss per batch times its size, like training, so a custom loss_function
-        # only needs the standard mean reduction.
-        loss_sum += loss_function(logits, targets).double() * targets.shape[0]
+    for start in range(low, high, batch_size):
+        stop = min(start + batch_size, high)
+        inputs = normalize(images[start:stop], mean, std)
+        if memory_format is not None and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=memory_format)
+        targets = labels[start:stop]
+        with _autocast(inputs.device, autocast_dtype):
+            logits = model(inputs)
+            # Mean loss per batch times its size, like training, so a custom loss_function
+            # only needs the standard mean reduction.
+            loss_sum += loss_function(logits, targets).double() * targets.shape[0]
         correct += (logits.argmax(dim=1) == targets).sum()
-    return Evaluation(loss_sum.item() / count, 100.0 * correct.item() / count)
+    loss, right = _sum_over_ranks(loss_sum, correct, world_size)
+    return Evaluation(loss / total, 100.0 * right / total)

@@ -47,12 +47,24 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
             return torch.optim.RMSprop(parameters, lr=config.lr, weight_decay=config.weight_decay)
         if name == "radam":
             return torch.optim.RAdam(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        if name == "amsgrad":
+            # AMSGrad (Reddi et al. 2018): Adam with the running maximum of the second moment.
+            return torch.optim.Adam(parameters, lr=config.lr, weight_decay=config.weight_decay, amsgrad=True)
     except ValueError as error:
         raise SplitLBIError(f"--optimizer {name}: {error}") from None
     raise SplitLBIError(f"unknown optimizer {name!r} (choose from {', '.join(OPTIMIZER_NAMES)})")
 
 
-def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
-    """Per-epoch step schedule: the learning rate is multiplied by ``lr_gamma`` at each milestone."""
+def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The per-epoch learning-rate schedule (``scheduler.step()`` once after each epoch).
+
+    ``step`` and ``paper``: MultiStepLR, the learning rate multiplied by ``lr_gamma`` at
+    each of ``lr_milestones`` (``paper`` presets them to 80, 120 through
+    :func:`~splitlbi.train.config.apply_schedule_preset`). ``cosine``: CosineAnnealingLR
+    from ``lr`` towards 0 over ``epochs`` epochs: epoch ``e`` (1-based) trains with
+    ``lr·(1 + cos(π(e−1)/epochs))/2``.
+    """
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones),
                                                 gamma=config.lr_gamma)

@@ -31,8 +31,10 @@ from torch import Tensor, nn
 
 import splitlbi
 from splitlbi.data import canonical_dataset_name, load_dataset
+from splitlbi.data.augment import augment_generator, train_transform
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model, is_model, list_models
+from splitlbi.train import distributed
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig, resolve_device, validate_config
 from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
 from splitlbi.optim import SplitLBI
@@ -80,7 +82,8 @@ def read_run_config(run_dir: PathLike) -> Dict[str, Any]:
     the dataset facts ``num_classes``, ``in_channels`` (with ``model``: the arguments of
     ``create_model``), ``image_size``, ``mean``, ``std``, ``train_size``, ``test_size``,
     ``dataset_description``; and ``format``, ``versions`` (splitlbi, torch, numpy,
-    python), ``created``, ``resumed`` (one entry per resume).
+    python), ``created``, ``resumed`` (one entry per resume), ``world_size`` (processes
+    that trained it under torchrun; absent in runs made before it was recorded: 1).
     """
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
@@ -425,10 +428,61 @@ def run_training(
         on_epoch_end: called as ``on_epoch_end(epoch, metrics)`` after each epoch's files
             and checkpoint are written; ``metrics`` has the metrics.csv columns as keys.
 
+    Under ``torchrun`` (``WORLD_SIZE > 1``, or a process group the caller initialized)
+    every process calls this with the same arguments: the model trains in
+    DistributedDataParallel with ``config.batch_size`` images per process, rank 0 alone
+    writes the run directory and calls ``log`` and ``on_epoch_end``, and every rank
+    resumes from ``checkpoints/last.pt`` (see docs/distributed.md).
+
     Raises:
         SplitLBIError: invalid settings, unusable run directory, missing or corrupt data.
     """
-    say = log if log is not None else (lambda line: None)
+    try:
+        return _run_training(config, out_dir, resume, log=log, on_epoch_end=on_epoch_end)
+    finally:
+        distributed.shutdown()  # only a process group that run_training itself created
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+def _check_speed_options(config: TrainConfig, context: distributed.DistributedContext, device: torch.device,
+                         say: Callable[[str], None]) -> None:
+    if config.amp:
+        if device.type != "cuda":
+            raise SplitLBIError(f"--amp needs CUDA (bfloat16 autocast; on the CPU it is slower than float32), "
+                                f"but this run is on {device}")
+        if not torch.cuda.is_bf16_supported():
+            raise SplitLBIError(f"--amp: {torch.cuda.get_device_name(device)} does not support bfloat16")
+    if config.sync_bn:
+        if context.enabled and device.type != "cuda":
+            raise SplitLBIError("--sync-bn needs CUDA devices: SyncBatchNorm does not run on the CPU")
+        if not context.enabled:
+            say("note: --sync-bn has no effect in a single process (it matters under torchrun)")
+
+
+def _check_same_world(run_dir: Path, stored: Dict[str, Any], config: TrainConfig,
+                      context: distributed.DistributedContext) -> None:
+    world_size = int(stored.get("world_size", 1))
+    if world_size != context.world_size:
+        raise SplitLBIError(f"{run_dir} was trained by {world_size} process(es) and is being resumed by "
+                            f"{context.world_size}: use the same number (the global batch is --batch-size "
+                            f"x processes)")
+    if config.schedule == "cosine" and config.epochs != stored["epochs"]:
+        raise SplitLBIError(f"cannot change --epochs of a --schedule cosine run ({stored['epochs']} -> "
+                            f"{config.epochs}): the learning rate anneals over the planned epochs")
+
+
+def _run_training(
+    config: Optional[TrainConfig],
+    out_dir: PathLike,
+    resume: bool,
+    *,
+    log: Optional[Callable[[str], None]],
+    on_epoch_end: Optional[EpochCallback],
+) -> Path:
+    say = log if log is not None else _silent
     run_dir = Path(out_dir)
     if resume:
         if not run_dir.is_dir():
@@ -445,12 +499,36 @@ def run_training(
     validate_config(config)
     _check_model_name(config.model)
     canonical_dataset_name(config.dataset)  # unknown names fail before any file is written
-    device = resolve_device(config.device)
+    # Under torchrun: join the process group (every rank has passed the checks above
+    # before any rank writes: the first collective below waits for all of them).
+    context, device = distributed.setup(config.device, resolve_device)
+    if not context.is_main:
+        say = _silent
+    _check_speed_options(config, context, device, say)
+    autocast_dtype = torch.bfloat16 if config.amp else None
+    memory_format = torch.channels_last if config.channels_last else None
 
-    data = _load_data(config, device)
+    # Each node's first process loads (and, if need be, downloads) first, then the others.
+    data: Optional[_Data] = None
+    with distributed.agreement(context):
+        if context.local_rank == 0:
+            data = _load_data(config, device)
+    with distributed.agreement(context):
+        if data is None:
+            data = _load_data(config, device)
     _seed_everything(config.seed)
+    # `model` is the plain module throughout: the optimizer (layer names), checkpoints,
+    # init.pt and path.csv use it; DDP and torch.compile only wrap it for the forward.
     model = create_model(config.model, num_classes=data.facts["num_classes"],
-                         in_channels=data.facts["in_channels"]).to(device)
+                         in_channels=data.facts["in_channels"])
+    if config.sync_bn and context.enabled:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if context.rank > 0:
+        # Same initial weights on every rank (seeded above), then distinct dropout streams.
+        _seed_everything(distributed.rank_seed(config.seed, context.rank))
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
     # The structure parameter Γ exists only under SplitLBI; baselines leave its columns empty.
@@ -458,6 +536,7 @@ def run_training(
 
     if resume:
         _check_same_dataset(run_dir, info, data.facts)
+        _check_same_world(run_dir, info, config, context)
         checkpoint = load_checkpoint(run_dir)
         start_epoch = int(checkpoint["epoch"])
         if config.epochs < start_epoch:
@@ -465,36 +544,54 @@ def run_training(
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-        _restore_rng_state(checkpoint["rng"])
+        # Each rank continues its own RNG stream (older and one-process checkpoints: "rng").
+        _restore_rng_state(checkpoint.get("rng_ranks", [checkpoint["rng"]] * context.world_size)[context.rank])
         del checkpoint
-        # Rows, masks and epoch checkpoints written after last.pt belong to an epoch that
-        # will be redone.
-        _truncate_rows_after(run_dir / METRICS_FILE, start_epoch, METRICS_COLUMNS)
-        _truncate_rows_after(run_dir / PATH_FILE, start_epoch, PATH_COLUMNS)
-        _remove_epoch_files_after(run_dir / MASK_DIR, start_epoch)
-        _remove_epoch_files_after(run_dir / CHECKPOINT_DIR, start_epoch)
-        info.update(config.to_dict())
-        info.setdefault("resumed", []).append({"from_epoch": start_epoch, "at": _now(), "versions": _versions()})
-        _write_json(run_dir / CONFIG_FILE, info)
+        with distributed.agreement(context):
+            if context.is_main:
+                # Rows, masks and epoch checkpoints written after last.pt belong to an
+                # epoch that will be redone.
+                _truncate_rows_after(run_dir / METRICS_FILE, start_epoch, METRICS_COLUMNS)
+                _truncate_rows_after(run_dir / PATH_FILE, start_epoch, PATH_COLUMNS)
+                _remove_epoch_files_after(run_dir / MASK_DIR, start_epoch)
+                _remove_epoch_files_after(run_dir / CHECKPOINT_DIR, start_epoch)
+                info.update(config.to_dict())
+                info.setdefault("resumed", []).append({"from_epoch": start_epoch, "at": _now(),
+                                                       "versions": _versions()})
+                _write_json(run_dir / CONFIG_FILE, info)
         say(f"resuming {run_dir} from epoch {start_epoch}/{config.epochs}")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / CONFIG_FILE, _run_info(config, data.facts))
-        atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
-                          run_dir / INIT_FILE)
-        atomic_write_text(run_dir / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
-        atomic_write_text(run_dir / PATH_FILE, ",".join(PATH_COLUMNS) + "\n")
-        _append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, 0))
-        (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
-        if lbi is not None:
-            (run_dir / MASK_DIR).mkdir(exist_ok=True)
-        # An epoch-0 checkpoint makes a run killed during its first epoch resumable.
-        _save_checkpoint(run_dir, _checkpoint_state(0, model, optimizer, scheduler), keep_epoch_file=False)
+        rng_states = distributed.all_gather_objects(context, _rng_state())
+        with distributed.agreement(context):
+            if context.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                _write_json(run_dir / CONFIG_FILE, {**_run_info(config, data.facts),
+                                                    "world_size": context.world_size})
+                atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+                                  run_dir / INIT_FILE)
+                atomic_write_text(run_dir / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
+                atomic_write_text(run_dir / PATH_FILE, ",".join(PATH_COLUMNS) + "\n")
+                _append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, 0))
+                (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+                if lbi is not None:
+                    (run_dir / MASK_DIR).mkdir(exist_ok=True)
+                # An epoch-0 checkpoint makes a run killed during its first epoch resumable.
+                _save_checkpoint(run_dir, _checkpoint_state(0, model, optimizer, scheduler, rng_states),
+                                 keep_epoch_file=False)
         start_epoch = 0
         say(f"run directory: {run_dir}")
 
+    train_model = distributed.wrap_model(model, context)
+    eval_model = model
+    if config.compile:
+        train_model = torch.compile(train_model)
+        eval_model = torch.compile(model) if context.enabled else train_model
+    where = f"device {device}"
+    if context.enabled:
+        where = (f"{context.world_size} processes on {device.type} (global batch "
+                 f"{config.batch_size * context.world_size} = {config.batch_size} x {context.world_size})")
     say(f"{config.model} on {config.dataset} ({data.facts['train_size']} train / "
-        f"{data.facts['test_size']} test images), optimizer {config.optimizer}, device {device}")
+        f"{data.facts['test_size']} test images), optimizer {config.optimizer}, {where}")
     if start_epoch >= config.epochs:
         say(f"nothing to do: {run_dir} already has {start_epoch} epochs")
         return run_dir
@@ -502,38 +599,61 @@ def run_training(
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(model, optimizer, data.train_images, data.train_labels,
+        train = train_one_epoch(train_model, optimizer, data.train_images, data.train_labels,
                                 batch_size=config.batch_size, mean=data.mean, std=data.std,
                                 generator=epoch_generator(config.seed, epoch),
-                                progress=None if config.progress else False,
-                                description=f"epoch {epoch}/{config.epochs}")
-        test = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
-                        mean=data.mean, std=data.std)
+                                transform=train_transform(config.augment, data.mean, data.std,
+                                                          augment_generator(config.seed, epoch)),
+                                progress=None if config.progress and context.is_main else False,
+                                description=f"epoch {epoch}/{config.epochs}", shard=context.shard,
+                                autocast_dtype=autocast_dtype, memory_format=memory_format)
+        distributed.broadcast_buffers(context, model)
+        # Every rank evaluates its share of the test set; the results are summed over ranks.
+        evaluation = dict(batch_size=config.eval_batch_size, mean=data.mean, std=data.std, shard=context.shard,
+                          autocast_dtype=autocast_dtype, memory_format=memory_format)
+        test = evaluate(eval_model, data.test_images, data.test_labels, **evaluation)
         sparse_accuracy = sparsity = None
         if lbi is not None:
             with lbi.sparse_model():
-                sparse_accuracy = evaluate(model, data.test_images, data.test_labels,
-                                           batch_size=config.eval_batch_size, mean=data.mean, std=data.std).accuracy
+                sparse_accuracy = evaluate(eval_model, data.test_images, data.test_labels, **evaluation).accuracy
             sparsity = float(lbi.sparsity().overall)
         scheduler.step()
         metrics = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_acc": train.accuracy,
                    "test_loss": test.loss, "test_acc": test.accuracy, "sparse_test_acc": sparse_accuracy,
                    "sparsity": sparsity, "epoch_seconds": time.perf_counter() - started}
 
-        _append_rows(run_dir / METRICS_FILE, [_metrics_row(metrics)])
-        _append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, epoch))
-        if lbi is not None:
-            atomic_torch_save(lbi.masks(), run_dir / MASK_DIR / epoch_file_name(epoch))
-        # The checkpoint comes last: once it exists, everything of this epoch is on disk.
-        keep = epoch % config.save_every == 0 or epoch == config.epochs
-        _save_checkpoint(run_dir, _checkpoint_state(epoch, model, optimizer, scheduler), keep_epoch_file=keep)
-        say(_summary_line(metrics, config.epochs))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
+        # DDP averages the gradients; SplitLBI's V and Γ are functions of them and of
+        # state that started equal, so the ranks agree with no communication of their own.
+        # Checked once per epoch (cheap); a difference would mean a non-deterministic op.
+        diverged = distributed.check_in_sync(context, model, optimizer)
+        if diverged:
+            say(f"warning: after epoch {epoch} the processes differ in {len(diverged)} tensor(s) "
+                f"({', '.join(diverged[:3])}); continuing from rank 0's values")
+            distributed.resynchronize(context, model, optimizer)
+        rng_states = distributed.all_gather_objects(context, _rng_state())
+
+        with distributed.agreement(context):
+            if context.is_main:
+                _append_rows(run_dir / METRICS_FILE, [_metrics_row(metrics)])
+                _append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, epoch))
+                if lbi is not None:
+                    atomic_torch_save(lbi.masks(), run_dir / MASK_DIR / epoch_file_name(epoch))
+                # The checkpoint comes last: once it exists, everything of this epoch is on disk.
+                keep = epoch % config.save_every == 0 or epoch == config.epochs
+                _save_checkpoint(run_dir, _checkpoint_state(epoch, model, optimizer, scheduler, rng_states),
+                                 keep_epoch_file=keep)
+                say(_summary_line(metrics, config.epochs))
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, metrics)
     return run_dir
 
 
 def _checkpoint_state(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                      scheduler: torch.optim.lr_scheduler.LRScheduler) -> Dict[str, Any]:
-    return {"format": RUN_FORMAT, "epoch": epoch, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+                      scheduler: torch.optim.lr_scheduler.LRScheduler, rng_states: List[Dict[str, Any]],
+                      ) -> Dict[str, Any]:
+    """``rng_states``: each rank's :func:`_rng_state` (one entry in one process)."""
+    state = {"format": RUN_FORMAT, "epoch": epoch, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states[0]}
+    if len(rng_states) > 1:
+        state["rng_ranks"] = rng_states
+    return state

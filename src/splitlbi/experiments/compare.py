@@ -1,0 +1,559 @@
+"""``splitlbi compare``: the paper's Table 1, SplitLBI against SGD and adaptive optimizers.
+
+One model on one dataset is trained with each optimizer *variant* (:data:`VARIANTS`)
+for each seed. Every (variant, seed) is an ordinary run directory
+``OUT/<variant>/seed<k>`` written by :func:`splitlbi.train.run_training` (so
+``splitlbi plot`` and ``splitlbi train --resume`` work on it). Re-running the same
+command skips the finished runs and resumes the interrupted ones from their last
+checkpoint, so a long comparison can be stopped and continued at will. Runs with the
+same seed start from the same initialization, whatever the variant.
+
+At the end ``OUT/table.csv`` and ``OUT/table.md`` get one row per variant: the test
+accuracy (percent) after the last epoch ("final") and the highest over all epochs
+("best"), mean and standard deviation over the seeds (sample standard deviation, n-1;
+empty for a single seed), and for SplitLBI the final sparsity of Γ (share of non-zero
+entries, as in ``metrics.csv``; 0.25 = 25%).
+
+Variants (names as in the paper's Table 1):
+
+=================  ==========  ========  ========  ==============================
+name               optimizer   momentum  weight    learning rate
+                                         decay
+=================  ==========  ========  ========  ==============================
+splitlbi-naive     splitlbi    0         0         ``--lr``
+splitlbi-mom       splitlbi    0.9       0         ``--lr``
+splitlbi-mom-wd    splitlbi    0.9       ``--wd``  ``--lr``
+sgd-naive          sgd         0         0         ``--lr``
+sgd-mom            sgd         0.9       0         ``--lr``
+sgd-mom-wd         sgd         0.9       ``--wd``  ``--lr``
+sgd-nesterov       sgd         0.9 (N)   0         ``--lr``
+adam               adam        -         0         ``--adaptive-lr`` or 1e-3
+adamw              adamw       -         1e-2      ``--adaptive-lr`` or 1e-3
+adagrad            adagrad     -         0         ``--adaptive-lr`` or 1e-2
+radam              radam       -         0         ``--adaptive-lr`` or 1e-3
+amsgrad            amsgrad     -         0         ``--adaptive-lr`` or 1e-3
+=================  ==========  ========  ========  ==============================
+
+``--wd`` is ``--weight-decay`` (default 1e-4); AdamW keeps torch's default decoupled
+decay 1e-2 (with 0 it would be Adam). The learning-rate schedule (``--lr-milestones``,
+``--lr-gamma``), epochs, batch size, augmentation and data are shared by all variants;
+``--kappa``, ``--nu``, ``--lam`` and ``--penalty`` apply to the SplitLBI variants.
+
+>>> rows = compare("runs/table1", ["splitlbi-mom", "sgd-mom"], seeds=[0, 1],
+...                model="lenet5", dataset="digits", epochs=5)     # doctest: +SKIP
+>>> rows[0]["final_test_acc_mean"]                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import io
+import math
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from splitlbi.data.augment import AUGMENTATIONS
+from splitlbi.errors import SplitLBIError
+from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig, validate_config
+from splitlbi.train.run import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    METRICS_FILE,
+    load_checkpoint,
+    read_run_config,
+    read_train_config,
+    run_training,
+)
+from splitlbi.utils.io import atomic_write_text
+
+__all__ = [
+    "VARIANTS", "VARIANT_NAMES", "DEFAULT_WEIGHT_DECAY", "TABLE_COLUMNS", "Variant",
+    "variant_config", "run_dir_for", "compare", "summarize", "format_csv", "format_markdown", "write_tables",
+    "add_parser",
+]
+
+PathLike = Union[str, "Path"]
+Log = Optional[Callable[[str], None]]
+
+#: Weight decay of the ``-wd`` variants unless ``--weight-decay`` says otherwise.
+DEFAULT_WEIGHT_DECAY = 1e-4
+TABLE_CSV = "table.csv"
+TABLE_MD = "table.md"
+#: Columns of ``table.csv`` (accuracies in percent, sparsity a fraction as in metrics.csv).
+TABLE_COLUMNS = ("optimizer", "lr", "seeds", "final_test_acc_mean", "final_test_acc_std",
+                 "best_test_acc_mean", "best_test_acc_std", "final_sparsity_mean")
+
+# Settings that each variant fixes; ``compare(**settings)`` may not set them.
+_VARIANT_FIELDS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "seed")
+# Stand-in for "the --weight-decay value" in the variant table.
+_WD = "wd"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of Table 1: an optimizer with fixed momentum/weight-decay/learning-rate rules.
+
+    ``weight_decay`` is a number or ``"wd"`` (the comparison's ``--weight-decay``);
+    ``adaptive_lr`` is the default learning rate of an adaptive method (``None``: the
+    variant uses the shared ``--lr``).
+    """
+
+    name: str
+    optimizer: str
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: Union[float, str] = 0.0
+    adaptive_lr: Optional[float] = None
+
+    @property
+    def is_splitlbi(self) -> bool:
+        return self.optimizer == "splitlbi"
+
+
+VARIANTS: Dict[str, Variant] = {v.name: v for v in (
+    Variant("splitlbi-naive", "splitlbi"),
+    Variant("splitlbi-mom", "splitlbi", momentum=0.9),
+    Variant("splitlbi-mom-wd", "splitlbi", momentum=0.9, weight_decay=_WD),
+    Variant("sgd-naive", "sgd"),
+    Variant("sgd-mom", "sgd", momentum=0.9),
+    Variant("sgd-mom-wd", "sgd", momentum=0.9, weight_decay=_WD),
+    Variant("sgd-nesterov", "sgd", momentum=0.9, nesterov=True),
+    Variant("adam", "adam", adaptive_lr=1e-3),
+    Variant("adamw", "adamw", weight_decay=1e-2, adaptive_lr=1e-3),
+    Variant("adagrad", "adagrad", adaptive_lr=1e-2),
+    Variant("radam", "radam", adaptive_lr=1e-3),
+    Variant("amsgrad", "amsgrad", adaptive_lr=1e-3),
+)}
+VARIANT_NAMES = tuple(VARIANTS)
+
+
+def _variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise SplitLBIError(f"unknown optimizer variant {name!r} (choose from {', '.join(VARIANT_NAMES)})") from None
+
+
+def variant_config(base: TrainConfig, name: str, seed: int, *, weight_decay: float = DEFAULT_WEIGHT_DECAY,
+                   adaptive_lr: Optional[float] = None) -> TrainConfig:
+    """The TrainConfig of variant ``name`` with ``seed``: ``base`` with the variant's optimizer settings.
+
+    ``base.lr`` is the learning rate of the SGD and SplitLBI variants; the adaptive
+    ones use ``adaptive_lr`` when given, else their own default.
+    """
+    variant = _variant(name)
+    if variant.adaptive_lr is not None:
+        lr = adaptive_lr if adaptive_lr is not None else variant.adaptive_lr
+    else:
+        lr = base.lr
+    decay = weight_decay if variant.weight_decay == _WD else float(variant.weight_decay)
+    return dataclasses.replace(base, optimizer=variant.optimizer, lr=lr, momentum=variant.momentum,
+                               nesterov=variant.nesterov, weight_decay=decay, seed=seed)
+
+
+def run_dir_for(out_dir: PathLike, name: str, seed: int) -> Path:
+    """``OUT/<variant>/seed<k>``: where run (variant, seed) of a comparison lives."""
+    return Path(out_dir) / name / f"seed{seed}"
+
+
+# --------------------------------------------------------------------------- one run
+
+
+def _read_metrics(run_dir: Path) -> List[Dict[str, str]]:
+    path = run_dir / METRICS_FILE
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    except OSError as error:
+        raise SplitLBIError(f"cannot read {path}: {error}") from None
+
+
+def _float(text: Optional[str]) -> Optional[float]:
+    return None if text is None or text == "" else float(text)
+
+
+def _run_result(run_dir: Path, epochs: int) -> Optional[Dict[str, Any]]:
+    """Final/best test accuracy and final sparsity over epochs 1..``epochs``; None if incomplete."""
+    rows = [row for row in _read_metrics(run_dir) if int(row["epoch"]) <= epochs]
+    if not rows or int(rows[-1]["epoch"]) != epochs:
+        return None
+    final = rows[-1]
+    return {"run_dir": str(run_dir), "epochs": epochs, "final_test_acc": float(final["test_acc"]),
+            "best_test_acc": max(float(row["test_acc"]) for row in rows),
+            "final_sparse_test_acc": _float(final.get("sparse_test_acc")),
+            "final_sparsity": _float(final.get("sparsity"))}
+
+
+def _completed_epochs(run_dir: Path) -> Optional[int]:
+    """Epoch of ``checkpoints/last.pt``; None when the run has none (new or never checkpointed)."""
+    if not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+        return None
+    return int(load_checkpoint(run_dir)["epoch"])
+
+
+def _check_same_settings(run_dir: Path, requested: TrainConfig) -> None:
+    stored = read_train_config(run_dir)
+    changed = [f.name for f in dataclasses.fields(TrainConfig)
+               if f.name not in RESUME_OVERRIDABLE_FIELDS and getattr(stored, f.name) != getattr(requested, f.name)]
+    if changed:
+        details = ", ".join(f"{name.replace('_', '-')} {getattr(stored, name)!r} there, "
+                            f"{getattr(requested, name)!r} now" for name in changed)
+        raise SplitLBIError(f"{run_dir} was trained with other settings ({details}); "
+                            f"use another --out or the original settings")
+
+
+# Files that run_training writes when it creates a run, before the epoch-0 checkpoint.
+_RUN_FILES = {CONFIG_FILE, METRICS_FILE, "path.csv", "init.pt", CHECKPOINT_DIR, "masks"}
+
+
+def _remove_unstarted_run(run_dir: Path) -> bool:
+    """Delete a run directory that was killed while being created (no checkpoint, no epoch).
+
+    Returns whether it did; a directory holding anything else is left alone.
+    """
+    entries = list(run_dir.iterdir())
+    if any(entry.name not in _RUN_FILES for entry in entries):
+        return False
+    if (run_dir / METRICS_FILE).is_file() and len(_read_metrics(run_dir)) > 0:
+        return False
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return True
+
+
+def _train_or_resume(config: TrainConfig, run_dir: Path, epoch_log: Log) -> str:
+    """Bring one run to ``config.epochs``; return what was done: finished, resumed or trained."""
+    done = _completed_epochs(run_dir) if run_dir.is_dir() else None
+    if done is None and run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
+        _remove_unstarted_run(run_dir)  # otherwise run_training explains what is wrong
+    if done is not None:
+        _check_same_settings(run_dir, config)
+        if done >= config.epochs:
+            return "finished"
+        run_training(config, run_dir, resume=True, log=epoch_log)
+        return "resumed"
+    run_training(config, run_dir, log=epoch_log)
+    return "trained"
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _mean_std(values: Sequence[float]) -> tuple:
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarize(out_dir: PathLike, variants: Sequence[str], seeds: Sequence[int], epochs: int) -> List[Dict[str, Any]]:
+    """The table rows of a comparison from its run directories (runs short of ``epochs`` left out).
+
+    Each row has the :data:`TABLE_COLUMNS` (``seeds`` = number of runs averaged) and
+    ``runs``: the per-seed results (``seed``, ``run_dir``, ``final_test_acc``,
+    ``best_test_acc``, ``final_sparse_test_acc``, ``final_sparsity``).
+    """
+    rows = []
+    for name in variants:
+        variant = _variant(name)
+        runs, lr = [], None
+        for seed in seeds:
+            run_dir = run_dir_for(out_dir, name, seed)
+            if not (run_dir / METRICS_FILE).is_file():
+                continue
+            result = _run_result(run_dir, epochs)
+            if result is None:
+                continue
+            if lr is None:
+                lr = float(read_run_config(run_dir)["lr"])
+            runs.append({"seed": seed, **result})
+        final_mean, final_std = _mean_std([run["final_test_acc"] for run in runs])
+        best_mean, best_std = _mean_std([run["best_test_acc"] for run in runs])
+        sparsities = [run["final_sparsity"] for run in runs if run["final_sparsity"] is not None]
+        sparsity_mean = statistics.fmean(sparsities) if variant.is_splitlbi and sparsities else None
+        rows.append({"optimizer": name, "lr": lr, "seeds": len(runs),
+                     "final_test_acc_mean": final_mean, "final_test_acc_std": final_std,
+                     "best_test_acc_mean": best_mean, "best_test_acc_std": best_std,
+                     "final_sparsity_mean": sparsity_mean, "runs": runs})
+    return rows
+
+
+def _cell(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def format_csv(rows: Sequence[Dict[str, Any]]) -> str:
+    """``table.csv``: :data:`TABLE_COLUMNS`, numbers with 6 significant digits, empty for missing."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(TABLE_COLUMNS)
+    for row in rows:
+        writer.writerow([_cell(row[column], ".6g") for column in TABLE_COLUMNS])
+    return buffer.getvalue()
+
+
+def _plus_minus(mean: Optional[float], std: Optional[float], scale: float = 1.0) -> str:
+    if mean is None:
+        return "–"
+    text = f"{scale * mean:.2f}"
+    return text if std is None else f"{text} ± {scale * std:.2f}"
+
+
+def format_markdown(rows: Sequence[Dict[str, Any]], caption: str = "") -> str:
+    """``table.md``: mean ± std per variant; ``caption`` (the setting) as a line above."""
+    lines = [caption, ""] if caption else []
+    lines += ["| optimizer | lr | seeds | final test acc (%) | best test acc (%) | final sparsity of Γ (%) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        sparsity = "" if row["final_sparsity_mean"] is None else f"{100.0 * row['final_sparsity_mean']:.2f}"
+        lines.append(f"| {row['optimizer']} | {_cell(row['lr'], 'g')} | {row['seeds']} | "
+                     f"{_plus_minus(row['final_test_acc_mean'], row['final_test_acc_std'])} | "
+                     f"{_plus_minus(row['best_test_acc_mean'], row['best_test_acc_std'])} | {sparsity} |")
+    return "\n".join(lines) + "\n"
+
+
+def _caption(rows: Sequence[Dict[str, Any]], base: TrainConfig, seeds: Sequence[int]) -> str:
+    described = next((run["run_dir"] for row in rows for run in row["runs"]), None)
+    data = base.dataset
+    if described is not None:
+        info = read_run_config(described)
+        data = f"{info.get('dataset_description', data)} ({info.get('train_size')} train / " \
+               f"{info.get('test_size')} test images used)"
+    parts = [f"{base.model} on {data}", f"{base.epochs} epoch{'s' if base.epochs != 1 else ''}",
+             f"batch {base.batch_size}"]
+    if base.lr_milestones:
+        parts.append(f"lr ×{base.lr_gamma:g} after epochs {', '.join(map(str, base.lr_milestones))}")
+    if base.augment != "none":
+        parts.append(f"augmentation {base.augment}")
+    parts.append(f"SplitLBI κ={base.kappa:g} ν={base.nu:g} λ={base.lam:g}")
+    parts.append(f"seeds {', '.join(map(str, seeds))}")
+    return "Test accuracy, mean ± std over seeds: " + "; ".join(parts) + "."
+
+
+def write_tables(out_dir: PathLike, rows: Sequence[Dict[str, Any]], caption: str = "") -> str:
+    """Write ``table.csv`` and ``table.md`` into ``out_dir``; return the markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = format_markdown(rows, caption)
+    atomic_write_text(out / TABLE_CSV, format_csv(rows))
+    atomic_write_text(out / TABLE_MD, markdown)
+    return markdown
+
+
+# --------------------------------------------------------------------------- the comparison
+
+
+def _base_config(settings: Dict[str, Any]) -> TrainConfig:
+    fixed = sorted(set(settings) & set(_VARIANT_FIELDS) - {"lr"})
+    if fixed:
+        raise SplitLBIError(f"{', '.join(fixed)} are set by each optimizer variant, not for the whole comparison")
+    # None means "the TrainConfig default" (what the command line passes for options not given).
+    settings = {key: value for key, value in settings.items() if value is not None}
+    return TrainConfig.from_dict(settings)
+
+
+def compare(
+    out_dir: PathLike,
+    variants: Optional[Sequence[str]] = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    adaptive_lr: Optional[float] = None,
+    train: bool = True,
+    log: Log = print,
+    epoch_log: Log = None,
+    **settings: Any,
+) -> List[Dict[str, Any]]:
+    """Train every (variant, seed) into ``out_dir`` (or continue), write the tables, return the rows.
+
+    Args:
+        out_dir: the comparison's folder: ``<variant>/seed<k>`` run directories,
+            ``table.csv`` and ``table.md``.
+        variants: names from :data:`VARIANT_NAMES` (default: all), in table order.
+        seeds: one run per seed and variant; the same seed gives the same initialization.
+        weight_decay: weight decay of ``splitlbi-mom-wd`` and ``sgd-mom-wd``.
+        adaptive_lr: learning rate of the adaptive methods (default: their own, 1e-3;
+            AdaGrad 1e-2).
+        train: ``False`` only reads the runs that are already finished and writes the tables.
+        log: gets one progress line per run and the markdown table (``None``: silent).
+        epoch_log: gets ``run_training``'s per-epoch lines (default: none).
+        **settings: :class:`TrainConfig` fields shared by all runs (``model``, ``dataset``,
+            ``data_dir``, ``train_split``, ``pad_to``, ``augment``, ``epochs``,
+            ``batch_size``, ``lr`` for SGD/SplitLBI, ``lr_milestones``, ``kappa``, ``nu``,
+            ``device``, ...). ``optimizer``, ``momentum``, ``nesterov``, ``weight_decay``
+            and ``seed`` are the variants' to set.
+
+    Returns:
+        One dict per variant, see :func:`summarize`.
+    """
+    say = log if log is not None else (lambda line: None)
+    names = list(VARIANT_NAMES if variants is None else [variants] if isinstance(variants, str) else variants)
+    if not names:
+        raise SplitLBIError("no optimizer variants to compare")
+    for name in names:
+        _variant(name)
+    if len(set(names)) != len(names):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        raise SplitLBIError(f"optimizer variants listed twice: {', '.join(twice)}")
+    seeds = [int(seed) for seed in seeds]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise SplitLBIError(f"--seeds must be distinct integers >= 0, got {seeds}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise SplitLBIError(f"--weight-decay must be >= 0, got {weight_decay}")
+    if adaptive_lr is not None and not (math.isfinite(adaptive_lr) and adaptive_lr > 0):
+        raise SplitLBIError(f"--adaptive-lr must be > 0, got {adaptive_lr}")
+    settings.setdefault("save_every", None)
+    base = _base_config(settings)
+    if settings.get("save_every") is None:
+        # Keep only the final epoch's checkpoint (and last.pt): dozens of runs x every epoch adds up.
+        base = dataclasses.replace(base, save_every=base.epochs)
+    configs = {(name, seed): variant_config(base, name, seed, weight_decay=weight_decay, adaptive_lr=adaptive_lr)
+               for name in names for seed in seeds}
+    for config in configs.values():  # every setting checked before the first run starts
+        validate_config(config)
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SplitLBIError(f"--out {out} exists and is not a directory")
+    total = len(configs)
+    actions: Dict[str, int] = {}
+    started_all = time.perf_counter()
+    # Settings that differ from an existing run's fail now, not after hours of other runs
+    # (and never mix into a table).
+    for (name, seed), config in configs.items():
+        run_dir = run_dir_for(out, name, seed)
+        if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+            _check_same_settings(run_dir, config)
+    if train:
+        for index, ((name, seed), config) in enumerate(configs.items(), start=1):
+            run_dir = run_dir_for(out, name, seed)
+            prefix = f"[{index:>{len(str(total))}}/{total}] {name} seed {seed}"
+            started = time.perf_counter()
+            action = _train_or_resume(config, run_dir, epoch_log)
+            actions[action] = actions.get(action, 0) + 1
+            result = _run_result(run_dir, config.epochs)
+            if result is None:  # cannot happen after a completed run_training; be explicit anyway
+                raise SplitLBIError(f"{run_dir}: metrics.csv has no row for epoch {config.epochs}")
+            what = ("finished before, skipped" if action == "finished"
+                    else f"{action} in {time.perf_counter() - started:.1f}s")
+            line = (f"{prefix}: {what}; test acc final {result['final_test_acc']:.2f}% "
+                    f"best {result['best_test_acc']:.2f}%")
+            if result["final_sparsity"] is not None:
+                line += (f", sparse model {result['final_sparse_test_acc']:.2f}%, "
+                         f"sparsity {100.0 * result['final_sparsity']:.2f}%")
+            say(line)
+    rows = summarize(out, names, seeds, base.epochs)
+    markdown = write_tables(out, rows, _caption(rows, base, seeds))
+    if train:
+        counts = ", ".join(f"{count} {action}" for action, count in actions.items())
+        say(f"{total} runs ({counts}) in {time.perf_counter() - started_all:.1f}s; "
+            f"tables: {out / TABLE_MD}, {out / TABLE_CSV}")
+    else:
+        missing = total - sum(row["seeds"] for row in rows)
+        say(f"tables from the finished runs ({missing} of {total} not finished): {out / TABLE_MD}, {out / TABLE_CSV}")
+    say("")
+    say(markdown.rstrip("\n"))
+    return rows
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _epoch_list(text: str) -> List[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected epochs like 80,120, got {text!r}") from None
+
+
+def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """Register ``compare`` on the ``splitlbi`` subcommand parsers."""
+    defaults = TrainConfig()
+    parser = subparsers.add_parser(
+        "compare",
+        help="Table 1: test accuracy of SplitLBI variants against SGD and adaptive optimizers over seeds",
+        description="Train one model on one dataset with several optimizer variants and seeds (each an ordinary "
+                    "run directory OUT/<variant>/seed<k>), then write OUT/table.md and OUT/table.csv: final and "
+                    "best test accuracy, mean ± std over seeds, and the final sparsity of SplitLBI's Γ. "
+                    "Re-running the command skips finished runs and resumes interrupted ones. "
+                    f"Variants: {', '.join(VARIANT_NAMES)}.",
+    )
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--model", default=defaults.model, help=f"model name (default: {defaults.model})")
+    data.add_argument("--dataset", default=defaults.dataset, help=f"mnist, fashion-mnist, digits, ... "
+                                                                   f"(default: {defaults.dataset})")
+    data.add_argument("--data-dir", metavar="DIR",
+                      help="dataset folder (default: $SPLITLBI_DATA, else ~/.cache/splitlbi)")
+    data.add_argument("--train-split", type=int, metavar="N",
+                      help="train on the first N images of the official test set and evaluate on the rest")
+    data.add_argument("--pad-to", type=int, metavar="SIZE", help="zero-pad images to SIZE x SIZE (e.g. 32)")
+    data.add_argument("--augment", choices=AUGMENTATIONS,
+                      help="on-device training augmentation, e.g. crop-flip for CIFAR (default: none)")
+    data.add_argument("--limit-train", type=int, help=argparse.SUPPRESS)
+    data.add_argument("--limit-test", type=int, help=argparse.SUPPRESS)
+
+    optim = parser.add_argument_group("optimizers")
+    optim.add_argument("--optimizers", nargs="+", metavar="VARIANT", default=None,
+                       help="variants to compare, in table order (default: all)")
+    optim.add_argument("--lr", type=float, default=defaults.lr,
+                       help=f"learning rate of the SGD and SplitLBI variants (default: {defaults.lr})")
+    optim.add_argument("--adaptive-lr", type=float, metavar="LR",
+                       help="learning rate of the adaptive methods (default: 1e-3, AdaGrad 1e-2)")
+    optim.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                       help=f"weight decay of splitlbi-mom-wd and sgd-mom-wd (default: {DEFAULT_WEIGHT_DECAY:g})")
+    optim.add_argument("--kappa", type=float, default=defaults.kappa, help=f"SplitLBI κ (default: {defaults.kappa:g})")
+    optim.add_argument("--nu", type=float, default=defaults.nu, help=f"SplitLBI ν (default: {defaults.nu:g})")
+    optim.add_argument("--lam", type=float, default=defaults.lam, help=f"SplitLBI λ (default: {defaults.lam:g})")
+    optim.add_argument("--penalty", default=defaults.penalty, help="SplitLBI penalty (default: auto)")
+
+    schedule = parser.add_argument_group("schedule")
+    schedule.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+                          help="one run per seed and variant (default: 0 1 2)")
+    schedule.add_argument("--epochs", type=int, default=defaults.epochs, help=f"(default: {defaults.epochs})")
+    schedule.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                          help=f"(default: {defaults.batch_size})")
+    schedule.add_argument("--lr-milestones", type=_epoch_list, nargs="+", metavar="EPOCH", default=[],
+                          help="epochs after which every learning rate is multiplied by --lr-gamma")
+    schedule.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma, help=f"(default: {defaults.lr_gamma})")
+
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--out", required=True, metavar="DIR",
+                           help="folder of the comparison; re-use it to continue an interrupted comparison")
+    run_group.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default: auto)")
+    run_group.add_argument("--save-every", type=int, metavar="N",
+                           help="keep each run's checkpoint every N epochs (default: only the final epoch)")
+    run_group.add_argument("--table-only", action="store_true",
+                           help="train nothing: write the tables from the runs finished so far")
+    run_group.add_argument("--verbose", action="store_true", help="also print every run's per-epoch lines")
+    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run)
+    return parser
+
+
+def _run(namespace: argparse.Namespace) -> int:
+    settings = dict(
+        model=namespace.model, dataset=namespace.dataset, data_dir=namespace.data_dir,
+        train_split=namespace.train_split, pad_to=namespace.pad_to, augment=namespace.augment,
+        limit_train=namespace.limit_train, limit_test=namespace.limit_test,
+        lr=namespace.lr, kappa=namespace.kappa, nu=namespace.nu, lam=namespace.lam, penalty=namespace.penalty,
+        epochs=namespace.epochs, batch_size=namespace.batch_size,
+        lr_milestones=tuple(epoch for group in namespace.lr_milestones for epoch in group),
+        lr_gamma=namespace.lr_gamma, device=namespace.device, save_every=namespace.save_every,
+        progress=not namespace.no_progress,
+    )
+    compare(namespace.out, namespace.optimizers, namespace.seeds, weight_decay=namespace.weight_decay,
+            adaptive_lr=namespace.adaptive_lr, train=not namespace.table_only,
+            epoch_log=(lambda line: print("    " + line)) if namespace.verbose else None, **settings)
+    return 0

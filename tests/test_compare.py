@@ -1,0 +1,160 @@
+"""Tests of ``splitlbi compare`` (Table 1 runs and tables) and a smoke run of benchmarks/bench_train.py."""
+
+from __future__ import annotations
+
+import csv
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+
+from splitlbi.cli.main import main
+from splitlbi.experiments.compare import (
+    TABLE_COLUMNS,
+    VARIANT_NAMES,
+    compare,
+    run_dir_for,
+    variant_config,
+)
+from splitlbi.models import create_model, is_model
+from splitlbi.train import TrainConfig, build_optimizer, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ["splitlbi-mom", "sgd-mom"]
+SEEDS = [0, 1]
+# LeNet-5 on 256 of the bundled digits: 4 batches per epoch, no files needed.
+SMALL = ["--model", "lenet5", "--dataset", "digits", "--batch-size", "64", "--limit-train", "256",
+         "--limit-test", "128", "--lr", "0.05", "--device", "cpu", "--no-progress"]
+SMALL_SETTINGS = dict(model="lenet5", dataset="digits", batch_size=64, limit_train=256, limit_test=128, lr=0.05,
+                      device="cpu", progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPLITLBI_OFFLINE", "1")
+
+
+def read_rows(path: Path) -> List[Dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def close(text: str, value: float) -> bool:
+    return float(text) == pytest.approx(value, rel=1e-5, abs=1e-9)
+
+
+def test_compare_writes_tables_that_match_the_runs_and_skips_finished_runs(tmp_path, capsys):
+    out = tmp_path / "table1"
+    argv = ["compare", *SMALL, "--optimizers", *VARIANTS, "--seeds", *map(str, SEEDS), "--epochs", "1",
+            "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("] ") >= 4 and "[1/4] splitlbi-mom seed 0: trained" in printed
+    assert "| optimizer |" in printed  # the markdown table is printed at the end
+
+    table = read_rows(out / "table.csv")
+    assert list(table[0].keys()) == list(TABLE_COLUMNS)
+    assert [row["optimizer"] for row in table] == VARIANTS
+    for row in table:
+        metrics = [read_rows(run_dir_for(out, row["optimizer"], seed) / "metrics.csv") for seed in SEEDS]
+        assert all(len(rows) == 1 for rows in metrics)
+        final = [float(rows[-1]["test_acc"]) for rows in metrics]
+        best = [max(float(r["test_acc"]) for r in rows) for rows in metrics]
+        assert row["seeds"] == "2" and close(row["lr"], 0.05)
+        assert close(row["final_test_acc_mean"], statistics.fmean(final))
+        assert close(row["final_test_acc_std"], statistics.stdev(final))
+        assert close(row["best_test_acc_mean"], statistics.fmean(best))
+        assert close(row["best_test_acc_std"], statistics.stdev(best))
+        if row["optimizer"].startswith("splitlbi"):
+            assert close(row["final_sparsity_mean"], statistics.fmean(float(rows[-1]["sparsity"]) for rows in metrics))
+        else:
+            assert row["final_sparsity_mean"] == ""
+    markdown = (out / "table.md").read_text()
+    for name in VARIANTS:
+        assert f"| {name} | 0.05 | 2 |" in markdown
+    lines = [line for line in markdown.splitlines() if line.startswith("| splitlbi-mom")]
+    assert f"{float(table[0]['final_test_acc_mean']):.2f} ± {float(table[0]['final_test_acc_std']):.2f}" in lines[0]
+
+    # Re-running skips every finished run: nothing is rewritten.
+    watched = [run_dir_for(out, name, seed) / part for name in VARIANTS for seed in SEEDS
+               for part in ("metrics.csv", "checkpoints/last.pt")]
+    before = {path: path.stat().st_mtime_ns for path in watched}
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("finished before, skipped") == 4
+    assert {path: path.stat().st_mtime_ns for path in watched} == before
+    assert read_rows(out / "table.csv") == table
+
+    # Other settings into the same folder: one line, exit 2, before anything is trained.
+    changed = [arg if arg != "0.05" else "0.01" for arg in argv]
+    assert main(changed) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("splitlbi: error: ") and "other settings" in error
+    assert {path: path.stat().st_mtime_ns for path in watched} == before
+
+
+def test_compare_resumes_an_interrupted_run(tmp_path):
+    out = tmp_path / "table1"
+    base = TrainConfig(**SMALL_SETTINGS, epochs=2, save_every=2)
+    config = variant_config(base, "sgd-mom", 0)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(epoch, metrics):
+        if epoch == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_training(config, run_dir_for(out, "sgd-mom", 0), log=None, on_epoch_end=stop_after_first)
+    lines: List[str] = []
+    rows = compare(out, ["sgd-mom"], [0], log=lines.append, epochs=2, **SMALL_SETTINGS)
+    assert any("sgd-mom seed 0: resumed" in line for line in lines)
+    metrics = read_rows(run_dir_for(out, "sgd-mom", 0) / "metrics.csv")
+    assert [row["epoch"] for row in metrics] == ["1", "2"]
+    assert rows[0]["seeds"] == 1 and rows[0]["final_test_acc_std"] is None
+    assert rows[0]["final_test_acc_mean"] == pytest.approx(float(metrics[-1]["test_acc"]))
+    csv_row = read_rows(out / "table.csv")[0]
+    assert csv_row["final_test_acc_std"] == "" and csv_row["seeds"] == "1"
+
+
+def test_unknown_variant_is_a_one_line_error(tmp_path, capsys):
+    assert main(["compare", "--optimizers", "sgd-mom", "adamax", "--out", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert error.startswith("splitlbi: error: unknown optimizer variant 'adamax'")
+    assert not (tmp_path / "x").exists()
+
+
+def test_variant_settings():
+    base = TrainConfig(lr=0.2)
+    assert {name for name in VARIANT_NAMES} == {
+        "splitlbi-naive", "splitlbi-mom", "splitlbi-mom-wd", "sgd-naive", "sgd-mom", "sgd-mom-wd", "sgd-nesterov",
+        "adam", "adamw", "adagrad", "radam", "amsgrad"}
+    naive = variant_config(base, "splitlbi-naive", 3)
+    assert (naive.optimizer, naive.momentum, naive.weight_decay, naive.lr, naive.seed) == ("splitlbi", 0.0, 0.0, 0.2, 3)
+    wd = variant_config(base, "sgd-mom-wd", 0, weight_decay=5e-4)
+    assert (wd.optimizer, wd.momentum, wd.weight_decay) == ("sgd", 0.9, 5e-4)
+    assert variant_config(base, "splitlbi-mom-wd", 0).weight_decay == 1e-4
+    assert variant_config(base, "sgd-nesterov", 0).nesterov
+    assert variant_config(base, "adam", 0).lr == 1e-3
+    assert variant_config(base, "adagrad", 0).lr == 1e-2
+    assert variant_config(base, "radam", 0, adaptive_lr=3e-4).lr == 3e-4
+    amsgrad = build_optimizer(variant_config(base, "amsgrad", 0), create_model("lenet5"))
+    assert isinstance(amsgrad, torch.optim.Adam) and amsgrad.defaults["amsgrad"] is True
+
+
+def test_bench_train_smoke(shared_data_dir):
+    if not is_model("resnet20"):
+        pytest.skip("resnet20 is not registered (CIFAR models not present)")
+    command = [sys.executable, str(REPO / "benchmarks" / "bench_train.py"), "--subset", "256", "--models", "resnet20",
+               "--epochs", "1", "--device", "cpu", "--threads", "1", "--data-dir", str(shared_data_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| cpu")]
+    assert [row.split(" | ")[2] for row in rows] == ["SGD, on-device", "SplitLBI, on-device", "SGD, textbook"]
+    assert "SplitLBI/SGD epoch time" in result.stdout and "textbook/on-device" in result.stdout
