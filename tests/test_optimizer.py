@@ -451,3 +451,11 @@ def test_channels_last_params_in_small_waves(monkeypatch):
         finals.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*finals):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_step_without_any_gradient_is_a_no_op(foreach):
+    model = nn.Linear(3, 2)
+    before = [p.detach().clone() for p in model.parameters()]
+    SplitLBI(model.named_parameters(), lr=0.1, foreach=foreach).step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

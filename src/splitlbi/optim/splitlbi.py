@@ -124,6 +124,8 @@ class SplitLBI(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             params, grads, buffers, vs, penalties, states = self._init_group(group)
+            if not params:  # no gradients in this group: nothing to do, as torch.optim.SGD
+                continue
             hyper = dict(
                 lr=group["lr"], kappa=group["kappa"], nu=group["nu"], lam=group["lam"],
                 momentum=group["momentum"], dampening=group["dampening"],

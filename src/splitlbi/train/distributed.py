@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -130,6 +130,13 @@ def setup(device_name: str, resolve: Callable[[str], torch.device]) -> Tuple[Dis
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not already:
+        # torch._dynamo, imported on first use by torch.optim (and torch.compile), keeps
+        # references to a process group that exists when it is imported, so
+        # destroy_process_group() could not free it: gloo's threads then outlived the
+        # interpreter and some exits aborted ("terminate called without an active
+        # exception"). Importing it before the group exists avoids that.
+        import torch._dynamo  # noqa: F401
+
         backend = "nccl" if device.type == "cuda" else "gloo"
         options: dict = {}
         if device.type == "cuda":
@@ -142,10 +149,18 @@ def setup(device_name: str, resolve: Callable[[str], torch.device]) -> Tuple[Dis
     return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device), device
 
 
-def shutdown() -> None:
-    """Destroy the process group if :func:`setup` created it (the caller's stays)."""
+def shutdown(success: bool = True) -> None:
+    """Release the process group if :func:`setup` created it (a caller's group stays).
+
+    After a successful run every rank gets here together: a barrier lets the last
+    collective finish everywhere, then the group is destroyed (gloo's worker threads
+    must not outlive the interpreter). After an error the group is left alone: the
+    other ranks may be inside a collective, where a collective teardown could hang;
+    the process exits and the launcher ends the others.
+    """
     global _created_group
-    if _created_group and dist.is_available() and dist.is_initialized():
+    if _created_group and success and dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
     _created_group = False
 

@@ -438,9 +438,12 @@ def run_training(
         SplitLBIError: invalid settings, unusable run directory, missing or corrupt data.
     """
     try:
-        return _run_training(config, out_dir, resume, log=log, on_epoch_end=on_epoch_end)
-    finally:
-        distributed.shutdown()  # only a process group that run_training itself created
+        run_dir = _run_training(config, out_dir, resume, log=log, on_epoch_end=on_epoch_end)
+    except BaseException:
+        distributed.shutdown(success=False)
+        raise
+    distributed.shutdown()  # only a process group that run_training itself created
+    return run_dir
 
 
 def _silent(line: str) -> None:
