@@ -23,3 +23,9 @@ def shared_data_dir() -> Path:
             pytest.fail(reason)
         pytest.skip(reason)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test downloads anything: a missing file must fail fast, not hang on the network."""
+    monkeypatch.setenv("SPLITLBI_OFFLINE", "1")

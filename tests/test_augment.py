@@ -15,11 +15,6 @@ PADDING = 4
 OFFSETS = 2 * PADDING + 1  # 9 offsets per axis
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPLITLBI_OFFLINE", "1")
-
-
 @pytest.fixture(scope="module")
 def fashion32(shared_data_dir: Path) -> DatasetSplits:
     # The 10,000 test images are plenty here (train_split avoids reading the 60,000 train images).

@@ -33,11 +33,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
         assert fragment in lines[0]
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPLITLBI_OFFLINE", "1")
-
-
 # --- errors in a real process ------------------------------------------------------------
 
 

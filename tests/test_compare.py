@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from splitlbi.experiments.compare import (
 )
 from splitlbi.models import create_model, is_model
 from splitlbi.train import TrainConfig, build_optimizer, run_training
+from helpers import read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ["splitlbi-mom", "sgd-mom"]
@@ -31,16 +31,6 @@ SMALL = ["--model", "lenet5", "--dataset", "digits", "--batch-size", "64", "--li
          "--limit-test", "128", "--lr", "0.05", "--device", "cpu", "--no-progress"]
 SMALL_SETTINGS = dict(model="lenet5", dataset="digits", batch_size=64, limit_train=256, limit_test=128, lr=0.05,
                       device="cpu", progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPLITLBI_OFFLINE", "1")
-
-
-def read_rows(path: Path) -> List[Dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def close(text: str, value: float) -> bool:

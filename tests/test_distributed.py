@@ -26,6 +26,7 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.train import TrainConfig, epoch_generator, load_checkpoint, load_masks, read_run_config, run_training
 from splitlbi.train import train_one_epoch
 from splitlbi.train.distributed import shard_bounds
+from helpers import read_rows
 
 # 511 = 15 x 32 + 31: a ragged last batch, split 16 + 15 over two ranks and re-weighted.
 # The two runs differ by float32 summation order only (a mean of 32 against the mean of
@@ -38,11 +39,6 @@ ARGS = ["--dataset", "digits", "--model", "lenet5", "--optimizer", "splitlbi", "
 SINGLE = TrainConfig(dataset="digits", model="lenet5", optimizer="splitlbi", momentum=0.9, lr=0.005, nu=10.0,
                      lam=0.001, limit_train=511, limit_test=200, device="cpu", progress=False, epochs=2,
                      batch_size=32)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPLITLBI_OFFLINE", "1")
 
 
 def _environment() -> Dict[str, str]:
@@ -63,11 +59,6 @@ def splitlbi_train(*arguments: str) -> subprocess.CompletedProcess:
     # "--" ends torchrun's own options: its parser would take our --nu for an
     # ambiguous abbreviation of --numa-binding (documented in docs/distributed.md).
     return torchrun("-m", "splitlbi", "--", "train", *ARGS, *arguments)
-
-
-def read_rows(path: Path) -> List[Dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def without_seconds(rows: List[Dict[str, str]]) -> List[Dict[str, str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import subprocess
 import sys
@@ -32,22 +31,13 @@ from splitlbi.train import (
 )
 from splitlbi.train import run as run_module
 from splitlbi.utils.io import atomic_torch_save, atomic_write_text
+from helpers import read_rows
 
 LENET_FILTERS = {"conv1": 6, "conv2": 16, "conv3": 120, "fc1": 84, "fc2": 10}
 
 # Small and fast: 4 batches per epoch on the embedded digits set.
 SMALL = TrainConfig(dataset="digits", epochs=3, batch_size=64, limit_train=256, limit_test=128,
                     lr=0.05, lr_milestones=(2,), save_every=2, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPLITLBI_OFFLINE", "1")
-
-
-def read_rows(path: Path) -> List[Dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def header(path: Path) -> List[str]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import shutil
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 import torch
@@ -20,19 +19,10 @@ from splitlbi.train import TrainConfig, build_optimizer, build_scheduler, load_c
 from splitlbi.train import run as run_module
 from splitlbi.train.config import PAPER_SCHEDULE, apply_schedule_preset, validate_config
 from splitlbi.train.distributed import DistributedContext
+from helpers import read_rows
 
 TINY = TrainConfig(dataset="digits", epochs=1, batch_size=32, limit_train=256, limit_test=128, lr=0.05,
                    device="cpu", progress=False)
-
-
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPLITLBI_OFFLINE", "1")
-
-
-def read_rows(path: Path) -> List[Dict[str, str]]:
-    with path.open(newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 def parse(*arguments: str) -> TrainConfig:
