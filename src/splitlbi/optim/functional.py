@@ -20,7 +20,8 @@ kernel would need instead of one pass per op.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -123,6 +124,48 @@ def plan_waves(numels: list[int], rows: list[int], wave_numel: int) -> list[list
     return [w for w in waves if w]
 
 
+class _Selection(NamedTuple):
+    """Some pieces of a wave: parameter indices, their cuts (None when all are whole)
+    and their positions in the wave."""
+
+    indices: list[int]
+    cuts: Optional[list[Optional[slice]]]
+    positions: list[int]
+
+    def take(self, tensors: list) -> list:
+        if self.cuts is None:
+            return [tensors[i] for i in self.indices]
+        return [_cut(tensors[i], cut) for i, cut in zip(self.indices, self.cuts)]
+
+
+class _Wave(NamedTuple):
+    every: _Selection  # all pieces
+    group: _Selection  # pieces of group/neuron-penalised parameters
+    l1: _Selection  # pieces of l1-penalised parameters
+
+
+def _select(wave: list[Piece], keep: Callable[[int], bool]) -> _Selection:
+    chosen = [(k, i, cut) for k, (i, cut) in enumerate(wave) if keep(i)]
+    cuts = [cut for _, _, cut in chosen]
+    return _Selection([i for _, i, _ in chosen], None if all(c is None for c in cuts) else cuts,
+                      [k for k, _, _ in chosen])
+
+
+@functools.lru_cache(maxsize=32)
+def _wave_plan(numels: tuple[int, ...], rows: tuple[int, ...], penalties: tuple[str, ...],
+               wave_numel: int) -> tuple[_Wave, ...]:
+    """The waves of a step and, per wave, which pieces are coupled how. Cached: the
+    same parameters come back every step."""
+    plan = []
+    for wave in plan_waves(list(numels), list(rows), wave_numel):
+        plan.append(_Wave(
+            _select(wave, lambda i: True),
+            _select(wave, lambda i: penalties[i] in GROUPED),
+            _select(wave, lambda i: penalties[i] == "l1"),
+        ))
+    return tuple(plan)
+
+
 def multi_tensor_splitlbi(
     params: list[Tensor],
     grads: list[Tensor],
@@ -175,16 +218,18 @@ def multi_tensor_splitlbi(
         for i, factor in zip(indices, neg_gamma_factor.split([n.shape[0] for n in norms])):
             factors[i] = factor
 
-    waves = plan_waves([p.numel() for p in params], [p.shape[0] if p.dim() else 1 for p in params], wave_numel)
-    for wave in waves:
-        weights = [_cut(params[i], cut) for i, cut in wave]
-        d = [_cut(grads[i], cut) for i, cut in wave]
+    plan = _wave_plan(tuple(p.numel() for p in params), tuple(p.shape[0] if p.dim() else 1 for p in params),
+                      tuple(penalties), wave_numel)
+    any_fresh = any(fresh)
+    for wave in plan:
+        weights = wave.every.take(params)
+        d = wave.every.take(grads)
         if weight_decay != 0:
             d = torch._foreach_add(d, weights, alpha=weight_decay)
         if momentum != 0:
-            bufs = [_cut(momentum_buffers[i], cut) for i, cut in wave]
-            old = [k for k, (i, _) in enumerate(wave) if not fresh[i]]
-            if len(old) == len(wave):
+            bufs = wave.every.take(momentum_buffers)
+            old = [k for k, i in enumerate(wave.every.indices) if not fresh[i]] if any_fresh else None
+            if old is None:
                 torch._foreach_mul_(bufs, momentum)
                 torch._foreach_add_(bufs, d, alpha=1 - dampening)
             elif old:  # the first step of some buffers
@@ -195,23 +240,19 @@ def multi_tensor_splitlbi(
             g = d
 
         # W_old − Γ (grouped: W + V·(−κ·factor); l1: W − κ·softshrink(V)), then V and W
-        group_pieces = [(k, i, cut) for k, (i, cut) in enumerate(wave) if grouped[i]]
-        l1_pieces = [(k, i, cut) for k, (i, cut) in enumerate(wave) if vs[i] is not None and not grouped[i]]
-        coupled_w = [weights[k] for k, _, _ in group_pieces] + [weights[k] for k, _, _ in l1_pieces]
-        coupled_v = [_cut(vs[i], cut) for _, i, cut in group_pieces]
-        coupled_v += [_cut(vs[i], cut) for _, i, cut in l1_pieces]
+        group_w = [weights[k] for k in wave.group.positions]
+        l1_w = [weights[k] for k in wave.l1.positions]
+        coupled_v = wave.group.take(vs) + wave.l1.take(vs)
         coupling: list[Tensor] = []
-        if group_pieces:
-            group_factors = [_cut(factors[i], cut) for _, i, cut in group_pieces]
-            coupling = torch._foreach_addcmul(coupled_w[: len(group_pieces)], coupled_v[: len(group_pieces)],
-                                              group_factors)
-        if l1_pieces:
-            l1_v = coupled_v[len(group_pieces):]
+        if group_w:
+            coupling = torch._foreach_addcmul(group_w, coupled_v[: len(group_w)], wave.group.take(factors))
+        if l1_w:
+            l1_v = coupled_v[len(group_w):]
             shrunk = [torch.nn.functional.softshrink(v, lam) for v in l1_v] if lam > 0 else l1_v
-            coupling += torch._foreach_add(coupled_w[len(group_pieces):], shrunk, alpha=-kappa)
+            coupling += torch._foreach_add(l1_w, shrunk, alpha=-kappa)
         if coupling:
             torch._foreach_add_(coupled_v, coupling, alpha=lr / nu)
         torch._foreach_add_(weights, g, alpha=-kappa * lr)
         if coupling:
-            torch._foreach_add_(coupled_w, coupling, alpha=-kappa * lr / nu)
+            torch._foreach_add_(group_w + l1_w, coupling, alpha=-kappa * lr / nu)
     return momentum_buffers
