@@ -6,8 +6,9 @@ import argparse
 import dataclasses
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
+from splitlbi.cli.argtypes import epoch_list
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import AUGMENTATIONS, OPTIMIZER_NAMES, SCHEDULES, TrainConfig, apply_schedule_preset
 from splitlbi.train.distributed import is_main_process
@@ -16,14 +17,6 @@ from splitlbi.train.run import read_train_config, run_training
 __all__ = ["add_parser", "config_from_arguments", "run"]
 
 _DEFAULTS = TrainConfig()
-
-
-def _epoch_list(text: str) -> List[int]:
-    """``80,120`` or ``80`` -> epochs; lets ``--lr-milestones 80 120`` and ``80,120`` both work."""
-    try:
-        return [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected epochs like 80,120, got {text!r}") from None
 
 
 def _default(name: str) -> str:
@@ -88,7 +81,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     schedule.add_argument("--batch-size", type=int, **option,
                           help="images per step, per process under torchrun: the global batch is this x the "
                                f"number of processes (default: {_default('batch_size')})")
-    schedule.add_argument("--lr-milestones", type=_epoch_list, nargs="+", metavar="EPOCH", **option,
+    schedule.add_argument("--lr-milestones", type=epoch_list, nargs="+", metavar="EPOCH", **option,
                           help="epochs after which the learning rate is multiplied by --lr-gamma, e.g. 80 120")
     schedule.add_argument("--lr-gamma", type=float, **option, help=f"(default: {_default('lr_gamma')})")
     schedule.add_argument("--seed", type=int, **option, help=f"(default: {_default('seed')})")

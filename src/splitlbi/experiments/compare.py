@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from splitlbi.data.augment import AUGMENTATIONS
+from splitlbi.cli.argtypes import epoch_list
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig, validate_config
 from splitlbi.train.run import (
@@ -471,13 +472,6 @@ def compare(
 # --------------------------------------------------------------------------- command line
 
 
-def _epoch_list(text: str) -> List[int]:
-    try:
-        return [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected epochs like 80,120, got {text!r}") from None
-
-
 def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Register ``compare`` on the ``splitlbi`` subcommand parsers."""
     defaults = TrainConfig()
@@ -524,7 +518,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     schedule.add_argument("--epochs", type=int, default=defaults.epochs, help=f"(default: {defaults.epochs})")
     schedule.add_argument("--batch-size", type=int, default=defaults.batch_size,
                           help=f"(default: {defaults.batch_size})")
-    schedule.add_argument("--lr-milestones", type=_epoch_list, nargs="+", metavar="EPOCH", default=[],
+    schedule.add_argument("--lr-milestones", type=epoch_list, nargs="+", metavar="EPOCH", default=[],
                           help="epochs after which every learning rate is multiplied by --lr-gamma")
     schedule.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma, help=f"(default: {defaults.lr_gamma})")
 

@@ -49,6 +49,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 import torch
 
+from splitlbi.cli.argtypes import positive_int
 from splitlbi.errors import SplitLBIError
 from splitlbi.train import TrainConfig, read_run_config, run_training
 from splitlbi.train.run import load_masks
@@ -301,16 +302,6 @@ def _run_demo(out: Path, epochs: int, progress: bool, log: Optional[Callable[[st
 # --------------------------------------------------------------------------- command line
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Register ``demo`` on the ``splitlbi`` subcommand parsers."""
     parser = subparsers.add_parser(
@@ -323,7 +314,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     )
     parser.add_argument("--out", default="splitlbi-demo", metavar="DIR",
                         help="output folder: new, empty or a previous demo's (default: ./splitlbi-demo)")
-    parser.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS, metavar="N",
+    parser.add_argument("--epochs", type=positive_int, default=DEMO_EPOCHS, metavar="N",
                         help=f"epochs of each run (default: {DEMO_EPOCHS})")
     parser.add_argument("--no-progress", action="store_true", help="print only the summary")
     parser.set_defaults(func=_run)

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from splitlbi.cli.argtypes import non_negative_int, positive_float, positive_int
+
 
 def _cmd_path(args: argparse.Namespace) -> int:
     from splitlbi.plots.path import plot_filter_paths
@@ -25,27 +27,6 @@ def _cmd_filters(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}" + (f" and {out.with_suffix('.pdf')}" if args.pdf else ""))
     return 0
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -77,14 +58,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     filters.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory with checkpoints/")
     filters.add_argument("--layer", required=True, help="conv layer (module name), e.g. conv3")
-    filters.add_argument("--epochs", required=True, nargs="+", type=_non_negative_int, metavar="EPOCH",
+    filters.add_argument("--epochs", required=True, nargs="+", type=non_negative_int, metavar="EPOCH",
                          help="epochs to show (0 = initialization)")
     filters.add_argument("--out", required=True, type=Path, help="output PNG")
-    filters.add_argument("--steps", type=_non_negative_int, default=200, help="ascent steps (default 200)")
-    filters.add_argument("--lr", type=_positive_float, default=0.1,
+    filters.add_argument("--steps", type=non_negative_int, default=200, help="ascent steps (default 200)")
+    filters.add_argument("--lr", type=positive_float, default=0.1,
                          help="ascent step as a fraction of the image-norm bound (default 0.1)")
     filters.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
-    filters.add_argument("--filters", type=_positive_int, default=None, metavar="N",
+    filters.add_argument("--filters", type=positive_int, default=None, metavar="N",
                          help="show only the first N filters (default all)")
     filters.add_argument("--support-from", type=Path, default=None, metavar="RUN_DIR",
                          help="frame by the final Γ of this (SplitLBI) run, e.g. for an SGD run")
