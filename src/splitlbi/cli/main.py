@@ -21,7 +21,8 @@ PROGRAM = "splitlbi"
 #: Subcommand modules that are always present.
 CORE_COMMANDS = ("splitlbi.cli.train",)
 #: Subcommand modules written separately; a missing one just leaves its subcommand out.
-OPTIONAL_COMMANDS = ("splitlbi.plots.cli", "splitlbi.experiments.demo", "splitlbi.experiments.compare")
+OPTIONAL_COMMANDS = ("splitlbi.plots.cli", "splitlbi.experiments.demo", "splitlbi.experiments.compare",
+                     "splitlbi.cli.masks", "splitlbi.cli.retrain")
 
 
 def _one_line(message: object) -> str:

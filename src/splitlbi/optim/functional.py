@@ -20,13 +20,12 @@ kernel would need instead of one pass per op.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .penalties import GROUPED, gamma_from_v, group_norms, shrink_factor
+from .penalties import GROUPED, gamma_from_v, shrink_factor
 
 # Elements per wave on CPU: chosen with benchmarks/bench_optimizer.py (a wave's
 # tensors, about 5 arrays of this size, stay within the L2/L3 caches).
@@ -151,19 +150,38 @@ def _select(wave: list[Piece], keep: Callable[[int], bool]) -> _Selection:
                       [k for k, _, _ in chosen])
 
 
-@functools.lru_cache(maxsize=32)
-def _wave_plan(numels: tuple[int, ...], rows: tuple[int, ...], penalties: tuple[str, ...],
-               wave_numel: int) -> tuple[_Wave, ...]:
-    """The waves of a step and, per wave, which pieces are coupled how. Cached: the
-    same parameters come back every step."""
-    plan = []
-    for wave in plan_waves(list(numels), list(rows), wave_numel):
-        plan.append(_Wave(
+class StepPlan(NamedTuple):
+    """How a multi-tensor step walks a list of parameters: its waves and, per rank of
+    the grouped (group/neuron) parameters, their indices and norm dimensions. It depends
+    only on the shapes and penalties, so the optimizer builds it once and reuses it."""
+
+    waves: tuple[_Wave, ...]
+    grouped: tuple[tuple[list[int], tuple[int, ...]], ...]
+    wave_numel: int
+
+
+def default_wave_numel(device: torch.device) -> int:
+    """:data:`CPU_WAVE_NUMEL` on CPU; one wave on accelerators, whose fused multi-tensor
+    kernels want long lists."""
+    return CPU_WAVE_NUMEL if device.type == "cpu" else 1 << 62
+
+
+def plan_step(params: list[Tensor], penalties: list[str], wave_numel: Optional[int] = None) -> StepPlan:
+    """The :class:`StepPlan` of ``params`` (with their resolved penalties)."""
+    if wave_numel is None:
+        wave_numel = default_wave_numel(params[0].device) if params else CPU_WAVE_NUMEL
+    waves = []
+    for wave in plan_waves([p.numel() for p in params], [p.shape[0] if p.dim() else 1 for p in params], wave_numel):
+        waves.append(_Wave(
             _select(wave, lambda i: True),
             _select(wave, lambda i: penalties[i] in GROUPED),
             _select(wave, lambda i: penalties[i] == "l1"),
         ))
-    return tuple(plan)
+    grouped = []
+    for rank in sorted({p.dim() for p, pen in zip(params, penalties) if pen in GROUPED}):
+        indices = [i for i, (p, pen) in enumerate(zip(params, penalties)) if pen in GROUPED and p.dim() == rank]
+        grouped.append((indices, tuple(range(1, rank))))
+    return StepPlan(tuple(waves), tuple(grouped), wave_numel)
 
 
 def multi_tensor_splitlbi(
@@ -181,20 +199,18 @@ def multi_tensor_splitlbi(
     dampening: float,
     nesterov: bool,
     weight_decay: float,
-    wave_numel: Optional[int] = None,
+    plan: Optional[StepPlan] = None,
 ) -> list[Optional[Tensor]]:
     """One SplitLBI step on tensors of one device and dtype, with ``torch._foreach_*``.
 
     Same arithmetic as :func:`splitlbi_update`. ``vs[i]`` is None for penalty
     ``"none"``. Returns the momentum buffers (new ones created on the first step).
-    ``wave_numel=None`` picks :data:`CPU_WAVE_NUMEL` on CPU and one wave on accelerators,
-    whose fused multi-tensor kernels want long lists.
+    ``plan`` is :func:`plan_step` of these parameters (made here when not given).
     """
     if not params:
         return momentum_buffers
-    if wave_numel is None:
-        wave_numel = CPU_WAVE_NUMEL if params[0].device.type == "cpu" else 1 << 62
-    grouped = [pen in GROUPED for pen in penalties]
+    if plan is None:
+        plan = plan_step(params, penalties)
 
     # First step of a buffer: buf = d (as torch.optim.SGD); these skip the m·buf update.
     fresh = [False] * len(params)
@@ -209,19 +225,18 @@ def multi_tensor_splitlbi(
     # vectorised norm per layer, and the factors of all layers of one rank computed
     # together (norms kept as [out, 1, ...] so the split pieces broadcast as they are).
     factors: list[Optional[Tensor]] = [None] * len(params)
-    for rank in {params[i].dim() for i, g in enumerate(grouped) if g}:
-        indices = [i for i, g in enumerate(grouped) if g and params[i].dim() == rank]
-        norms = [group_norms(vs[i], keepdim=True) for i in indices]
+    low_precision = params[0].dtype in (torch.float16, torch.bfloat16)
+    for indices, dims in plan.grouped:
+        norms = [torch.linalg.vector_norm(vs[i], dim=dims, keepdim=True,
+                                          dtype=torch.float32 if low_precision else None) for i in indices]
         neg_gamma_factor = shrink_factor(torch.cat(norms), lam).mul_(-kappa)
-        if neg_gamma_factor.dtype != params[0].dtype:
+        if low_precision:
             neg_gamma_factor = neg_gamma_factor.to(params[0].dtype)
         for i, factor in zip(indices, neg_gamma_factor.split([n.shape[0] for n in norms])):
             factors[i] = factor
 
-    plan = _wave_plan(tuple(p.numel() for p in params), tuple(p.shape[0] if p.dim() else 1 for p in params),
-                      tuple(penalties), wave_numel)
     any_fresh = any(fresh)
-    for wave in plan:
+    for wave in plan.waves:
         weights = wave.every.take(params)
         d = wave.every.take(grads)
         if weight_decay != 0:

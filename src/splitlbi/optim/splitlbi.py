@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterable, Iterator
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -11,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import penalties as _penalties
-from .functional import multi_tensor_splitlbi, splitlbi_update
+from .functional import StepPlan, default_wave_numel, multi_tensor_splitlbi, plan_step, splitlbi_update
 
 ParamsT = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]], Iterable[dict[str, Any]]]
 
@@ -139,9 +140,10 @@ class SplitLBI(Optimizer):
                     [params, grads, buffers, vs], with_indices=True  # type: ignore[list-item]
                 )
                 for (device_params, device_grads, device_buffers, device_vs), indices in by_device.values():
+                    device_penalties = [penalties[i] for i in indices]
                     new_buffers = multi_tensor_splitlbi(
-                        device_params, device_grads, list(device_buffers), list(device_vs),
-                        [penalties[i] for i in indices], **hyper,
+                        device_params, device_grads, list(device_buffers), list(device_vs), device_penalties,
+                        plan=self._step_plan(device_params, device_penalties), **hyper,
                     )
                     for i, buf in zip(indices, new_buffers):
                         buffers[i] = buf
@@ -150,6 +152,20 @@ class SplitLBI(Optimizer):
                     if state.get("momentum_buffer") is None:  # created by this first step
                         state["momentum_buffer"] = buf
         return loss
+
+    def _step_plan(self, params: list[Tensor], penalties: list[str]) -> StepPlan:
+        """The multi-tensor :class:`StepPlan` of ``params``, rebuilt only when the list of
+        parameters (compared by identity), their penalties or the wave size change."""
+        plans = self.__dict__.setdefault("_step_plans", {})
+        key = (id(params[0]), len(params), params[0].device, params[0].dtype)
+        wave_numel = default_wave_numel(params[0].device)
+        cached = plans.get(key)
+        if (cached is not None and cached[2] == wave_numel and cached[1] == penalties
+                and all(map(operator.is_, cached[0], params))):
+            return cached[3]
+        plan = plan_step(params, penalties, wave_numel)
+        plans[key] = (list(params), list(penalties), wave_numel, plan)
+        return plan
 
     def _init_group(self, group: dict[str, Any]) -> tuple[list, list, list, list, list, list]:
         params, grads, buffers, vs, penalties, states = [], [], [], [], [], []

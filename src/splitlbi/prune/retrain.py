@@ -1,0 +1,231 @@
+"""Evaluate or retrain a sparse sub-network with its mask held fixed.
+
+Three modes (SPEC.md, Fig 5 and Fig 7):
+
+* ``prune``: ``W_K`` (the checkpoint of epoch ``K``) projected onto the mask, evaluated
+  without any training (the "sparse model" of the path).
+* ``finetune`` ("F-epoch K"): start from ``W_K`` masked and train with SGD, mask fixed.
+* ``lottery``: reset to the run's ``init.pt``, apply the mask, train with SGD, mask fixed.
+
+The mask is the support of Γ at epoch ``K`` (``masks/epoch_XXXX.pt``) unless a mask file
+is given (e.g. magnitude masks for *SGD (Lottery)*). Training uses :class:`MaskedSGD`:
+masked gradients are zeroed before each step and the mask is re-applied after it, so
+masked weights stay exactly zero whatever momentum or weight decay do.
+
+The result is an ordinary run directory (config.json with a ``retrain`` entry, init.pt =
+the masked starting weights, metrics.csv, path.csv, checkpoints/, and ``mask.pt``, the
+mask file used). Retraining runs cannot be resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from splitlbi.data import canonical_dataset_name
+from splitlbi.data.augment import augment_generator, train_transform
+from splitlbi.errors import SplitLBIError
+from splitlbi.models import create_model
+from splitlbi.prune.masks import (
+    Masks, apply_masks_, load_mask_file, load_run_masks, mask_sparsity, save_mask_file, validate_masks,
+)
+from splitlbi.train import run as run_module
+from splitlbi.train.config import TrainConfig, resolve_device, validate_config
+from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
+from splitlbi.train.optimizers import build_scheduler
+from splitlbi.train.run import (
+    CHECKPOINT_DIR, CONFIG_FILE, INIT_FILE, METRICS_COLUMNS, METRICS_FILE, PATH_COLUMNS, PATH_FILE,
+    filter_path_rows, list_checkpoints, load_checkpoint, read_run_config,
+)
+from splitlbi.utils.io import atomic_torch_save, atomic_write_text
+
+__all__ = ["RETRAIN_MODES", "MASK_FILE", "MaskedSGD", "retrain"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+RETRAIN_MODES: Tuple[str, ...] = ("prune", "finetune", "lottery")
+#: The mask file a retraining run directory keeps (the mask it was trained with).
+MASK_FILE = "mask.pt"
+
+
+class MaskedSGD(torch.optim.SGD):
+    """SGD whose masked weights stay exactly zero.
+
+    ``masks`` maps each parameter (the tensor object) to its bool mask. Each
+    :meth:`step` zeroes the masked gradient entries, takes the SGD step (momentum,
+    weight decay, Nesterov as usual) and multiplies the weights by their mask again.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter], masks: Mapping[nn.Parameter, Tensor], **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self._masks = [(parameter, mask) for parameter, mask in masks.items()]
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        for parameter, mask in self._masks:
+            if parameter.grad is not None:
+                parameter.grad.mul_(mask)
+        loss = super().step(closure)
+        for parameter, mask in self._masks:
+            parameter.mul_(mask)
+        return loss
+
+
+def _checkpoint_epochs_text(run_dir: Path) -> str:
+    epochs = list(list_checkpoints(run_dir))
+    return ", ".join(map(str, epochs)) if epochs else "none"
+
+
+def retrain(
+    run_dir: PathLike,
+    out_dir: PathLike,
+    *,
+    mode: str,
+    epoch: Optional[int] = None,
+    masks: Union[None, PathLike, Mapping[str, Tensor]] = None,
+    epochs: int = 20,
+    lr: float = 0.01,
+    lr_milestones: Sequence[int] = (),
+    lr_gamma: float = 0.1,
+    batch_size: Optional[int] = None,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    device: str = "auto",
+    save_every: Optional[int] = None,
+    progress: bool = False,
+    log: Optional[Callable[[str], None]] = print,
+) -> Path:
+    """Evaluate (``mode="prune"``) or retrain (``"finetune"``, ``"lottery"``) a masked
+    sub-network of the run in ``run_dir``; write a new run directory at ``out_dir``.
+
+    Args:
+        epoch: ``K``: the epoch whose support of Γ is the mask (unless ``masks`` is given)
+            and, for ``prune``/``finetune``, whose checkpoint gives the weights (it must
+            have been kept by ``--save-every``). ``lottery`` with ``masks`` needs no epoch.
+        masks: a mask file path or a ``{name: bool mask}`` dict overriding the mask source.
+        epochs, lr, ...: the SGD retraining settings (``prune`` ignores them); the data
+            settings (dataset, limits, split, padding, augmentation) are the run's.
+        batch_size: default: the run's.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    say = log if log is not None else (lambda line: None)
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if mode not in RETRAIN_MODES:
+        raise SplitLBIError(f"unknown retrain mode {mode!r} (choose from {', '.join(RETRAIN_MODES)})")
+    if epoch is None and (masks is None or mode != "lottery"):
+        raise SplitLBIError(f"--mode {mode} needs --epoch" + ("" if mode != "lottery" else " or --masks"))
+    info = read_run_config(run_dir)
+    source = run_module._train_config_from_info(info)
+    model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
+
+    # The mask.
+    if masks is None:
+        mask_dict: Masks = load_run_masks(run_dir, epoch)  # type: ignore[arg-type]
+        validate_masks(mask_dict, model, where=f"the masks of {run_dir} epoch {epoch}")
+        mask_source = f"{run_dir} epoch {epoch}"
+    elif isinstance(masks, Mapping):
+        mask_dict = {name: mask.to("cpu", torch.bool) for name, mask in masks.items()}
+        validate_masks(mask_dict, model)
+        mask_source = "given masks"
+    else:
+        mask_dict = load_mask_file(masks, model)
+        mask_source = str(masks)
+
+    # The starting weights.
+    if mode in ("prune", "finetune"):
+        if epoch not in list_checkpoints(run_dir):
+            raise SplitLBIError(f"{run_dir} kept no checkpoint of epoch {epoch} (--mode {mode} starts from W_{epoch}); "
+                                f"kept epochs: {_checkpoint_epochs_text(run_dir)}")
+        state = load_checkpoint(run_dir, epoch)["model"]
+    else:
+        state = run_module._torch_load(run_dir / INIT_FILE, "cpu")
+    model.load_state_dict(state)
+
+    config = dataclasses.replace(
+        source, optimizer="sgd", lr=lr, momentum=momentum, nesterov=False, weight_decay=weight_decay,
+        epochs=epochs if mode != "prune" else 0, batch_size=source.batch_size if batch_size is None else batch_size,
+        lr_milestones=tuple(lr_milestones), lr_gamma=lr_gamma, schedule="step", seed=seed, device=device,
+        save_every=save_every if save_every is not None else max(epochs, 1), progress=progress,
+        sync_bn=False, amp=False, compile=False)
+    validate_config(dataclasses.replace(config, epochs=max(config.epochs, 1)))
+    canonical_dataset_name(config.dataset)
+    run_module._check_new_run_dir(out)
+
+    dev = resolve_device(device)
+    data = run_module._load_data(config, dev)
+    run_module._check_same_dataset(run_dir, info, data.facts)
+    run_module._seed_everything(seed)
+    model = model.to(dev)
+    apply_masks_(model, mask_dict)
+    parameters = dict(model.named_parameters())
+    device_masks = {parameters[name]: mask.to(device=dev, dtype=parameters[name].dtype)
+                    for name, mask in mask_dict.items()}
+    optimizer = MaskedSGD(model.parameters(), device_masks, lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay)
+    scheduler = build_scheduler(config, optimizer)
+    kept = mask_sparsity(mask_dict).overall
+
+    out.mkdir(parents=True, exist_ok=True)
+    retrain_info = {"mode": mode, "source": str(run_dir), "epoch": epoch, "masks": mask_source,
+                    "kept": kept, "source_optimizer": source.optimizer}
+    run_module._write_json(out / CONFIG_FILE, {**run_module._run_info(config, data.facts), "world_size": 1,
+                                               "retrain": retrain_info})
+    save_mask_file(out / MASK_FILE, mask_dict, model=info["model"], epoch=epoch, source=run_dir)
+    atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, out / INIT_FILE)
+    atomic_write_text(out / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
+    atomic_write_text(out / PATH_FILE, ",".join(PATH_COLUMNS) + "\n")
+    run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, 0))
+    (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
+    say(f"run directory: {out}")
+    say(f"{mode}: {info['model']} from {run_dir} ({'init' if mode == 'lottery' else f'epoch {epoch}'}), "
+        f"mask {mask_source}, {100.0 * kept:.2f}% of the masked weights kept")
+    evaluation = dict(batch_size=config.eval_batch_size, mean=data.mean, std=data.std)
+
+    def finish_epoch(metrics: Dict[str, Any], keep: bool) -> None:
+        run_module._append_rows(out / METRICS_FILE, [run_module._metrics_row(metrics)])
+        if metrics["epoch"] > 0:  # path.csv already has epoch 0
+            run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, metrics["epoch"]))
+        state = run_module._checkpoint_state(metrics["epoch"], model, optimizer, scheduler,
+                                             [run_module._rng_state()])
+        run_module._save_checkpoint(out, state, keep_epoch_file=keep)
+
+    if mode == "prune":
+        started = time.perf_counter()
+        test = evaluate(model, data.test_images, data.test_labels, **evaluation)
+        metrics = {"epoch": 0, "lr": None, "train_loss": None, "train_acc": None, "test_loss": test.loss,
+                   "test_acc": test.accuracy, "sparse_test_acc": test.accuracy, "sparsity": kept,
+                   "epoch_seconds": time.perf_counter() - started}
+        finish_epoch(metrics, keep=True)
+        say(f"pruned model (no training): test loss {test.loss:.4f} acc {test.accuracy:6.2f}%")
+        return out
+
+    # Like a training run: last.pt holds epoch 0 (the masked start) until the first epoch ends.
+    run_module._save_checkpoint(out, run_module._checkpoint_state(0, model, optimizer, scheduler,
+                                                                  [run_module._rng_state()]), keep_epoch_file=False)
+    for current in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        lr_now = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(model, optimizer, data.train_images, data.train_labels,
+                                batch_size=config.batch_size, mean=data.mean, std=data.std,
+                                generator=epoch_generator(seed, current),
+                                transform=train_transform(config.augment, data.mean, data.std,
+                                                          augment_generator(seed, current)),
+                                progress=None if progress else False,
+                                description=f"{mode} epoch {current}/{config.epochs}")
+        test = evaluate(model, data.test_images, data.test_labels, **evaluation)
+        scheduler.step()
+        metrics = {"epoch": current, "lr": lr_now, "train_loss": train.loss, "train_acc": train.accuracy,
+                   "test_loss": test.loss, "test_acc": test.accuracy, "sparse_test_acc": test.accuracy,
+                   "sparsity": kept, "epoch_seconds": time.perf_counter() - started}
+        finish_epoch(metrics, keep=current % config.save_every == 0 or current == config.epochs)
+        say(run_module._summary_line(metrics, config.epochs))
+    return out
