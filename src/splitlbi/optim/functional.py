@@ -214,7 +214,7 @@ def multi_tensor_splitlbi(
 
     # First step of a buffer: buf = d (as torch.optim.SGD); these skip the m·buf update.
     fresh = [False] * len(params)
-    if momentum != 0:
+    if momentum != 0 and any(buf is None for buf in momentum_buffers):
         for i, buf in enumerate(momentum_buffers):
             if buf is None:
                 d = grads[i] if weight_decay == 0 else grads[i].add(params[i], alpha=weight_decay)
@@ -235,7 +235,7 @@ def multi_tensor_splitlbi(
         for i, factor in zip(indices, neg_gamma_factor.split([n.shape[0] for n in norms])):
             factors[i] = factor
 
-    any_fresh = any(fresh)
+    any_fresh = True in fresh
     for wave in plan.waves:
         weights = wave.every.take(params)
         d = wave.every.take(grads)

@@ -127,6 +127,7 @@ class SplitLBI(Optimizer):
             params, grads, buffers, vs, penalties, states = self._init_group(group)
             if not params:  # no gradients in this group: nothing to do, as torch.optim.SGD
                 continue
+            first_step = any(buf is None for buf in buffers)
             hyper = dict(
                 lr=group["lr"], kappa=group["kappa"], nu=group["nu"], lam=group["lam"],
                 momentum=group["momentum"], dampening=group["dampening"],
@@ -147,7 +148,7 @@ class SplitLBI(Optimizer):
                     )
                     for i, buf in zip(indices, new_buffers):
                         buffers[i] = buf
-            if group["momentum"] != 0:
+            if group["momentum"] != 0 and first_step:
                 for state, buf in zip(states, buffers):
                     if state.get("momentum_buffer") is None:  # created by this first step
                         state["momentum_buffer"] = buf
