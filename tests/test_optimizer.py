@@ -477,3 +477,21 @@ def test_parameters_that_stop_and_start_having_gradients_match_the_reference(mon
         finals.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*finals):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_mixed_dtypes_in_one_group_match_the_reference():
+    """Parameters of several dtypes in one group take the regrouping path."""
+    finals = []
+    for foreach in (True, False):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(2, 4, 3).double()
+        linear = nn.Linear(4 * 4 * 4, 3)
+        opt = SplitLBI(list(conv.named_parameters()) + list(linear.named_parameters()), lr=0.05, kappa=2.0,
+                       nu=0.5, lam=0.05, foreach=foreach)
+        for x, _ in make_batches(10):
+            opt.zero_grad()
+            linear(torch.tanh(conv(x)).flatten(1).float()).pow(2).mean().backward()
+            opt.step()
+        finals.append([p.detach().clone() for p in [*conv.parameters(), *linear.parameters()]])
+    for a, b in zip(*finals):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -137,34 +137,40 @@ class SplitLBI(Optimizer):
                 for i, p in enumerate(params):
                     buffers[i] = splitlbi_update(p, grads[i], buffers[i], vs[i], penalty=penalties[i], **hyper)
             else:
-                by_device = Optimizer._group_tensors_by_device_and_dtype(
-                    [params, grads, buffers, vs], with_indices=True  # type: ignore[list-item]
-                )
-                for (device_params, device_grads, device_buffers, device_vs), indices in by_device.values():
-                    device_penalties = [penalties[i] for i in indices]
-                    new_buffers = multi_tensor_splitlbi(
-                        device_params, device_grads, list(device_buffers), list(device_vs), device_penalties,
-                        plan=self._step_plan(device_params, device_penalties), **hyper,
+                plan = self._step_plan(params, penalties)
+                if plan is not None:  # one device and dtype: no regrouping needed
+                    multi_tensor_splitlbi(params, grads, buffers, vs, penalties, plan=plan, **hyper)
+                else:
+                    by_device = Optimizer._group_tensors_by_device_and_dtype(
+                        [params, grads, buffers, vs], with_indices=True  # type: ignore[list-item]
                     )
-                    for i, buf in zip(indices, new_buffers):
-                        buffers[i] = buf
+                    for (device_params, device_grads, device_buffers, device_vs), indices in by_device.values():
+                        new_buffers = multi_tensor_splitlbi(
+                            device_params, device_grads, list(device_buffers), list(device_vs),
+                            [penalties[i] for i in indices], **hyper,
+                        )
+                        for i, buf in zip(indices, new_buffers):
+                            buffers[i] = buf
             if group["momentum"] != 0 and first_step:
                 for state, buf in zip(states, buffers):
                     if state.get("momentum_buffer") is None:  # created by this first step
                         state["momentum_buffer"] = buf
         return loss
 
-    def _step_plan(self, params: list[Tensor], penalties: list[str]) -> StepPlan:
-        """The multi-tensor :class:`StepPlan` of ``params``, rebuilt only when the list of
+    def _step_plan(self, params: list[Tensor], penalties: list[str]) -> Optional[StepPlan]:
+        """The multi-tensor :class:`StepPlan` of a group's parameters with gradients, or
+        None when they span several devices or dtypes. Rebuilt only when the list of
         parameters (compared by identity), their penalties or the wave size change."""
         plans = self.__dict__.setdefault("_step_plans", {})
-        key = (id(params[0]), len(params), params[0].device, params[0].dtype)
+        key = (id(params[0]), len(params))
         wave_numel = default_wave_numel(params[0].device)
         cached = plans.get(key)
         if (cached is not None and cached[2] == wave_numel and cached[1] == penalties
                 and all(map(operator.is_, cached[0], params))):
             return cached[3]
-        plan = plan_step(params, penalties, wave_numel)
+        first = params[0]
+        same = all(p.device == first.device and p.dtype == first.dtype for p in params)
+        plan = plan_step(params, penalties, wave_numel) if same else None
         plans[key] = (list(params), list(penalties), wave_numel, plan)
         return plan
 

@@ -19,10 +19,17 @@ are kept as they are.
 channels are summed; a channel of such a group is removed only when it is unselected
 in EVERY conv of the group (the intersection), so a selected filter is never removed.
 A group is pruned only when it is safe: every conv/BN/linear member covers its whole
-channel dimension with the same index order and no slicing op is involved. The CIFAR
-ResNets' option-A shortcuts (subsample + zero-pad in channels) fail this: torch-pruning
-sees ``F.pad`` as element-wise and couples the 16 stem channels with the 32/64 of later
-stages, so that group is skipped (its unselected filters stay, zeroed) and reported.
+channel dimension with the same index order and no slicing op is involved; an unsafe
+group is skipped (its unselected filters stay, zeroed) and reported.
+
+The CIFAR ResNets' option-A shortcuts (subsample + zero-pad in channels) are such a
+case for torch-pruning: it sees ``F.pad`` as element-wise and couples the 16 stem
+channels with the 32/64 of later stages. Their residual streams (one per stage: the
+stem conv and every ``conv2`` of stage 1; the ``conv2`` s of stage 2; of stage 3) are
+therefore pruned here directly, not by torch-pruning: a stream channel is removed when
+it is unselected in every conv writing to the stream and, where the stage's first
+block pads the previous stream into it, that source channel is removed (zero) too. The
+pad shortcuts become :class:`IndexShortcut` s that place the kept source channels.
 At least one channel of each group is kept (a zeroed one if none is selected).
 """
 
@@ -39,7 +46,7 @@ from torch import Tensor, nn
 
 from splitlbi.errors import SplitLBIError
 
-__all__ = ["CompactReport", "GroupReport", "apply_filter_masks", "check_masks", "compact_model",
+__all__ = ["CompactReport", "GroupReport", "IndexShortcut", "apply_filter_masks", "check_masks", "compact_model",
            "measure_latency", "unselected_filters"]
 
 
@@ -53,6 +60,7 @@ class GroupReport:
     unselected: int             #: channels unselected in every conv of the group
     skipped: Optional[str] = None  #: why the group was not pruned (None: pruned)
     kept_unselected: int = 0    #: unselected filters of its convs that stay (zeroed) when skipped
+    emptied: bool = False       #: no channel selected: one zeroed channel kept
 
 
 @dataclass
@@ -85,6 +93,10 @@ class CompactReport:
         removed = sum(group.removed for group in self.groups)
         out.append(f"filters  removed {removed} in {sum(1 for g in self.groups if g.removed)} of "
                    f"{len(self.groups)} channel groups")
+        empty = [group.convs[0] for group in self.groups if group.emptied]
+        if empty:
+            out.append(f"note     {len(empty)} group(s) with no selected filter keep one zeroed channel: "
+                       + ", ".join(empty))
         for group in self.skipped_groups:
             out.append(f"skipped  {group.convs[0]} (+{len(group.convs) - 1} coupled): {group.skipped}; "
                        f"{group.kept_unselected} unselected filter(s) in its convs kept, zeroed")
@@ -266,6 +278,9 @@ def compact_model(
     graph = tp.DependencyGraph().build_dependency(work, example_inputs=example_input)
     plans = []  # (root conv, indices to remove, GroupReport)
     done = set()
+    streams = _option_a_streams(work)
+    for stream in streams:  # pruned below, without torch-pruning (see _prune_option_a_streams)
+        done.update(convs[name] for name in stream["members"])
     for name, conv in convs.items():
         if conv in done:
             continue
@@ -289,6 +304,7 @@ def compact_model(
             report_removable = sorted(removable)
             if len(report_removable) == n:  # keep one (zeroed) channel: a layer cannot be empty
                 report_removable = report_removable[1:]
+                report.emptied = True
             report.removed = len(report_removable)
             plans[-1] = (conv, report, report_removable)
         else:
@@ -302,6 +318,10 @@ def compact_model(
             group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=indices)
             group.prune()
 
+    if streams:
+        stream_reports = _prune_option_a_streams(work, streams, unselected)
+        plans.extend((None, report, []) for report in stream_reports)
+
     macs_after, params_after = count_macs_params(work, example_input)
     latency_after = measure_latency(work, timed, latency_repeats) if measure else None
     result = CompactReport(
@@ -312,3 +332,124 @@ def compact_model(
         selected_channels=selected_counts,
     )
     return work, result
+
+
+# --------------------------------------------------------------------------- option-A ResNets
+
+
+class IndexShortcut(nn.Module):
+    """The option-A shortcut of a compacted CIFAR ResNet: ``x[:, :, ::stride, ::stride]``
+    with input channel ``src[i]`` placed at output channel ``dst[i]`` of ``planes``
+    channels, the others zero (a :class:`~splitlbi.models.resnet_cifar.PadShortcut` whose
+    input and output channels were pruned)."""
+
+    def __init__(self, src: Sequence[int], dst: Sequence[int], planes: int, stride: int) -> None:
+        super().__init__()
+        self.planes, self.stride = int(planes), int(stride)
+        self.register_buffer("src", torch.tensor(list(src), dtype=torch.long))
+        self.register_buffer("dst", torch.tensor(list(dst), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        out = x.new_zeros(x.shape[0], self.planes, x.shape[2], x.shape[3])
+        return out.index_copy(1, self.dst, x.index_select(1, self.src))
+
+    def extra_repr(self) -> str:
+        return f"planes={self.planes}, stride={self.stride}, channels={len(self.src)}"
+
+
+def _option_a_streams(model: nn.Module) -> List[Dict]:
+    """The residual streams (one per stage) of a CIFAR ResNet with option-A shortcuts, else []."""
+    from splitlbi.models.resnet_cifar import CifarResNet, PadShortcut
+
+    if not isinstance(model, CifarResNet) or getattr(model, "shortcut_type", "A") != "A":
+        return []
+    streams = []
+    for k in (1, 2, 3):
+        stage = getattr(model, f"layer{k}")
+        members = (["conv1"] if k == 1 else []) + [f"layer{k}.{i}.conv2" for i in range(len(stage))]
+        bns = (["bn1"] if k == 1 else []) + [f"layer{k}.{i}.bn2" for i in range(len(stage))]
+        consumers = [f"layer{k}.{i}.conv1" for i in range(1 if k > 1 else 0, len(stage))]
+        if k < 3:
+            consumers.append(f"layer{k + 1}.0.conv1")
+        shortcut = stage[0].shortcut  # the shortcut INTO this stream (stage 1: identity)
+        if k > 1 and not isinstance(shortcut, (PadShortcut, nn.Identity)):
+            return []
+        streams.append({"members": members, "bns": bns, "consumers": consumers, "block": stage[0],
+                        "width": stage[0].conv2.out_channels})
+    return streams
+
+
+def _slice_out(conv: nn.Conv2d, keep: Tensor) -> None:
+    conv.weight = nn.Parameter(conv.weight.data.index_select(0, keep).clone())
+    if conv.bias is not None:
+        conv.bias = nn.Parameter(conv.bias.data.index_select(0, keep).clone())
+    conv.out_channels = len(keep)
+
+
+def _slice_in(conv: nn.Conv2d, keep: Tensor) -> None:
+    conv.weight = nn.Parameter(conv.weight.data.index_select(1, keep).clone())
+    conv.in_channels = len(keep)
+
+
+def _slice_bn(bn: nn.BatchNorm2d, keep: Tensor) -> None:
+    for name in ("weight", "bias"):
+        if getattr(bn, name) is not None:
+            setattr(bn, name, nn.Parameter(getattr(bn, name).data.index_select(0, keep).clone()))
+    for name in ("running_mean", "running_var"):
+        if getattr(bn, name) is not None:
+            setattr(bn, name, getattr(bn, name).index_select(0, keep).clone())
+    bn.num_features = len(keep)
+
+
+def _prune_option_a_streams(model: nn.Module, streams: List[Dict], unselected: Dict[str, set]) -> List[GroupReport]:
+    """Remove the channels of each residual stream of an option-A CIFAR ResNet that are
+    zero in the masked model: unselected in every conv writing to the stream and, for a
+    channel fed by the zero-pad shortcut of the stage's first block, zero in the previous
+    stream too. The pad shortcuts become :class:`IndexShortcut` s."""
+    modules = dict(model.named_modules())
+    reports = []
+    previous_zero: Optional[set] = None
+    previous_keep: Optional[List[int]] = None
+    for k, stream in enumerate(streams, start=1):
+        width, members = stream["width"], stream["members"]
+        zero = set(range(width))
+        for member in members:
+            zero &= unselected.get(member, set())
+        shortcut = stream["block"].shortcut
+        if k > 1:
+            before = getattr(shortcut, "pad_before", 0)
+            source_width = streams[k - 2]["width"]
+            zero = {j for j in zero if not (before <= j < before + source_width) or (j - before) in previous_zero}
+        removed = sorted(zero)
+        emptied = len(removed) == width
+        if emptied:
+            removed = removed[1:]
+        keep_list = [j for j in range(width) if j not in set(removed)]
+        keep = torch.tensor(keep_list, dtype=torch.long)
+        if removed:
+            for name in members:
+                _slice_out(modules[name], keep)
+            for name in stream["bns"]:
+                _slice_bn(modules[name], keep)
+            for name in stream["consumers"]:
+                _slice_in(modules[name], keep)
+            if k == 3:
+                fc = model.fc
+                fc.weight = nn.Parameter(fc.weight.data.index_select(1, keep).clone())
+                fc.in_features = len(keep)
+        if k > 1:
+            stride = getattr(shortcut, "stride", 1)
+            before = getattr(shortcut, "pad_before", 0)
+            source_position = {c: i for i, c in enumerate(previous_keep)}
+            src, dst = [], []
+            for position, j in enumerate(keep_list):
+                c = j - before
+                if c in source_position:
+                    src.append(source_position[c])
+                    dst.append(position)
+            stream["block"].shortcut = IndexShortcut(src, dst, len(keep_list), stride)
+        reports.append(GroupReport(convs=list(members), channels=width, removed=len(removed),
+                                   unselected=len(zero), emptied=emptied))
+        previous_zero, previous_keep = zero, keep_list
+    return reports

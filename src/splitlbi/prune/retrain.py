@@ -36,7 +36,7 @@ from splitlbi.prune.masks import (
     Masks, apply_masks_, load_mask_file, load_run_masks, mask_sparsity, save_mask_file, validate_masks,
 )
 from splitlbi.train import run as run_module
-from splitlbi.train.config import TrainConfig, resolve_device, validate_config
+from splitlbi.train.config import resolve_device, validate_config
 from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
 from splitlbi.train.optimizers import build_scheduler
 from splitlbi.train.run import (
