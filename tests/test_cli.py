@@ -13,6 +13,7 @@ import pytest
 
 from splitlbi.cli import main as cli_main
 from splitlbi.train import TrainConfig, load_checkpoint, read_run_config, read_train_config
+from helpers import assert_one_line_error
 
 QUICK = ["--dataset", "digits", "--limit-train", "128", "--limit-test", "64", "--batch-size", "64", "--no-progress"]
 
@@ -21,16 +22,6 @@ def run_cli(args: List[str], tmp_path: Path, **env: str) -> subprocess.Completed
     environment = {**os.environ, "SPLITLBI_OFFLINE": "1", **env}
     return subprocess.run([sys.executable, "-m", "splitlbi", *args], capture_output=True, text=True,
                           cwd=tmp_path, env=environment, timeout=120)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("splitlbi: error: ")
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 # --- errors in a real process ------------------------------------------------------------

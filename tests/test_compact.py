@@ -18,6 +18,7 @@ tp = pytest.importorskip("torch_pruning")
 from splitlbi.errors import SplitLBIError  # noqa: E402
 from splitlbi.models import create_model  # noqa: E402
 from splitlbi.prune.compact import apply_filter_masks, compact_model, unselected_filters  # noqa: E402
+from helpers import assert_one_line_error
 
 
 @pytest.fixture(autouse=True)
@@ -230,15 +231,6 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
-def _assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("splitlbi: error:"), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
     from splitlbi.train import TrainConfig, run_training
@@ -291,11 +283,11 @@ def test_cli_with_a_mask_file(tiny_run: Path, tmp_path: Path):
 
 def test_cli_errors(tiny_run: Path, tmp_path: Path):
     out = tmp_path / "m.pt"
-    _assert_one_line_error(_run_cli(str(tiny_run), "--epoch", "7", "--out", str(out)),
+    assert_one_line_error(_run_cli(str(tiny_run), "--epoch", "7", "--out", str(out)),
                            "epoch 7", "available epochs: 1, 2")
     wrong = create_model("resnet20", num_classes=10, in_channels=1)
     mask_file = tmp_path / "wrong.pt"
     torch.save({"masks": _random_masks(wrong, torch.Generator().manual_seed(0))}, mask_file)
-    _assert_one_line_error(_run_cli(str(tiny_run), "--epoch", "2", "--out", str(out), "--masks", str(mask_file)),
+    assert_one_line_error(_run_cli(str(tiny_run), "--epoch", "2", "--out", str(out), "--masks", str(mask_file)),
                            "masks do not match the model", "conv1.weight")
     assert not out.exists()

@@ -36,7 +36,7 @@ from splitlbi.train import (
     run_training,
 )
 from splitlbi.train import run as run_module
-from helpers import read_rows
+from helpers import assert_one_line_error, read_rows
 
 # Tiny SplitLBI run whose support at epoch 3 keeps all conv filters and a few linear weights
 # (fc1 ~4%, fc2 ~20%); checkpoints of epochs 2 and 3 are kept, not epoch 1.
@@ -59,15 +59,6 @@ def sgd_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def cli(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "splitlbi", *map(str, arguments)], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("splitlbi: error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def lenet() -> torch.nn.Module:
