@@ -22,7 +22,8 @@ PROGRAM = "splitlbi"
 CORE_COMMANDS = ("splitlbi.cli.train",)
 #: Subcommand modules written separately; a missing one just leaves its subcommand out.
 OPTIONAL_COMMANDS = ("splitlbi.plots.cli", "splitlbi.experiments.demo", "splitlbi.experiments.compare",
-                     "splitlbi.cli.masks", "splitlbi.cli.retrain", "splitlbi.cli.compact")
+                     "splitlbi.cli.masks", "splitlbi.cli.retrain", "splitlbi.cli.compact",
+                     "splitlbi.cli.baseline")
 
 
 def _one_line(message: object) -> str:
