@@ -175,6 +175,8 @@ def test_retraining_keeps_the_mask(lbi_run: Path, tmp_path: Path, mode: str) -> 
         assert not torch.equal(final[name][mask], start[name][mask]), f"{name} did not train"
     assert [row["epoch"] for row in read_rows(out / "metrics.csv")] == ["1", "2"]
     assert read_mask_file(out / MASK_FILE)["masks"].keys() == masks.keys()
+    with pytest.raises(SplitLBIError, match="written by 'splitlbi retrain'"):
+        run_training(None, out, resume=True)  # a plain resume would train without the mask
 
 
 def test_retrain_errors(lbi_run: Path, tmp_path: Path) -> None:

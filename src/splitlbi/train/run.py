@@ -491,9 +491,10 @@ def _run_training(
         if not run_dir.is_dir():
             raise SplitLBIError(f"--resume {run_dir}: no such directory")
         info = read_run_config(run_dir)
-        if "retrain" in info:  # its masks live outside TrainConfig: a plain resume would drop them
-            raise SplitLBIError(f"--resume {run_dir}: this run was written by 'splitlbi retrain', which cannot be "
-                                "resumed; run 'splitlbi retrain' again")
+        for command in ("retrain", "baseline"):  # masks/penalties outside TrainConfig: a resume would drop them
+            if command in info:
+                raise SplitLBIError(f"--resume {run_dir}: this run was written by 'splitlbi {command}', which "
+                                    f"cannot be resumed; run 'splitlbi {command}' again")
         config = _merge_resume_config(run_dir, _train_config_from_info(info), config)
         if not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
             raise SplitLBIError(f"--resume {run_dir}: no checkpoint to resume from "
