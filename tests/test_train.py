@@ -162,6 +162,15 @@ def test_sgd_baseline_leaves_gamma_columns_empty(tmp_path: Path) -> None:
     assert (run_dir / "init.pt").is_file() and (run_dir / "checkpoints" / "last.pt").is_file()
 
 
+def test_linear_penalty_none_leaves_the_linear_layers_uncoupled(tmp_path: Path) -> None:
+    run_dir = run_training(dataclasses.replace(SMALL, epochs=1, linear_penalty="none"), tmp_path / "run", log=None)
+    masks = load_masks(run_dir, 1)
+    assert set(masks) == {"conv1.weight", "conv2.weight", "conv3.weight"}
+    layers = {row["layer"] for row in read_rows(run_dir / "path.csv")}
+    assert layers == {"conv1", "conv2", "conv3"}
+    assert read_run_config(run_dir)["linear_penalty"] == "none"
+
+
 def test_save_every_thins_epoch_checkpoints_but_keeps_the_last(straight_run: Path) -> None:
     assert sorted(list_checkpoints(straight_run)) == [2, 3]  # save_every=2, 3 epochs
     assert load_checkpoint(straight_run)["epoch"] == 3

@@ -65,6 +65,10 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     optim.add_argument("--penalty", **option,
                        help="SplitLBI penalty: auto (group lasso on conv filters, lasso on linear weights), "
                             "group, neuron, l1 (weight sparsity) or none (default: auto)")
+    optim.add_argument("--linear-penalty", choices=("auto", "l1", "neuron", "none"), **option,
+                       help="SplitLBI penalty of the 2-D (linear) weights only, overriding --penalty for them: "
+                            "none leaves the classifier uncoupled, so it is never cut from the sparse model "
+                            "(default: auto, i.e. as --penalty)")
     optim.add_argument("--momentum", type=float, **option,
                        help=f"momentum of splitlbi and sgd (default: {_default('momentum')})")
     optim.add_argument("--nesterov", action="store_true", **option, help="Nesterov momentum (splitlbi, sgd)")

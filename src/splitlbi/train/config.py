@@ -71,6 +71,7 @@ class TrainConfig:
     nu: float = 100.0
     lam: float = 1.0
     penalty: str = "auto"
+    linear_penalty: str = "auto"
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0

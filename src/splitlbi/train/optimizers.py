@@ -29,7 +29,14 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     try:
         if name == "splitlbi":
             # Named parameters let SplitLBI report support/sparsity by layer name.
-            return SplitLBI(model.named_parameters(), lr=config.lr, kappa=config.kappa, nu=config.nu,
+            named = list(model.named_parameters())
+            params: list = named
+            if config.linear_penalty != "auto":
+                linear = [(n, p) for n, p in named if p.dim() == 2]
+                rest = [(n, p) for n, p in named if p.dim() != 2]
+                params = [group for group in ({"params": rest}, {"params": linear, "penalty": config.linear_penalty})
+                          if group["params"]]
+            return SplitLBI(params, lr=config.lr, kappa=config.kappa, nu=config.nu,
                             lam=config.lam, momentum=config.momentum, nesterov=config.nesterov,
                             weight_decay=config.weight_decay, penalty=config.penalty)
         parameters: List[nn.Parameter] = list(model.parameters())
