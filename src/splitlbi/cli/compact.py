@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Dict, Mapping
+from typing import Any, Dict
 
 import torch
 
 from splitlbi.cli.argtypes import positive_int
 from splitlbi.errors import SplitLBIError
 
-__all__ = ["add_parser", "load_mask_file", "run"]
+__all__ = ["add_parser", "run"]
 
 
 def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -44,21 +44,6 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     return parser
 
 
-def load_mask_file(path: Path) -> Dict[str, torch.Tensor]:
-    """Masks from ``path``: ``{"masks": {name: bool tensor}}`` or directly ``{name: bool tensor}``."""
-    if not path.is_file():
-        raise SplitLBIError(f"mask file {path} does not exist")
-    try:
-        data: Any = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise SplitLBIError(f"cannot read mask file {path}: {error}") from None
-    if isinstance(data, Mapping) and "masks" in data:
-        data = data["masks"]
-    if not isinstance(data, Mapping) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise SplitLBIError(f"{path} is not a mask file (expected {{'masks': {{param name: bool tensor}}}})")
-    return {str(name): mask.bool() for name, mask in data.items()}
-
-
 def _input_shape(info: Dict[str, Any]) -> tuple:
     size = info.get("pad_to") or info.get("image_size") or 32
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
@@ -67,8 +52,8 @@ def _input_shape(info: Dict[str, Any]) -> tuple:
 
 def run(args: argparse.Namespace) -> int:
     from splitlbi.prune.compact import compact_model
-    from splitlbi.train.run import (MASK_DIR, epoch_file_name, list_checkpoints, load_masks, load_model_from_run,
-                                    read_run_config)
+    from splitlbi.prune.masks import load_run_masks, read_mask_file
+    from splitlbi.train.run import list_checkpoints, load_model_from_run, read_run_config
     from splitlbi.utils.io import atomic_torch_save
 
     run_dir = Path(args.run_dir)
@@ -78,15 +63,9 @@ def run(args: argparse.Namespace) -> int:
         listed = ", ".join(map(str, available)) or "none"
         raise SplitLBIError(f"{run_dir} has no checkpoint of epoch {args.epoch} (available epochs: {listed})")
     if args.masks is not None:
-        masks = load_mask_file(Path(args.masks))
+        masks = read_mask_file(args.masks)["masks"]
     else:
-        if not (run_dir / MASK_DIR / epoch_file_name(args.epoch)).is_file():
-            with_masks = sorted(int(p.stem.split("_", 1)[1]) for p in (run_dir / MASK_DIR).glob("epoch_*.pt")
-                                if p.stem.split("_", 1)[1].isdigit())
-            listed = ", ".join(map(str, with_masks)) or "none (not a SplitLBI run?)"
-            raise SplitLBIError(f"{run_dir} has no masks of epoch {args.epoch} (epochs with masks: {listed}); "
-                                "give a mask file with --masks")
-        masks = load_masks(run_dir, args.epoch)
+        masks = load_run_masks(run_dir, args.epoch)
     model = load_model_from_run(run_dir, weights=args.epoch).eval()
 
     shape = _input_shape(info)
