@@ -171,6 +171,20 @@ def test_linear_penalty_none_leaves_the_linear_layers_uncoupled(tmp_path: Path) 
     assert read_run_config(run_dir)["linear_penalty"] == "none"
 
 
+def test_a_chosen_penalty_couples_the_weights_only() -> None:
+    """--penalty l1 (weight sparsity) couples conv and linear weights; biases and BN stay uncoupled."""
+    from splitlbi.train.optimizers import build_optimizer
+
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    optimizer = build_optimizer(dataclasses.replace(SMALL, model="resnet20", penalty="l1"), model)
+    coupled = {c.name for c in optimizer.named_coupled()}
+    assert coupled == {n for n, p in model.named_parameters() if p.dim() >= 2}
+    assert [g["penalty"] for g in optimizer.param_groups] == ["l1", "l1", "none"]
+    # auto + a linear penalty keeps the two groups that runs written before had (their checkpoints resume).
+    optimizer = build_optimizer(dataclasses.replace(SMALL, model="resnet20", linear_penalty="none"), model)
+    assert [g["penalty"] for g in optimizer.param_groups] == ["auto", "none"]
+
+
 def test_save_every_thins_epoch_checkpoints_but_keeps_the_last(straight_run: Path) -> None:
     assert sorted(list_checkpoints(straight_run)) == [2, 3]  # save_every=2, 3 epochs
     assert load_checkpoint(straight_run)["epoch"] == 3

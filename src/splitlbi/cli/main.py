@@ -23,7 +23,7 @@ CORE_COMMANDS = ("splitlbi.cli.train",)
 #: Subcommand modules written separately; a missing one just leaves its subcommand out.
 OPTIONAL_COMMANDS = ("splitlbi.plots.cli", "splitlbi.experiments.demo", "splitlbi.experiments.compare",
                      "splitlbi.cli.masks", "splitlbi.cli.retrain", "splitlbi.cli.compact",
-                     "splitlbi.cli.baseline")
+                     "splitlbi.cli.baseline", "splitlbi.experiments.reproduce")
 
 
 def _one_line(message: object) -> str:

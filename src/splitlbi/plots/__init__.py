@@ -1,4 +1,4 @@
-"""Figures of the paper from run directories: filter paths, filter images, shared style.
+"""Figures of the paper from run directories: filter paths, filter images, guided backprop, curves, style.
 
 Names are loaded lazily so that ``splitlbi --help`` (which imports ``plots.cli``)
 does not pay for matplotlib and torch.
@@ -18,6 +18,13 @@ _EXPORTS = {
     "filter_activations": "filters",
     "plot_filter_grid": "filters",
     "plot_filter_visualizations": "filters",
+    "first_conv_block": "guided",
+    "guided_backprop_responses": "guided",
+    "plot_guided_backprop": "guided",
+    "Panel": "curves",
+    "Series": "curves",
+    "draw_panels": "curves",
+    "read_metrics": "curves",
     "apply_paper_style": "style",
     "paper_style": "style",
     "method_color": "style",

@@ -31,11 +31,16 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
             # Named parameters let SplitLBI report support/sparsity by layer name.
             named = list(model.named_parameters())
             params: list = named
-            if config.linear_penalty != "auto":
-                linear = [(n, p) for n, p in named if p.dim() == 2]
-                rest = [(n, p) for n, p in named if p.dim() != 2]
-                params = [group for group in ({"params": rest}, {"params": linear, "penalty": config.linear_penalty})
-                          if group["params"]]
+            if config.linear_penalty != "auto" or config.penalty != "auto":
+                linear_penalty = config.penalty if config.linear_penalty == "auto" else config.linear_penalty
+                # A chosen penalty is for the weights: biases and BatchNorm parameters stay uncoupled, as
+                # with auto (which leaves them in the first group, as runs written before kept them).
+                low = [(n, p) for n, p in named if p.dim() < 2]
+                groups = ({"params": [(n, p) for n, p in named if p.dim() > 2] + (low if config.penalty == "auto"
+                                                                                 else [])},
+                          {"params": [(n, p) for n, p in named if p.dim() == 2], "penalty": linear_penalty},
+                          {"params": low if config.penalty != "auto" else [], "penalty": "none"})
+                params = [group for group in groups if group["params"]]
             return SplitLBI(params, lr=config.lr, kappa=config.kappa, nu=config.nu,
                             lam=config.lam, momentum=config.momentum, nesterov=config.nesterov,
                             weight_decay=config.weight_decay, penalty=config.penalty)

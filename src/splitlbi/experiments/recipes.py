@@ -1,0 +1,127 @@
+"""Experiment recipes: one TOML file per figure, one table per scale.
+
+A recipe file (``recipes/fig4.toml``) holds a table per scale (``smoke``, ``cpu``,
+``paper``); each scale has a ``[<scale>.train]`` table of :class:`TrainConfig` fields
+shared by every run of the figure, and figure-specific tables (``sweep``, ``subnet``,
+``fig2``, ``table``, ...). ``--set section.key=value`` overrides one entry from the
+command line, e.g. ``--set train.model=vgg16_bn``; the value is read as TOML
+(``--set sweep.kappa=[1,2,5]``), falling back to a plain string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+from splitlbi.errors import SplitLBIError
+from splitlbi.train.config import TrainConfig, validate_config
+
+__all__ = ["FIGURES", "RECIPE_DIR", "Recipe", "load_recipe", "recipe_path", "parse_override"]
+
+#: The experiments ``splitlbi reproduce`` knows, in paper order.
+FIGURES = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "table1")
+#: Bundled recipes (``recipes/`` at the repository root links here).
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclasses.dataclass
+class Recipe:
+    """One scale of one recipe file: ``train`` (TrainConfig fields) and the figure's own tables."""
+
+    figure: str
+    scale: str
+    path: Path
+    title: str
+    sections: Dict[str, Dict[str, Any]]
+
+    def section(self, name: str, required: Iterable[str] = ()) -> Dict[str, Any]:
+        """The ``[scale.name]`` table; a missing table or key is a clear error."""
+        values = self.sections.get(name)
+        if values is None:
+            raise SplitLBIError(f"recipe {self.path} has no [{self.scale}.{name}] table")
+        for key in required:
+            if key not in values:
+                raise SplitLBIError(f"recipe {self.path}: [{self.scale}.{name}] needs {key!r}")
+        return values
+
+    def train_config(self, **changes: Any) -> TrainConfig:
+        """The recipe's :class:`TrainConfig` with ``changes`` applied, validated."""
+        values = {**self.section("train"), **changes}
+        unknown = sorted(set(values) - _TRAIN_FIELDS)
+        if unknown:
+            raise SplitLBIError(f"recipe {self.path}: unknown training setting(s) {', '.join(unknown)} in "
+                                f"[{self.scale}.train]")
+        if "lr_milestones" in values:
+            values["lr_milestones"] = tuple(int(m) for m in values["lr_milestones"])
+        try:
+            config = TrainConfig(**values)
+        except (TypeError, ValueError) as error:
+            raise SplitLBIError(f"recipe {self.path} [{self.scale}.train]: {error}") from None
+        validate_config(config)
+        return config
+
+    @property
+    def seeds(self) -> List[int]:
+        seeds = self.sections.get("run", {}).get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) \
+                or len(set(seeds)) != len(seeds):
+            raise SplitLBIError(f"recipe {self.path}: [{self.scale}.run] seeds must be distinct integers >= 0, "
+                                f"got {seeds!r}")
+        return seeds
+
+
+def recipe_path(figure: str, recipe_dir: Optional[Path] = None) -> Path:
+    """The bundled recipe file of ``figure``."""
+    if figure not in FIGURES:
+        raise SplitLBIError(f"unknown figure {figure!r} (choose from {', '.join(FIGURES)})")
+    return Path(recipe_dir or RECIPE_DIR) / f"{figure}.toml"
+
+
+def parse_override(text: str) -> tuple:
+    """``"train.model=vgg16_bn"`` -> ``("train", "model", "vgg16_bn")`` (values read as TOML)."""
+    key, sep, raw = text.partition("=")
+    section, dot, name = key.strip().partition(".")
+    if not sep or not dot or not section or not name:
+        raise SplitLBIError(f"--set expects SECTION.KEY=VALUE (e.g. train.epochs=5), got {text!r}")
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, name, value
+
+
+def load_recipe(figure: str, scale: str, *, path: Optional[Path] = None,
+                overrides: Iterable[str] = ()) -> Recipe:
+    """Read ``scale`` of ``figure``'s recipe (the bundled one unless ``path``), apply ``--set`` overrides."""
+    file = Path(path) if path is not None else recipe_path(figure)
+    if not file.is_file():
+        raise SplitLBIError(f"recipe file {file} does not exist")
+    try:
+        document = tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise SplitLBIError(f"recipe {file} is not valid TOML: {error}") from None
+    scales = {name: value for name, value in document.items() if isinstance(value, dict)}
+    if scale not in scales:
+        raise SplitLBIError(f"recipe {file} has no scale {scale!r} (it has: {', '.join(scales) or 'none'})")
+    sections: Dict[str, Dict[str, Any]] = {}
+    for name, value in scales[scale].items():
+        if not isinstance(value, dict):
+            raise SplitLBIError(f"recipe {file}: {scale}.{name} must be a table ([{scale}.{name}])")
+        sections[name] = dict(value)
+    for text in overrides:
+        section, name, value = parse_override(text)
+        sections.setdefault(section, {})[name] = value
+    declared = document.get("figure", figure)
+    if path is None and declared != figure:
+        raise SplitLBIError(f"recipe {file} is for {declared!r}, not {figure!r}")
+    return Recipe(figure=figure, scale=scale, path=file, title=str(document.get("title", figure)),
+                  sections=sections)
+
+
+def scales_of(figure: str) -> List[str]:
+    """The scales the bundled recipe of ``figure`` defines."""
+    document: Mapping[str, Any] = tomllib.loads(recipe_path(figure).read_text())
+    return [name for name, value in document.items() if isinstance(value, dict)]

@@ -1,0 +1,157 @@
+"""A reproduction's folder of runs: each job runs once, is found again by its settings, and resumes.
+
+A :class:`Workspace` owns ``OUT/runs/``. Every job (a training run, a retraining, a
+baseline) gets a directory named ``<label>-<hash>``, where the hash covers every setting
+that changes the result (not the data folder, the device or the progress bar). So a
+second ``splitlbi reproduce`` with the same recipe finds the finished runs and skips
+them, two figures that need the same run share it, and a changed setting makes a new
+run instead of silently reusing an old one.
+
+A job is finished when its directory holds ``job.json`` (written atomically after the job
+returned). An interrupted training run resumes from its last checkpoint (bitwise the
+same result on CPU); an interrupted retraining or baseline, which cannot resume, is
+deleted and started again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional
+
+from splitlbi.errors import SplitLBIError
+from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig
+from splitlbi.train.run import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, read_train_config, run_training
+from splitlbi.utils.io import atomic_write_text
+
+__all__ = ["JOB_FILE", "Workspace", "job_hash", "config_settings"]
+
+JOB_FILE = "job.json"
+RUNS_DIR = "runs"
+MASKS_DIR = "masks"
+# Settings that do not change what a run computes (the hash ignores them).
+_NOT_HASHED = frozenset(RESUME_OVERRIDABLE_FIELDS - {"epochs"})
+# Settings that only SplitLBI reads: an SGD run is the same run whatever they say.
+_SPLITLBI_ONLY = frozenset({"kappa", "nu", "lam", "penalty", "linear_penalty"})
+
+Log = Optional[Callable[[str], None]]
+
+
+def config_settings(config: TrainConfig) -> Dict[str, Any]:
+    """The fields of ``config`` that define a run's result (JSON-ready)."""
+    values = config.to_dict()
+    ignored = _NOT_HASHED if config.optimizer == "splitlbi" else _NOT_HASHED | _SPLITLBI_ONLY
+    return {name: values[name] for name in sorted(values) if name not in ignored}
+
+
+def job_hash(spec: Mapping[str, Any]) -> str:
+    """Eight hex digits identifying a job's settings."""
+    text = json.dumps(spec, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _safe_label(label: str) -> str:
+    allowed = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)
+    return allowed.strip("-") or "run"
+
+
+class Workspace:
+    """The run directories of one reproduction under ``out/runs`` (see the module doc).
+
+    Args:
+        out: the reproduction's folder (created).
+        data_dir, device, progress: applied to every training config.
+        log: gets one line per job (``None``: silent); ``epoch_log`` the per-epoch lines.
+    """
+
+    def __init__(self, out: Path, *, data_dir: Optional[str] = None, device: str = "auto",
+                 progress: bool = True, log: Log = print, epoch_log: Log = None) -> None:
+        self.out = Path(out)
+        if self.out.exists() and not self.out.is_dir():
+            raise SplitLBIError(f"--out {self.out} exists and is not a directory")
+        self.data_dir, self.device, self.progress = data_dir, device, progress
+        self.say = log if log is not None else (lambda line: None)
+        self.epoch_log = epoch_log
+        self.counts: Dict[str, int] = {}
+
+    # ----------------------------------------------------------------- plumbing
+    def config(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with this workspace's data folder, device and progress setting."""
+        return dataclasses.replace(config, data_dir=self.data_dir if self.data_dir is not None else config.data_dir,
+                                   device=self.device, progress=self.progress)
+
+    def run_dir(self, label: str, spec: Mapping[str, Any]) -> Path:
+        """Where the job with these settings lives."""
+        return self.out / RUNS_DIR / f"{_safe_label(label)}-{job_hash(spec)}"
+
+    def _count(self, action: str) -> None:
+        self.counts[action] = self.counts.get(action, 0) + 1
+
+    def _finish(self, run_dir: Path, spec: Mapping[str, Any], label: str, started: float, action: str) -> Path:
+        atomic_write_text(run_dir / JOB_FILE, json.dumps({"label": label, "spec": spec}, indent=2, default=str))
+        self._count(action)
+        self.say(f"{label}: {action} in {time.perf_counter() - started:.0f}s ({run_dir})")
+        return run_dir
+
+    def _finished(self, run_dir: Path, label: str) -> bool:
+        if (run_dir / JOB_FILE).is_file():
+            self._count("skipped")
+            self.say(f"{label}: finished before, skipped ({run_dir})")
+            return True
+        return False
+
+    # ----------------------------------------------------------------- jobs
+    def train(self, config: TrainConfig, label: str) -> Path:
+        """A ``run_training`` run of ``config``; resumed from its last checkpoint if interrupted."""
+        config = self.config(config)
+        spec = {"kind": "train", "config": config_settings(config)}
+        run_dir = self.run_dir(label, spec)
+        if self._finished(run_dir, label):
+            return run_dir
+        started = time.perf_counter()
+        if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+            stored = read_train_config(run_dir)
+            if config_settings(stored) != spec["config"]:
+                raise SplitLBIError(f"{run_dir} holds a run with other settings than its name says; move it away")
+            # The stored settings (an SGD run may store any κ, ν), with this call's device, data folder, ...
+            config = dataclasses.replace(stored, **{name: getattr(config, name) for name in RESUME_OVERRIDABLE_FIELDS})
+            self.say(f"{label}: resuming ({run_dir})")
+            run_training(config, run_dir, resume=True, log=self.epoch_log)
+            return self._finish(run_dir, spec, label, started, "resumed")
+        if run_dir.exists():  # killed before its first checkpoint: nothing worth keeping
+            shutil.rmtree(run_dir)
+        self.say(f"{label}: training {config.model} on {config.dataset}, {config.epochs} epochs ({run_dir})")
+        run_training(config, run_dir, log=self.epoch_log)
+        return self._finish(run_dir, spec, label, started, "trained")
+
+    def job(self, label: str, spec: Mapping[str, Any], make: Callable[[Path], Any]) -> Path:
+        """A job that cannot resume: ``make(run_dir)`` writes ``run_dir``; a partial one is redone."""
+        run_dir = self.run_dir(label, spec)
+        if self._finished(run_dir, label):
+            return run_dir
+        started = time.perf_counter()
+        action = "trained"
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+            action = "redone (was interrupted)"
+        self.say(f"{label}: running ({run_dir})")
+        make(run_dir)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise SplitLBIError(f"job {label} wrote no {CONFIG_FILE} in {run_dir}")
+        return self._finish(run_dir, spec, label, started, action)
+
+    def file(self, name: str, make: Callable[[Path], Any]) -> Path:
+        """A small derived file (masks) under ``out/masks``; made once."""
+        path = self.out / MASKS_DIR / name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            make(path)
+        return path
+
+    def summary(self) -> str:
+        """``"3 trained, 2 skipped"``: what this workspace did so far."""
+        return ", ".join(f"{count} {action}" for action, count in sorted(self.counts.items())) or "nothing to run"

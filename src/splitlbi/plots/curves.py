@@ -1,0 +1,161 @@
+"""Curves over epochs from run directories, drawn as the paper draws them.
+
+Every figure of the reproduction is written as ``<name>.png``, ``<name>.pdf`` and
+``<name>.csv``; the CSV holds exactly the numbers on the plot, one row per point:
+``panel, series, x, y, y_std, n`` (``y_std`` the standard deviation over the ``n``
+repeats, empty for a single run).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from splitlbi.errors import SplitLBIError
+from splitlbi.train.run import METRICS_FILE, PATH_FILE
+from splitlbi.utils.io import atomic_write_text
+
+__all__ = ["Series", "Panel", "read_metrics", "layer_filter_share", "mean_curve", "draw_panels", "CSV_COLUMNS"]
+
+CSV_COLUMNS = ("panel", "series", "x", "y", "y_std", "n")
+
+
+def _float(text: Optional[str]) -> float:
+    return float(text) if text not in (None, "") else math.nan
+
+
+def read_metrics(run_dir: Path) -> Dict[str, List[float]]:
+    """``metrics.csv`` of a run as ``{column: values by row}`` (missing cells are NaN)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise SplitLBIError(f"{run_dir} has no {METRICS_FILE} (not a run directory?)")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise SplitLBIError(f"{path} has no epochs yet")
+    return {column: [_float(row.get(column)) for row in rows] for column in rows[0]}
+
+
+def layer_filter_share(run_dir: Path) -> Dict[str, Dict[int, float]]:
+    """``{layer: {epoch: share of its filters in the support of Γ}}`` from ``path.csv``."""
+    counts: Dict[str, Dict[int, List[int]]] = {}
+    with open(Path(run_dir) / PATH_FILE, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["in_support"] in ("", None):
+                continue
+            kept_total = counts.setdefault(row["layer"], {}).setdefault(int(row["epoch"]), [0, 0])
+            kept_total[0] += row["in_support"] in ("1", "True", "true")
+            kept_total[1] += 1
+    return {layer: {epoch: kept / total for epoch, (kept, total) in epochs.items()}
+            for layer, epochs in counts.items()}
+
+
+@dataclass
+class Series:
+    """One curve: ``y[i]`` at ``x[i]``; ``y_std`` draws a shaded band (mean ± std over ``n`` repeats)."""
+
+    label: str
+    x: List[float]
+    y: List[float]
+    y_std: Optional[List[float]] = None
+    n: int = 1
+    color: Optional[str] = None
+    style: str = "-"
+    marker: Optional[str] = None
+    scatter: bool = False
+
+
+@dataclass
+class Panel:
+    """One axes: a title, axis labels and its curves (and optional horizontal reference lines)."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    series: List[Series] = field(default_factory=list)
+    hlines: List[Series] = field(default_factory=list)
+    ylim: Optional[tuple] = None
+
+
+def mean_curve(label: str, curves: Sequence[Sequence[float]], x: Sequence[float], **style) -> Series:
+    """Mean (and standard deviation when there are ≥ 2) of equally long ``curves`` over repeats."""
+    length = min(len(c) for c in curves)
+    columns = [[c[i] for c in curves] for i in range(length)]
+    mean = [statistics.fmean(v) for v in columns]
+    std = [statistics.stdev(v) for v in columns] if len(curves) > 1 else None
+    return Series(label, list(x[:length]), mean, std, n=len(curves), **style)
+
+
+def _rows(panels: Sequence[Panel]) -> List[List[str]]:
+    rows = []
+    for panel in panels:
+        for series in panel.series + panel.hlines:
+            for i, (x, y) in enumerate(zip(series.x, series.y)):
+                std = "" if series.y_std is None else f"{series.y_std[i]:.6g}"
+                rows.append([panel.title, series.label, f"{x:.6g}", f"{y:.6g}", std, str(series.n)])
+    return rows
+
+
+def draw_panels(panels: Sequence[Panel], out: Path, *, columns: int = 2, title: Optional[str] = None,
+                note: Optional[str] = None) -> List[Path]:
+    """Draw ``panels`` on a grid, write ``out`` (.png), the PDF and the CSV beside it; return the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from splitlbi.plots.style import COLUMN_WIDTH, PANEL_HEIGHT, paper_style, save_figure
+
+    out = Path(out)
+    columns = max(1, min(columns, len(panels)))
+    rows = math.ceil(len(panels) / columns)
+    with paper_style():
+        figure, axes = plt.subplots(rows, columns, figsize=(COLUMN_WIDTH * columns, PANEL_HEIGHT * rows),
+                                    squeeze=False)
+        for ax, panel in zip(axes.flat, panels):
+            for series in panel.series:
+                if series.scatter:
+                    ax.scatter(series.x, series.y, label=series.label, color=series.color,
+                               marker=series.marker or "o", s=60 if series.marker == "*" else 22, zorder=3,
+                               edgecolors="black" if series.marker == "*" else "none", linewidths=0.4)
+                    continue
+                ax.plot(series.x, series.y, series.style, label=series.label, color=series.color,
+                        marker=series.marker, markersize=3)
+                if series.y_std is not None:
+                    low = [m - s for m, s in zip(series.y, series.y_std)]
+                    high = [m + s for m, s in zip(series.y, series.y_std)]
+                    ax.fill_between(series.x, low, high, color=ax.lines[-1].get_color(), alpha=0.2, linewidth=0)
+            for line in panel.hlines:
+                ax.axhline(line.y[0], color=line.color or "black", linestyle=line.style or "--", linewidth=0.8,
+                           label=line.label)
+            if panel.xlabel.endswith("epoch"):
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(panel.title)
+            ax.set_xlabel(panel.xlabel)
+            ax.set_ylabel(panel.ylabel)
+            if panel.ylim is not None:
+                ax.set_ylim(*panel.ylim)
+            if panel.series or panel.hlines:
+                ax.legend(loc="best")
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        if title:
+            figure.suptitle(title)
+        if note:
+            figure.text(0.5, -0.01, note, ha="center", va="top", fontsize=6.5, wrap=True)
+        figure.tight_layout()
+        png = save_figure(figure, out, pdf=True)
+        plt.close(figure)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows(_rows(panels))
+    csv_path = out.with_suffix(".csv")
+    atomic_write_text(csv_path, buffer.getvalue())
+    return [png, out.with_suffix(".pdf"), csv_path]
