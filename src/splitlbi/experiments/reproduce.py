@@ -454,8 +454,11 @@ def fig7(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
         run = _retrain_job(ws, f"{experiment.splitlbi.name}-finetune-K{epoch}", experiment.splitlbi, "finetune",
                            settings, epoch=epoch)
         metrics = read_metrics(run)
-        finetune.series.append(Series(f"F-epoch {epoch}", [epoch + e for e in metrics["epoch"]],
-                                      metrics["test_acc"], color=colormap(index / max(1, len(epochs) - 1) * 0.8)))
+        # Starts from the sparse model at K (W_K on the support of Γ_K), as the dotted curve has it.
+        start = dense["sparse_test_acc"][dense["epoch"].index(epoch)]
+        finetune.series.append(Series(f"F-epoch {epoch}", [float(epoch)] + [epoch + e for e in metrics["epoch"]],
+                                      [start] + metrics["test_acc"],
+                                      color=colormap(index / max(1, len(epochs) - 1) * 0.8)))
     lottery = Panel("Lottery retraining from the initialization", "retraining epoch", "test accuracy (%)")
     sgd = read_metrics(experiment.sgd)
     lottery.series.append(Series("SGD (dense)", sgd["epoch"], sgd["test_acc"], color=method_color("sgd")))
@@ -483,7 +486,8 @@ def fig1(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     base = recipe.train_config()
     layer = str(recipe.sections.get("fig1", {}).get("layer", LAYER))
     runs = [_train(ws, dataclasses.replace(base, optimizer=name)) for name in ("splitlbi", "sgd")]
-    figure = make_filter_path_figure(runs, layer, title=f"Filter paths of {layer} (Fig. 1); {_scale_note(recipe)}")
+    figure = make_filter_path_figure(runs, layer, title=f"Filter paths of {layer} (Fig. 1)\n"
+                                      + textwrap.fill(_scale_note(recipe), 110))
     png = save_figure(figure, out, pdf=True)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

@@ -12,6 +12,7 @@ import csv
 import io
 import math
 import statistics
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -117,7 +118,7 @@ def draw_panels(panels: Sequence[Panel], out: Path, *, columns: int = 2, title: 
     rows = math.ceil(len(panels) / columns)
     with paper_style():
         figure, axes = plt.subplots(rows, columns, figsize=(COLUMN_WIDTH * columns, PANEL_HEIGHT * rows),
-                                    squeeze=False)
+                                    squeeze=False, layout="constrained")
         for ax, panel in zip(axes.flat, panels):
             for series in panel.series:
                 if series.scatter:
@@ -142,14 +143,20 @@ def draw_panels(panels: Sequence[Panel], out: Path, *, columns: int = 2, title: 
             if panel.ylim is not None:
                 ax.set_ylim(*panel.ylim)
             if panel.series or panel.hlines:
-                ax.legend(loc="best")
+                # Below the axes: with many curves there is no free corner inside.
+                ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=6.5)
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
         if title:
             figure.suptitle(title)
         if note:
-            figure.text(0.5, -0.01, note, ha="center", va="top", fontsize=6.5, wrap=True)
-        figure.tight_layout()
+            figure.canvas.draw()
+            to_figure = figure.transFigure.inverted()
+            bottom = min([0.0] + [to_figure.transform(legend.get_window_extent())[0][1]
+                                  for legend in figure.legends + [ax.get_legend() for ax in axes.flat]
+                                  if legend is not None])
+            figure.text(0.5, bottom - 0.02, textwrap.fill(note, 40 * columns + 30), ha="center", va="top",
+                        fontsize=6.5)
         png = save_figure(figure, out, pdf=True)
         plt.close(figure)
     buffer = io.StringIO()
