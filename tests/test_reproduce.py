@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -191,3 +192,23 @@ def test_cli_errors_are_one_line(tmp_path: Path) -> None:
         result = subprocess.run([sys.executable, "-m", "splitlbi", "reproduce", *arguments, "--out",
                                  str(tmp_path / "out")], capture_output=True, text=True, env=env)
         assert_one_line_error(result, fragment)
+
+
+def test_reuse_copies_a_finished_run_with_the_same_settings(tmp_path: Path, shared_data_dir: Path) -> None:
+    from splitlbi.train.run import run_training
+
+    recipe = load_recipe("fig1", "smoke")
+    config = recipe.train_config(optimizer="sgd", data_dir=str(shared_data_dir), progress=False)
+    elsewhere = run_training(config, tmp_path / "my-sgd-run", log=None)
+    other = run_training(dataclasses.replace(config, lr=0.01), tmp_path / "other-lr", log=None)
+    lines: list = []
+    reproduce(["fig1"], "smoke", tmp_path / "out", data_dir=str(shared_data_dir), device="cpu", progress=False,
+              reuse=[elsewhere, other], log=lines.append)
+    text = "\n".join(lines)
+    assert f"lenet5-sgd-seed0: copying the matching run {elsewhere}" in text
+    assert "other-lr" not in text
+    assert "1 reused, 1 trained" in lines[-1]
+    copied = next((tmp_path / "out" / "runs").glob("lenet5-sgd-seed0-*"))
+    assert (copied / "metrics.csv").read_text() == (elsewhere / "metrics.csv").read_text()
+    with pytest.raises(SplitLBIError, match="not a run directory"):
+        reproduce(["fig1"], "smoke", tmp_path / "out", reuse=[tmp_path], log=None)

@@ -122,6 +122,8 @@ def _draw(panels: list, out: Path, title: str, note: str, columns: int = 2) -> L
 def _scale_note(recipe: Recipe, extra: str = "") -> str:
     config = recipe.train_config()
     data = config.dataset + (f" padded to {config.pad_to}x{config.pad_to}" if config.pad_to else "")
+    if config.train_split:
+        data += f" (official test set: first {config.train_split} images train, the rest test)"
     if config.limit_train:
         data += f", first {config.limit_train} training images"
     if config.limit_test:
@@ -568,7 +570,8 @@ FIGURE_FUNCTIONS: Dict[str, Callable[[Workspace, Recipe, Path], List[Path]]] = {
 
 def reproduce(figures: Sequence[str], scale: str = "smoke", out_dir: Optional[Path] = None, *,
               data_dir: Optional[str] = None, device: str = "auto", progress: bool = True,
-              overrides: Sequence[str] = (), recipe_file: Optional[Path] = None, log: Log = print) -> List[Path]:
+              overrides: Sequence[str] = (), recipe_file: Optional[Path] = None, reuse: Sequence[Path] = (),
+              log: Log = print) -> List[Path]:
     """Run what ``figures`` need at ``scale`` (skipping finished runs) and draw them; return the files written.
 
     Args:
@@ -578,6 +581,8 @@ def reproduce(figures: Sequence[str], scale: str = "smoke", out_dir: Optional[Pa
             ``figures/``.
         overrides: ``SECTION.KEY=VALUE`` recipe changes (``--set``).
         recipe_file: a recipe file to use instead of the bundled one (one figure only).
+        reuse: finished ``splitlbi train`` run directories to copy in where a needed run has
+            exactly their settings (``--reuse``).
     """
     say = log if log is not None else (lambda line: None)
     names = list(FIGURES) if list(figures) == ["all"] else list(figures)
@@ -591,7 +596,7 @@ def reproduce(figures: Sequence[str], scale: str = "smoke", out_dir: Optional[Pa
     for recipe in recipes:  # bad settings fail now, not after hours of other figures
         recipe.train_config()
     out = Path(out_dir) if out_dir is not None else Path(f"reproduce-{scale}")
-    ws = Workspace(out, data_dir=data_dir, device=device, progress=progress, log=say)
+    ws = Workspace(out, data_dir=data_dir, device=device, progress=progress, log=say, reuse=reuse)
     written: List[Path] = []
     started = time.perf_counter()
     for recipe in recipes:
@@ -623,6 +628,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="change one recipe entry, e.g. --set train.model=vgg16_bn --set run.seeds=[0,1]")
     parser.add_argument("--recipe", metavar="FILE", help="use this recipe file instead of the bundled one")
+    parser.add_argument("--reuse", nargs="+", default=[], metavar="RUN_DIR",
+                        help="finished `splitlbi train` runs to copy in where a needed run has exactly their settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_run)
     return parser
@@ -634,5 +641,6 @@ def _run(arguments: argparse.Namespace) -> int:
     data_dir = arguments.data_dir or os.environ.get("SPLITLBI_DATA")
     reproduce(arguments.figures, arguments.scale, Path(arguments.out) if arguments.out else None,
               data_dir=data_dir, device=arguments.device, progress=not arguments.no_progress,
-              overrides=arguments.overrides, recipe_file=Path(arguments.recipe) if arguments.recipe else None)
+              overrides=arguments.overrides, recipe_file=Path(arguments.recipe) if arguments.recipe else None,
+              reuse=[Path(folder) for folder in arguments.reuse])
     return 0

@@ -18,10 +18,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig
@@ -39,6 +40,7 @@ _NOT_HASHED = frozenset(RESUME_OVERRIDABLE_FIELDS - {"epochs"})
 _SPLITLBI_ONLY = frozenset({"kappa", "nu", "lam", "penalty", "linear_penalty"})
 
 Log = Optional[Callable[[str], None]]
+PathLike = Union[str, Path]
 
 
 def config_settings(config: TrainConfig) -> Dict[str, Any]:
@@ -66,10 +68,13 @@ class Workspace:
         out: the reproduction's folder (created).
         data_dir, device, progress: applied to every training config.
         log: gets one line per job (``None``: silent); ``epoch_log`` the per-epoch lines.
+        reuse: run directories trained elsewhere (``splitlbi train``); a training job whose
+            settings equal one of them copies it in instead of training again.
     """
 
     def __init__(self, out: Path, *, data_dir: Optional[str] = None, device: str = "auto",
-                 progress: bool = True, log: Log = print, epoch_log: Log = None) -> None:
+                 progress: bool = True, log: Log = print, epoch_log: Log = None,
+                 reuse: Sequence[PathLike] = ()) -> None:
         self.out = Path(out)
         if self.out.exists() and not self.out.is_dir():
             raise SplitLBIError(f"--out {self.out} exists and is not a directory")
@@ -77,6 +82,12 @@ class Workspace:
         self.say = log if log is not None else (lambda line: None)
         self.epoch_log = epoch_log
         self.counts: Dict[str, int] = {}
+        self.reuse: List[Tuple[Dict[str, Any], Path]] = []
+        for folder in reuse:
+            folder = Path(folder)
+            if not (folder / CONFIG_FILE).is_file() or not (folder / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+                raise SplitLBIError(f"--reuse {folder} is not a run directory with a checkpoint")
+            self.reuse.append((config_settings(read_train_config(folder)), folder))
 
     # ----------------------------------------------------------------- plumbing
     def config(self, config: TrainConfig) -> TrainConfig:
@@ -113,6 +124,13 @@ class Workspace:
         if self._finished(run_dir, label):
             return run_dir
         started = time.perf_counter()
+        reusable = [folder for settings, folder in self.reuse if settings == spec["config"]]
+        action = "resumed"
+        if reusable and not run_dir.exists():
+            action = "reused"
+            self.say(f"{label}: copying the matching run {reusable[0]}")
+            shutil.copytree(reusable[0], run_dir.with_name(run_dir.name + ".partial"))
+            os.replace(run_dir.with_name(run_dir.name + ".partial"), run_dir)
         if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
             stored = read_train_config(run_dir)
             if config_settings(stored) != spec["config"]:
@@ -120,8 +138,8 @@ class Workspace:
             # The stored settings (an SGD run may store any κ, ν), with this call's device, data folder, ...
             config = dataclasses.replace(stored, **{name: getattr(config, name) for name in RESUME_OVERRIDABLE_FIELDS})
             self.say(f"{label}: resuming ({run_dir})")
-            run_training(config, run_dir, resume=True, log=self.epoch_log)
-            return self._finish(run_dir, spec, label, started, "resumed")
+            run_training(config, run_dir, resume=True, log=self.epoch_log)  # a finished run: returns at once
+            return self._finish(run_dir, spec, label, started, action)
         if run_dir.exists():  # killed before its first checkpoint: nothing worth keeping
             shutil.rmtree(run_dir)
         self.say(f"{label}: training {config.model} on {config.dataset}, {config.epochs} epochs ({run_dir})")
