@@ -31,6 +31,7 @@ import csv
 import dataclasses
 import io
 import shutil
+import statistics
 import textwrap
 import time
 from pathlib import Path
@@ -158,7 +159,7 @@ def fig6(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
 
 def fig8(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     """Sparsity over training of the SplitLBI runs that give the lottery masks, mean ± std over seeds."""
-    from splitlbi.plots.curves import Panel, Series, layer_filter_share, mean_curve, read_metrics
+    from splitlbi.plots.curves import Heatmap, Panel, layer_filter_share, mean_curve, read_metrics
     from splitlbi.plots.style import method_color
 
     runs = [_train(ws, recipe.train_config(optimizer="splitlbi", seed=seed)) for seed in recipe.seeds]
@@ -166,21 +167,15 @@ def fig8(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     overall = Panel("Non-zeros of Γ", "epoch", "non-zeros of Γ (% of coupled weights)")
     overall.series.append(mean_curve("SplitLBI", [[100.0 * v for v in m["sparsity"]] for m in metrics],
                                      metrics[0]["epoch"], color=method_color("splitlbi")))
-    layers = Panel("Filters selected per layer (mean over seeds)", "epoch", "filters in the support of Γ (%)")
     shares = [layer_filter_share(run) for run in runs]
     names = [name for name in shares[0] if all(name in s for s in shares)]
-    import matplotlib
-
-    colormap = matplotlib.colormaps["viridis"]
-    for index, name in enumerate(names):
-        epochs = sorted(set.intersection(*(set(s[name]) for s in shares)))
-        curve = mean_curve(name, [[100.0 * s[name][e] for e in epochs] for s in shares], epochs,
-                           color=colormap(index / max(1, len(names) - 1)))
-        curve.y_std = None  # one band per layer would hide the lines
-        layers.series.append(curve)
+    epochs = sorted(set.intersection(*(set(s[name]) for s in shares for name in names)))
+    values = [[100.0 * statistics.fmean(s[name][e] for s in shares) for e in epochs] for name in names]
+    layers = Panel("Filters selected per layer", "epoch", "", heatmap=Heatmap(
+        names, [float(e) for e in epochs], values, "filters selected by Γ (%)",
+        n=len(shares)))
     paths = _draw([overall, layers], out, "Sparsity of the SplitLBI (Lottery) runs (Fig. 8)",
-                  _scale_note(recipe, "left: mean ± std over seeds; right: colour from first (purple) to last "
-                              "(yellow) layer"))
+                  _scale_note(recipe, "left: mean ± std over seeds; right: mean over seeds, epoch 0 = init"))
     return paths
 
 

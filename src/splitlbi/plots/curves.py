@@ -21,7 +21,7 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.train.run import METRICS_FILE, PATH_FILE
 from splitlbi.utils.io import atomic_write_text
 
-__all__ = ["Series", "Panel", "read_metrics", "layer_filter_share", "mean_curve", "draw_panels", "CSV_COLUMNS"]
+__all__ = ["Series", "Panel", "Heatmap", "read_metrics", "layer_filter_share", "mean_curve", "draw_panels", "CSV_COLUMNS"]
 
 CSV_COLUMNS = ("panel", "series", "x", "y", "y_std", "n")
 
@@ -72,8 +72,20 @@ class Series:
 
 
 @dataclass
+class Heatmap:
+    """Values by row (e.g. a layer) and column ``x`` (e.g. an epoch), drawn as coloured cells."""
+
+    rows: List[str]
+    x: List[float]
+    values: List[List[float]]
+    label: str
+    vmax: float = 100.0
+    n: int = 1
+
+
+@dataclass
 class Panel:
-    """One axes: a title, axis labels and its curves (and optional horizontal reference lines)."""
+    """One axes: a title, axis labels and its curves (and optional horizontal reference lines), or a heatmap."""
 
     title: str
     xlabel: str
@@ -81,6 +93,7 @@ class Panel:
     series: List[Series] = field(default_factory=list)
     hlines: List[Series] = field(default_factory=list)
     ylim: Optional[tuple] = None
+    heatmap: Optional[Heatmap] = None
 
 
 def mean_curve(label: str, curves: Sequence[Sequence[float]], x: Sequence[float], **style) -> Series:
@@ -99,7 +112,20 @@ def _rows(panels: Sequence[Panel]) -> List[List[str]]:
             for i, (x, y) in enumerate(zip(series.x, series.y)):
                 std = "" if series.y_std is None else f"{series.y_std[i]:.6g}"
                 rows.append([panel.title, series.label, f"{x:.6g}", f"{y:.6g}", std, str(series.n)])
+        if panel.heatmap is not None:
+            cells = panel.heatmap
+            for label, values in zip(cells.rows, cells.values):
+                rows.extend([panel.title, label, f"{x:.6g}", f"{y:.6g}", "", str(cells.n)] for x, y in zip(cells.x, values))
     return rows
+
+
+def _draw_heatmap(figure, ax, cells: Heatmap) -> None:
+    step = (cells.x[1] - cells.x[0]) if len(cells.x) > 1 else 1.0
+    extent = (cells.x[0] - step / 2, cells.x[-1] + step / 2, len(cells.rows) - 0.5, -0.5)
+    image = ax.imshow(cells.values, aspect="auto", cmap="Blues", vmin=0.0, vmax=cells.vmax, extent=extent,
+                      interpolation="nearest")
+    ax.set_yticks(range(len(cells.rows)), cells.rows, fontsize=5)
+    figure.colorbar(image, ax=ax, label=cells.label, fraction=0.06, pad=0.02)
 
 
 def draw_panels(panels: Sequence[Panel], out: Path, *, columns: int = 2, title: Optional[str] = None,
@@ -120,6 +146,8 @@ def draw_panels(panels: Sequence[Panel], out: Path, *, columns: int = 2, title: 
         figure, axes = plt.subplots(rows, columns, figsize=(COLUMN_WIDTH * columns, PANEL_HEIGHT * rows),
                                     squeeze=False, layout="constrained")
         for ax, panel in zip(axes.flat, panels):
+            if panel.heatmap is not None:
+                _draw_heatmap(figure, ax, panel.heatmap)
             for series in panel.series:
                 if series.scatter:
                     ax.scatter(series.x, series.y, label=series.label, color=series.color,
