@@ -289,5 +289,5 @@ def test_cli_errors(tiny_run: Path, tmp_path: Path):
     mask_file = tmp_path / "wrong.pt"
     torch.save({"masks": _random_masks(wrong, torch.Generator().manual_seed(0))}, mask_file)
     assert_one_line_error(_run_cli(str(tiny_run), "--epoch", "2", "--out", str(out), "--masks", str(mask_file)),
-                           "masks do not match the model", "conv1.weight")
+                           "masks do not fit the model", "conv1.weight")
     assert not out.exists()

@@ -109,14 +109,13 @@ def _named_convs(model: nn.Module) -> Dict[str, nn.Conv2d]:
 
 def check_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> None:
     """:class:`SplitLBIError` naming the first mask whose name or shape does not match ``model``."""
-    parameters = dict(model.named_parameters())
-    for name, mask in masks.items():
-        if name not in parameters:
-            raise SplitLBIError(f"masks do not match the model: the model has no parameter {name!r}")
-        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(parameters[name].shape):
-            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
-            raise SplitLBIError(f"masks do not match the model: {name} is {shape} in the masks but "
-                                f"{tuple(parameters[name].shape)} in the model")
+    from splitlbi.prune.masks import validate_masks
+
+    not_tensors = [name for name, mask in masks.items() if not isinstance(mask, Tensor)]
+    if not_tensors:
+        raise SplitLBIError(f"masks do not fit the model: {not_tensors[0]} is a "
+                            f"{type(masks[not_tensors[0]]).__name__}, not a tensor")
+    validate_masks(masks, model)
 
 
 def unselected_filters(model: nn.Module, masks: Mapping[str, Tensor]) -> Dict[str, List[int]]:
