@@ -212,3 +212,18 @@ def test_reuse_copies_a_finished_run_with_the_same_settings(tmp_path: Path, shar
     assert (copied / "metrics.csv").read_text() == (elsewhere / "metrics.csv").read_text()
     with pytest.raises(SplitLBIError, match="not a run directory"):
         reproduce(["fig1"], "smoke", tmp_path / "out", reuse=[tmp_path], log=None)
+
+
+def test_a_job_another_process_is_running_is_a_clear_error(tmp_path: Path) -> None:
+    import fcntl
+
+    ws = Workspace(tmp_path, progress=False, log=None)
+    config = TrainConfig(model="lenet5", dataset="digits", epochs=1, optimizer="sgd", device="cpu")
+    run_dir = ws.run_dir("run", {"kind": "train", "config": config_settings(ws.config(config))})
+    run_dir.parent.mkdir(parents=True)
+    with open(run_dir.with_name(run_dir.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # what a second reproduce on the same --out holds
+        with pytest.raises(SplitLBIError, match="another process is running"):
+            ws.train(config, "run")
+    assert ws.train(config, "run") == run_dir  # once released, the job runs
+    assert (run_dir / JOB_FILE).is_file()

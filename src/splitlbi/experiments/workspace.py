@@ -15,6 +15,7 @@ deleted and started again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,7 +23,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig
@@ -54,6 +55,27 @@ def job_hash(spec: Mapping[str, Any]) -> str:
     """Eight hex digits identifying a job's settings."""
     text = json.dumps(spec, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+@contextlib.contextmanager
+def _lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``<run_dir>.lock`` while a job runs: two reproductions sharing an OUT never train one run twice.
+
+    An OS file lock (``flock``), so a killed process leaves nothing stale behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no locking
+        yield
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.with_name(run_dir.name + ".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SplitLBIError(f"another process is running {run_dir.name} (a second reproduce on the same "
+                                f"--out?); wait for it or use another --out") from None
+        yield
 
 
 def _safe_label(label: str) -> str:
@@ -123,6 +145,12 @@ class Workspace:
         run_dir = self.run_dir(label, spec)
         if self._finished(run_dir, label):
             return run_dir
+        with _lock(run_dir):
+            if self._finished(run_dir, label):  # finished by another process meanwhile
+                return run_dir
+            return self._train(config, spec, run_dir, label)
+
+    def _train(self, config: TrainConfig, spec: Dict[str, Any], run_dir: Path, label: str) -> Path:
         started = time.perf_counter()
         reusable = [folder for settings, folder in self.reuse if settings == spec["config"]]
         action = "resumed"
@@ -151,6 +179,12 @@ class Workspace:
         run_dir = self.run_dir(label, spec)
         if self._finished(run_dir, label):
             return run_dir
+        with _lock(run_dir):
+            if self._finished(run_dir, label):
+                return run_dir
+            return self._job(label, spec, make, run_dir)
+
+    def _job(self, label: str, spec: Mapping[str, Any], make: Callable[[Path], Any], run_dir: Path) -> Path:
         started = time.perf_counter()
         action = "trained"
         if run_dir.exists():
