@@ -15,7 +15,7 @@ import statistics
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.run import METRICS_FILE, PATH_FILE

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
@@ -44,21 +43,15 @@ import torch
 from torch import Tensor, nn
 
 from splitlbi.data import canonical_dataset_name
-from splitlbi.data.augment import augment_generator, train_transform
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model
 from splitlbi.prune.compact import _bn_after, compact_model, count_macs_params
 from splitlbi.prune.masks import Masks, apply_masks_, load_mask_file, mask_sparsity, save_mask_file
-from splitlbi.prune.retrain import MASK_FILE, MaskedSGD, retrain
+from splitlbi.prune.retrain import MASK_FILE, MaskedSGD, retrain, start_run_dir, train_epochs
 from splitlbi.train import run as run_module
 from splitlbi.train.config import TrainConfig, resolve_device, validate_config
-from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
 from splitlbi.train.optimizers import build_scheduler
-from splitlbi.train.run import (
-    CHECKPOINT_DIR, CONFIG_FILE, INIT_FILE, METRICS_COLUMNS, METRICS_FILE, PATH_COLUMNS, PATH_FILE,
-    filter_path_rows,
-)
-from splitlbi.utils.io import atomic_torch_save, atomic_write_text
+from splitlbi.train.run import CONFIG_FILE
 
 __all__ = ["BASELINES", "slimming", "soft_filter_pruning", "scratch", "scratch_b_epochs", "slimming_masks",
            "smallest_filter_masks", "architecture_masks"]
@@ -192,46 +185,14 @@ def _new_run(config: TrainConfig, out: Path, info: Dict[str, Any], *, init_seed:
     scheduler = build_scheduler(config, optimizer)
     kept = mask_sparsity(masks).overall if masks else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    run_module._write_json(out / CONFIG_FILE, {**run_module._run_info(config, data.facts), "world_size": 1,
-                                               "baseline": info})
+    start_run_dir(out, {**run_module._run_info(config, data.facts), "world_size": 1, "baseline": info}, model,
+                  optimizer)
     if masks is not None:
         save_mask_file(out / MASK_FILE, arch, model=config.model, source=info.get("masks"), kind=info["name"])
-    atomic_torch_save({n: t.detach().cpu() for n, t in model.state_dict().items()}, out / INIT_FILE)
-    atomic_write_text(out / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
-    atomic_write_text(out / PATH_FILE, ",".join(PATH_COLUMNS) + "\n")
-    run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, 0))
-    (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
-    run_module._save_checkpoint(out, run_module._checkpoint_state(0, model, optimizer, scheduler,
-                                                                  [run_module._rng_state()]), keep_epoch_file=False)
     say(f"run directory: {out}")
-    current_masks = masks
-    for current in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        lr_now = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(model, optimizer, data.train_images, data.train_labels,
-                                batch_size=config.batch_size, mean=data.mean, std=data.std,
-                                generator=epoch_generator(config.seed, current),
-                                transform=train_transform(config.augment, data.mean, data.std,
-                                                          augment_generator(config.seed, current)),
-                                progress=None if config.progress else False,
-                                description=f"{info['name']} epoch {current}/{config.epochs}")
-        if after_epoch is not None:
-            current_masks = after_epoch(model, current)
-            kept = mask_sparsity(current_masks).overall if current_masks else None
-        test = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
-                        mean=data.mean, std=data.std)
-        scheduler.step()
-        metrics = {"epoch": current, "lr": lr_now, "train_loss": train.loss, "train_acc": train.accuracy,
-                   "test_loss": test.loss, "test_acc": test.accuracy,
-                   "sparse_test_acc": test.accuracy if kept is not None else None, "sparsity": kept,
-                   "epoch_seconds": time.perf_counter() - started}
-        run_module._append_rows(out / METRICS_FILE, [run_module._metrics_row(metrics)])
-        run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, current))
-        run_module._save_checkpoint(out, run_module._checkpoint_state(current, model, optimizer, scheduler,
-                                                                      [run_module._rng_state()]),
-                                    keep_epoch_file=current % config.save_every == 0 or current == config.epochs)
-        say(run_module._summary_line(metrics, config.epochs))
+    last = train_epochs(out, model, optimizer, scheduler, data, config, kept=kept, description=info["name"],
+                        after_epoch=after_epoch, say=say)
+    current_masks = last if after_epoch is not None else masks
     return out, model, current_masks
 
 

@@ -36,7 +36,7 @@ from splitlbi.prune.masks import (
     Masks, apply_masks_, load_mask_file, load_run_masks, mask_sparsity, save_mask_file, validate_masks,
 )
 from splitlbi.train import run as run_module
-from splitlbi.train.config import resolve_device, validate_config
+from splitlbi.train.config import TrainConfig, resolve_device, validate_config
 from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
 from splitlbi.train.optimizers import build_scheduler
 from splitlbi.train.run import (
@@ -45,7 +45,7 @@ from splitlbi.train.run import (
 )
 from splitlbi.utils.io import atomic_torch_save, atomic_write_text
 
-__all__ = ["RETRAIN_MODES", "MASK_FILE", "MaskedSGD", "retrain"]
+__all__ = ["RETRAIN_MODES", "MASK_FILE", "MaskedSGD", "retrain", "start_run_dir", "finish_epoch", "train_epochs"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -80,6 +80,69 @@ class MaskedSGD(torch.optim.SGD):
 def _checkpoint_epochs_text(run_dir: Path) -> str:
     epochs = list(list_checkpoints(run_dir))
     return ", ".join(map(str, epochs)) if epochs else "none"
+
+
+def start_run_dir(out: Path, run_info: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write a new SGD run directory's fixed files: ``config.json``, ``init.pt``, the
+    ``metrics.csv`` / ``path.csv`` headers and ``path.csv``'s epoch-0 rows."""
+    out.mkdir(parents=True, exist_ok=True)
+    run_module._write_json(out / CONFIG_FILE, run_info)
+    atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, out / INIT_FILE)
+    atomic_write_text(out / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
+    atomic_write_text(out / PATH_FILE, ",".join(PATH_COLUMNS) + "\n")
+    run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, 0))
+    (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
+
+
+def finish_epoch(out: Path, metrics: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, keep: bool) -> None:
+    """Append the epoch's metrics (and, after epoch 0, path rows) and write its checkpoint."""
+    run_module._append_rows(out / METRICS_FILE, [run_module._metrics_row(metrics)])
+    if metrics["epoch"] > 0:  # path.csv already has epoch 0
+        run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, metrics["epoch"]))
+    state = run_module._checkpoint_state(metrics["epoch"], model, optimizer, scheduler, [run_module._rng_state()])
+    run_module._save_checkpoint(out, state, keep_epoch_file=keep)
+
+
+def train_epochs(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any,
+                 config: TrainConfig, *, kept: Optional[float], description: str,
+                 after_epoch: Optional[Callable[[nn.Module, int], Optional[Masks]]] = None,
+                 say: Callable[[str], None]) -> Optional[Masks]:
+    """The epoch loop of retraining and baselines: SGD epochs with ``config``'s data order and
+    augmentation, evaluation, metrics/path rows and checkpoints in ``out``.
+
+    ``kept``: share of weights the fixed mask keeps (the sparsity column; ``None``: dense).
+    ``after_epoch(model, epoch)`` may change the weights after each epoch's training and returns
+    that epoch's masks (Soft Filter Pruning). Returns the last masks it returned.
+    """
+    masks: Optional[Masks] = None
+    # Like a training run: last.pt holds epoch 0 (the start) until the first epoch ends.
+    run_module._save_checkpoint(out, run_module._checkpoint_state(0, model, optimizer, scheduler,
+                                                                  [run_module._rng_state()]), keep_epoch_file=False)
+    for current in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        lr_now = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(model, optimizer, data.train_images, data.train_labels,
+                                batch_size=config.batch_size, mean=data.mean, std=data.std,
+                                generator=epoch_generator(config.seed, current),
+                                transform=train_transform(config.augment, data.mean, data.std,
+                                                          augment_generator(config.seed, current)),
+                                progress=None if config.progress else False,
+                                description=f"{description} epoch {current}/{config.epochs}")
+        if after_epoch is not None:
+            masks = after_epoch(model, current)
+            kept = mask_sparsity(masks).overall if masks else None
+        test = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
+                        mean=data.mean, std=data.std)
+        scheduler.step()
+        metrics = {"epoch": current, "lr": lr_now, "train_loss": train.loss, "train_acc": train.accuracy,
+                   "test_loss": test.loss, "test_acc": test.accuracy,
+                   "sparse_test_acc": test.accuracy if kept is not None else None, "sparsity": kept,
+                   "epoch_seconds": time.perf_counter() - started}
+        finish_epoch(out, metrics, model, optimizer, scheduler,
+                     keep=current % config.save_every == 0 or current == config.epochs)
+        say(run_module._summary_line(metrics, config.epochs))
+    return masks
 
 
 def retrain(
@@ -174,58 +237,25 @@ def retrain(
     scheduler = build_scheduler(config, optimizer)
     kept = mask_sparsity(mask_dict).overall
 
-    out.mkdir(parents=True, exist_ok=True)
     retrain_info = {"mode": mode, "source": str(run_dir), "epoch": epoch, "masks": mask_source,
                     "kept": kept, "source_optimizer": source.optimizer}
-    run_module._write_json(out / CONFIG_FILE, {**run_module._run_info(config, data.facts), "world_size": 1,
-                                               "retrain": retrain_info})
+    start_run_dir(out, {**run_module._run_info(config, data.facts), "world_size": 1, "retrain": retrain_info},
+                  model, optimizer)
     save_mask_file(out / MASK_FILE, mask_dict, model=info["model"], epoch=epoch, source=run_dir)
-    atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, out / INIT_FILE)
-    atomic_write_text(out / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
-    atomic_write_text(out / PATH_FILE, ",".join(PATH_COLUMNS) + "\n")
-    run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, 0))
-    (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
     say(f"run directory: {out}")
     say(f"{mode}: {info['model']} from {run_dir} ({'init' if mode == 'lottery' else f'epoch {epoch}'}), "
         f"mask {mask_source}, {100.0 * kept:.2f}% of the masked weights kept")
-    evaluation = dict(batch_size=config.eval_batch_size, mean=data.mean, std=data.std)
-
-    def finish_epoch(metrics: Dict[str, Any], keep: bool) -> None:
-        run_module._append_rows(out / METRICS_FILE, [run_module._metrics_row(metrics)])
-        if metrics["epoch"] > 0:  # path.csv already has epoch 0
-            run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, metrics["epoch"]))
-        state = run_module._checkpoint_state(metrics["epoch"], model, optimizer, scheduler,
-                                             [run_module._rng_state()])
-        run_module._save_checkpoint(out, state, keep_epoch_file=keep)
 
     if mode == "prune":
         started = time.perf_counter()
-        test = evaluate(model, data.test_images, data.test_labels, **evaluation)
+        test = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
+                        mean=data.mean, std=data.std)
         metrics = {"epoch": 0, "lr": None, "train_loss": None, "train_acc": None, "test_loss": test.loss,
                    "test_acc": test.accuracy, "sparse_test_acc": test.accuracy, "sparsity": kept,
                    "epoch_seconds": time.perf_counter() - started}
-        finish_epoch(metrics, keep=True)
+        finish_epoch(out, metrics, model, optimizer, scheduler, keep=True)
         say(f"pruned model (no training): test loss {test.loss:.4f} acc {test.accuracy:6.2f}%")
         return out
 
-    # Like a training run: last.pt holds epoch 0 (the masked start) until the first epoch ends.
-    run_module._save_checkpoint(out, run_module._checkpoint_state(0, model, optimizer, scheduler,
-                                                                  [run_module._rng_state()]), keep_epoch_file=False)
-    for current in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        lr_now = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(model, optimizer, data.train_images, data.train_labels,
-                                batch_size=config.batch_size, mean=data.mean, std=data.std,
-                                generator=epoch_generator(seed, current),
-                                transform=train_transform(config.augment, data.mean, data.std,
-                                                          augment_generator(seed, current)),
-                                progress=None if progress else False,
-                                description=f"{mode} epoch {current}/{config.epochs}")
-        test = evaluate(model, data.test_images, data.test_labels, **evaluation)
-        scheduler.step()
-        metrics = {"epoch": current, "lr": lr_now, "train_loss": train.loss, "train_acc": train.accuracy,
-                   "test_loss": test.loss, "test_acc": test.accuracy, "sparse_test_acc": test.accuracy,
-                   "sparsity": kept, "epoch_seconds": time.perf_counter() - started}
-        finish_epoch(metrics, keep=current % config.save_every == 0 or current == config.epochs)
-        say(run_module._summary_line(metrics, config.epochs))
+    train_epochs(out, model, optimizer, scheduler, data, config, kept=kept, description=mode, say=say)
     return out
