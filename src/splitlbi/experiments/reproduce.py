@@ -260,12 +260,14 @@ def _final(run: Path) -> float:
     return read_metrics(run)["test_acc"][-1]
 
 
-def mask_facts(mask_file: Optional[Path], example_shape: Sequence[int], config: Dict[str, Any]) -> Dict[str, Any]:
+def mask_facts(mask_file: Optional[Path], example_shape: Sequence[int], config: Dict[str, Any], *,
+               compact: bool = True) -> Dict[str, Any]:
     """Filters and weights kept, parameters and MACs of the compacted model for a mask file (``None``: dense).
 
     Filter-structured masks are compacted for real (:func:`~splitlbi.prune.compact.compact_model`,
     which keeps a residual channel that any sharing layer selects); unstructured masks count
-    the remaining weights and the dense MACs. ``config`` is the run's ``config.json``.
+    the remaining weights and the dense MACs, and so does ``compact=False`` (weight sparsity,
+    where even an empty filter is a count of weights). ``config`` is the run's ``config.json``.
     """
     import torch
 
@@ -280,10 +282,10 @@ def mask_facts(mask_file: Optional[Path], example_shape: Sequence[int], config: 
     conv = {n: m for n, m in masks.items() if m.dim() == 4}
     sparsity = mask_sparsity(conv) if conv else None
     filters = (sum(sparsity.filters_kept.values()) / sum(sparsity.filters_total.values())) if sparsity else 1.0
-    structured = all(is_filter_structured(m) for m in conv.values())
+    structured = compact and all(is_filter_structured(m) for m in conv.values())
     if structured and conv:
-        compact, _ = compact_model(model, {n: m.bool() for n, m in conv.items()}, example, measure=False)
-        macs, params = count_macs_params(compact, example)
+        smaller, _ = compact_model(model, {n: m.bool() for n, m in conv.items()}, example, measure=False)
+        macs, params = count_macs_params(smaller, example)
     else:  # unstructured: the weights remaining; the dense MACs (no structured saving)
         removed = sum(int((~m.bool()).sum()) for m in masks.values())
         macs, params = dense_macs, dense_params - removed
@@ -302,8 +304,10 @@ def _subnetworks(ws: Workspace, recipe: Recipe, penalty: str, baselines: bool = 
 
     sub = recipe.section("subnet", ["epochs"])
     base = recipe.train_config(seed=recipe.seeds[0])
+    # Single weights are far smaller than filter norms: the l1 run takes its own λ (subnet.l1_lam).
     lbi_config = dataclasses.replace(base, optimizer="splitlbi", **({} if penalty == "group" else
-                                                                     {"penalty": penalty}))
+                                                                     {"penalty": penalty,
+                                                                      "lam": float(sub.get("l1_lam", base.lam))}))
     lbi = _train(ws, lbi_config)
     sgd = _train(ws, dataclasses.replace(base, optimizer="sgd"))
     settings = _retrain_settings(recipe, base, "retrain")
@@ -321,7 +325,7 @@ def _subnetworks(ws: Workspace, recipe: Recipe, penalty: str, baselines: bool = 
 
     def record(method: str, epoch: int, run: Path, mask: Path) -> None:
         results.append({"penalty": penalty, "method": method, "epoch_k": epoch, "test_acc": _final(run),
-                        "run": run.name, **mask_facts(mask, shape, info)})
+                        "run": run.name, **mask_facts(mask, shape, info, compact=penalty != "l1")})
 
     for epoch in [int(k) for k in sub["epochs"]]:
         mask = _mask_file(ws, lbi, epoch)
