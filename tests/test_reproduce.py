@@ -214,16 +214,22 @@ def test_reuse_copies_a_finished_run_with_the_same_settings(tmp_path: Path, shar
         reproduce(["fig1"], "smoke", tmp_path / "out", reuse=[tmp_path], log=None)
 
 
-def test_a_job_another_process_is_running_is_a_clear_error(tmp_path: Path) -> None:
+def test_a_job_another_process_is_running_is_waited_for(tmp_path: Path) -> None:
     import fcntl
+    import threading
+    import time
 
-    ws = Workspace(tmp_path, progress=False, log=None)
+    lines: list = []
+    ws = Workspace(tmp_path, progress=False, log=lines.append)
     config = TrainConfig(model="lenet5", dataset="digits", epochs=1, optimizer="sgd", device="cpu")
     run_dir = ws.run_dir("run", {"kind": "train", "config": config_settings(ws.config(config))})
     run_dir.parent.mkdir(parents=True)
     with open(run_dir.with_name(run_dir.name + ".lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)  # what a second reproduce on the same --out holds
-        with pytest.raises(SplitLBIError, match="another process is running"):
-            ws.train(config, "run")
-    assert ws.train(config, "run") == run_dir  # once released, the job runs
+        worker = threading.Thread(target=ws.train, args=(config, "run"))
+        worker.start()
+        time.sleep(1.0)
+        assert worker.is_alive() and not run_dir.exists()
+        assert any(line.startswith("waiting for another process") for line in lines)
+    worker.join(timeout=120)  # released: the job runs
     assert (run_dir / JOB_FILE).is_file()

@@ -58,10 +58,12 @@ def job_hash(spec: Mapping[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def _lock(run_dir: Path) -> Iterator[None]:
-    """Hold ``<run_dir>.lock`` while a job runs: two reproductions sharing an OUT never train one run twice.
+def _lock(run_dir: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold ``<run_dir>.lock`` while a job runs, waiting for another process that holds it.
 
-    An OS file lock (``flock``), so a killed process leaves nothing stale behind.
+    Two reproductions sharing an ``--out`` (e.g. two figures that need the same run) thus
+    never train one run twice: the second waits, then finds it finished. An OS file lock
+    (``flock``): a killed process leaves nothing stale behind.
     """
     try:
         import fcntl
@@ -73,8 +75,8 @@ def _lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SplitLBIError(f"another process is running {run_dir.name} (a second reproduce on the same "
-                                f"--out?); wait for it or use another --out") from None
+            say(f"waiting for another process that is running {run_dir.name}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
         yield
 
 
@@ -145,7 +147,7 @@ class Workspace:
         run_dir = self.run_dir(label, spec)
         if self._finished(run_dir, label):
             return run_dir
-        with _lock(run_dir):
+        with _lock(run_dir, self.say):
             if self._finished(run_dir, label):  # finished by another process meanwhile
                 return run_dir
             return self._train(config, spec, run_dir, label)
@@ -179,7 +181,7 @@ class Workspace:
         run_dir = self.run_dir(label, spec)
         if self._finished(run_dir, label):
             return run_dir
-        with _lock(run_dir):
+        with _lock(run_dir, self.say):
             if self._finished(run_dir, label):
                 return run_dir
             return self._job(label, spec, make, run_dir)
