@@ -101,6 +101,18 @@ def test_sfp_zeroes_the_requested_share_of_filters(sfp_run: Path) -> None:
     assert not torch.equal(load_checkpoint(sfp_run, 1)["model"]["conv3.weight"], state["conv3.weight"])
 
 
+def test_sfp_on_a_batchnorm_net_zeroes_the_bn_channel_of_each_dropped_filter(tmp_path: Path) -> None:
+    """The dropped channels output exactly zero (BN γ and β zeroed too), as in the pruned network."""
+    run = soft_filter_pruning(RESNET, tmp_path / "sfp", keep=KEEP, log=None)
+    state = load_checkpoint(run)["model"]
+    masks = read_mask_file(run / MASK_FILE)["masks"]
+    dropped = ~masks["layer1.0.conv1.weight"].flatten(1).all(1)
+    assert int(dropped.sum()) == 8
+    assert torch.all(state["layer1.0.bn1.weight"][dropped] == 0)
+    assert torch.all(state["layer1.0.bn1.bias"][dropped] == 0)
+    assert torch.all(state["layer1.0.bn1.weight"][~dropped] != 0)
+
+
 # --- scratch --------------------------------------------------------------------------
 
 
