@@ -172,7 +172,7 @@ def draw_panels(panels: Sequence[Panel], out: Path, *, columns: int = 2, title: 
                 ax.set_ylim(*panel.ylim)
             if panel.series or panel.hlines:
                 # Below the axes: with many curves there is no free corner inside.
-                ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=6.5)
+                ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=6.5)
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
         if title:
