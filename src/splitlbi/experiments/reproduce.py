@@ -606,7 +606,8 @@ def reproduce(figures: Sequence[str], scale: str = "smoke", out_dir: Optional[Pa
         for path in files:
             say(f"wrote {path}")
         written.extend(files)
-    say(f"done in {time.perf_counter() - started:.0f}s: runs {ws.summary()}")
+    runs = f": runs {ws.summary()}" if ws.counts else ""  # table1's runs are compare's, reported above
+    say(f"done in {time.perf_counter() - started:.0f}s{runs}")
     return written
 
 
