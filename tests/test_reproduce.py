@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -131,7 +130,7 @@ def test_a_second_reproduce_skips_finished_runs_and_an_interrupted_one_resumes(s
     lines: list = []
     reproduce(["fig7"], "smoke", out, data_dir=str(smoke["data"]), device="cpu", progress=False, log=lines.append)
     text = "\n".join(lines)
-    assert f"resnet20-splitlbi-k1-nu1-seed0: resuming" in text
+    assert "resnet20-splitlbi-k1-nu1-seed0: resuming" in text
     assert "redone (was interrupted)" in text
     assert text.count(": trained in") == 0  # nothing else ran again
     assert _without_seconds(run_dir / "metrics.csv") == metrics_before  # bitwise the same run on CPU

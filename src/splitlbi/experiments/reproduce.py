@@ -27,9 +27,7 @@ Which runs each figure uses:
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import io
 import shutil
 import statistics
 import textwrap
@@ -41,7 +39,7 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.experiments.recipes import FIGURES, Recipe, load_recipe
 from splitlbi.experiments.workspace import Workspace, config_settings
 from splitlbi.train.config import TrainConfig
-from splitlbi.utils.io import atomic_write_text
+from splitlbi.utils.io import atomic_write_csv, atomic_write_text
 
 __all__ = ["reproduce", "add_parser", "FIGURE_FUNCTIONS", "sweep_settings", "mask_facts"]
 
@@ -363,13 +361,9 @@ _RESULT_COLUMNS = ("penalty", "method", "epoch_k", "test_acc", "filters_kept", "
 
 
 def _write_results(rows: Sequence[Dict[str, Any]], out: Path) -> List[Path]:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(_RESULT_COLUMNS)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
-                         for c in _RESULT_COLUMNS])
-    atomic_write_text(out, buffer.getvalue())
+    atomic_write_csv(out, _RESULT_COLUMNS, (
+        ["" if row.get(c) is None else (f"{row[c]:.6g}" if isinstance(row[c], float) else row[c])
+         for c in _RESULT_COLUMNS] for row in rows))
     from splitlbi.plots.style import method_name
 
     lines = ["| method | K | filters kept | weights kept | params | MACs | test acc. |",
@@ -490,16 +484,14 @@ def fig1(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     figure = make_filter_path_figure(runs, layer, title=f"Filter paths of {layer} (Fig. 1)\n"
                                       + textwrap.fill(_scale_note(recipe), 110))
     png = save_figure(figure, out, pdf=True)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["run", "epoch", "filter", "w_norm", "selected_at_end"])
+    rows = []
     for name, run in zip(("splitlbi", "sgd"), runs):
         paths = read_filter_paths(run, layer)
         for e_index, epoch in enumerate(paths.epochs):
             for f in range(paths.norms.shape[1]):
                 selected = "" if paths.final_support is None else int(paths.final_support[f])
-                writer.writerow([name, int(epoch), f, f"{paths.norms[e_index, f]:.6g}", selected])
-    atomic_write_text(out.with_suffix(".csv"), buffer.getvalue())
+                rows.append([name, int(epoch), f, f"{paths.norms[e_index, f]:.6g}", selected])
+    atomic_write_csv(out.with_suffix(".csv"), ["run", "epoch", "filter", "w_norm", "selected_at_end"], rows)
     filters = plot_demo_filters(runs[0], out.with_name(out.stem + "_filters.png"),
                                 visualized_epochs(base),
                                 steps=int(recipe.sections.get("fig1", {}).get("steps", 100)))

@@ -9,7 +9,6 @@ repeats, empty for a single run).
 from __future__ import annotations
 
 import csv
-import io
 import math
 import statistics
 import textwrap
@@ -19,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.run import METRICS_FILE, PATH_FILE
-from splitlbi.utils.io import atomic_write_text
+from splitlbi.utils.io import atomic_write_csv
 
 __all__ = ["Series", "Panel", "Heatmap", "read_metrics", "layer_filter_share", "mean_curve", "draw_panels", "CSV_COLUMNS"]
 
@@ -187,10 +186,6 @@ def draw_panels(panels: Sequence[Panel], out: Path, *, columns: int = 2, title: 
                         fontsize=6.5)
         png = save_figure(figure, out, pdf=True)
         plt.close(figure)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    writer.writerows(_rows(panels))
     csv_path = out.with_suffix(".csv")
-    atomic_write_text(csv_path, buffer.getvalue())
+    atomic_write_csv(csv_path, CSV_COLUMNS, _rows(panels))
     return [png, out.with_suffix(".pdf"), csv_path]

@@ -7,10 +7,12 @@ destination, which POSIX and Windows both perform atomically.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Union
+from typing import IO, Any, Callable, Iterable, Sequence, Union
 
 import torch
 
@@ -75,6 +77,15 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
     """Write ``text`` to ``path`` atomically (temp file in the same directory, fsync, rename)."""
     atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """Write a CSV file (``header``, then ``rows``; ``\n`` line ends) to ``path`` atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
