@@ -26,9 +26,10 @@ most the target and within :data:`TOLERANCE` (2 points) of it. How:
 3. The groups are put in removal order: ``ranking="global"`` by score (one threshold
    across layers); ``"uniform"`` by rank within the layer (each layer loses the same
    fraction). Every conv keeps at least ``min_channels`` filters.
-4. The longest prefix of that order meeting the target is found by bisection with an
-   exact cost model of the compacted network (MACs and parameters as functions of the
-   channels kept); where the next group in order would overshoot the 2-point window
+4. The longest prefix of that order meeting the target is found by bisection with a
+   cost model of the compacted network (MACs and parameters as functions of the
+   channels kept; exact for Conv2d, Linear and BatchNorm, parameter-free modules such
+   as ReLU and pooling modules counted at their dense cost); where the next group in order would overshoot the 2-point window
    (coarse layers such as LeNet-5's ``conv1``: one filter is 14% of its MACs), it is
    skipped and the following groups fill the budget. The result is compacted for real
    and measured; if the measurement misses the window the model's error is corrected
@@ -481,8 +482,9 @@ def _select(structure: _Structure, sequence, kind: str, low: float, high: float)
             removed = trial
             chosen.append(g)
             if value <= high:
-                break
-    return chosen
+                return chosen
+    # No filling lands in the window: stay under the target, further below it than asked.
+    return [g for g, _ in sequence[:hi_n]]
 
 
 def _masks_for(model: nn.Module, structure: _Structure, chosen: Sequence[int]) -> Dict[str, Tensor]:

@@ -208,7 +208,8 @@ class PathImportance(tp.importance.Importance):
         for i, (dep, idxs) in enumerate(group):
             if dep.pruning_fn not in out_fns:
                 continue
-            values = self._layer_scores(dep.layer, getattr(dep.target, "name", None))
+            # Node._name is the module's name in the traced model (Node.name adds its repr).
+            values = self._layer_scores(dep.layer, getattr(dep.target, "_name", None))
             if values is None:
                 continue
             root = group[i].root_idxs
