@@ -50,10 +50,9 @@ import torch
 from torch import Tensor, nn
 
 from splitlbi.errors import SplitLBIError
-from splitlbi.prune.importance import AGGREGATIONS, NORMALIZATIONS, aggregate_scores, normalize_scores
 
-__all__ = ["BudgetResult", "ChannelGroup", "DEFAULT_NORMALIZE", "RANKINGS", "TOLERANCE", "budget_masks",
-           "channel_groups", "path_scores"]
+__all__ = ["AGGREGATIONS", "BudgetResult", "ChannelGroup", "DEFAULT_NORMALIZE", "NORMALIZATIONS", "RANKINGS",
+           "TOLERANCE", "aggregate_scores", "budget_masks", "channel_groups", "normalize_scores", "path_scores"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -62,6 +61,46 @@ TOLERANCE = 0.02
 RANKINGS = ("global", "uniform")
 #: Per-layer normalization used unless one is given (see the benchmark, docs/subnetworks.md).
 DEFAULT_NORMALIZE = "mean"
+
+#: Per-layer normalizations of scores before they are compared across layers.
+NORMALIZATIONS = ("none", "mean", "max", "sqrt_size")
+#: How the scores of the filters of one channel group (coupled by residual adds) combine.
+AGGREGATIONS = ("max", "mean", "sum")
+
+
+def normalize_scores(scores: Tensor, how: str, filter_size: int = 1) -> Tensor:
+    """One layer's scores, normalized so that layers can share one threshold.
+
+    ``"none"``: as they are; ``"mean"``: divided by the layer's mean (a layer of average
+    filters scores 1 whatever its width and depth); ``"max"``: by the layer's largest;
+    ``"sqrt_size"``: by ``sqrt(filter_size)``, the number of weights in one filter (an
+    ℓ2 norm of ``n`` entries of equal size grows like ``sqrt(n)``). A layer of zeros stays
+    zero under ``"mean"`` and ``"max"``.
+    """
+    scores = scores.detach().to(torch.float64)
+    if how == "none":
+        return scores
+    if how == "mean":
+        mean = scores.mean()
+        return scores / mean if mean > 0 else scores
+    if how == "max":
+        top = scores.max()
+        return scores / top if top > 0 else scores
+    if how == "sqrt_size":
+        return scores / float(filter_size) ** 0.5
+    raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {how!r}")
+
+
+def aggregate_scores(stacked: Sequence[Tensor], how: str) -> Tensor:
+    """Combine the scores of the member layers of a channel group, channel by channel."""
+    values = torch.stack([s.to(torch.float64) for s in stacked])
+    if how == "max":
+        return values.max(dim=0).values
+    if how == "mean":
+        return values.mean(dim=0)
+    if how == "sum":
+        return values.sum(dim=0)
+    raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, got {how!r}")
 
 
 # --------------------------------------------------------------------------- path scores
