@@ -28,9 +28,10 @@ from splitlbi.train import (  # noqa: E402
 from splitlbi.train.optimizers import build_optimizer  # noqa: E402
 from helpers import assert_one_line_error, read_rows  # noqa: E402
 
-# Tiny runs with a small nu and lam: Γ is neither empty nor full after a few steps.
+# Tiny runs with a small nu and lam: Γ is neither empty nor full after a few steps. The LeNet run also
+# couples its linear layers (l1), so path scores of neurons are read too.
 LENET = TrainConfig(dataset="digits", epochs=2, batch_size=64, limit_train=256, limit_test=64, lr=0.1, kappa=1.0,
-                    nu=10.0, lam=0.01, progress=False, device="cpu")
+                    nu=10.0, lam=0.01, linear_penalty="auto", progress=False, device="cpu")
 RESNET = TrainConfig(model="resnet20", dataset="digits", pad_to=32, epochs=1, batch_size=32, limit_train=64,
                      limit_test=32, lr=0.1, kappa=1.0, nu=10.0, lam=0.01, progress=False, device="cpu")
 
