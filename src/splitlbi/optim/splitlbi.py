@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from . import penalties as _penalties
 from .functional import StepPlan, default_wave_numel, multi_tensor_splitlbi, plan_step, splitlbi_update
+from .fused import NormCache, fused_splitlbi, fused_supported
 
 ParamsT = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]], Iterable[dict[str, Any]]]
 
@@ -64,7 +65,13 @@ class SplitLBI(Optimizer):
             ``"neuron"`` (one group per output row of a linear weight), ``"l1"``
             (elementwise), ``"none"`` (no Γ: plain SGD(-momentum) with step ``κα``), or
             ``"auto"``: 4-D → group, 2-D → l1, otherwise none.
-        foreach: use the multi-tensor path (default) or the per-tensor reference path.
+        foreach: ``False`` selects the per-tensor reference path; otherwise the
+            multi-tensor ``_foreach`` path is used where no fused kernel runs.
+        fused: the whole step in one kernel (:mod:`splitlbi.optim.fused`): a C++
+            kernel on CPU (float32; compiled on first use, once per machine) and a
+            Triton kernel on CUDA (when Triton is installed). ``None`` (default) uses it
+            where it is available and falls back silently; ``True`` raises when it is
+            not available; ``False`` never uses it.
 
     State per parameter (``self.state[p]``): ``"momentum_buffer"`` and, for coupled
     parameters, ``"v"``. ``Γ = κ·prox(V)`` is a function of ``V`` and is formed on
@@ -92,10 +99,13 @@ class SplitLBI(Optimizer):
         weight_decay: float = 0.0,
         penalty: str = "auto",
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
+        if fused and foreach:
+            raise ValueError("Invalid fused: `foreach` and `fused` cannot both be True")
         defaults = dict(
             lr=lr, kappa=kappa, nu=nu, lam=lam, momentum=momentum, dampening=dampening,
-            nesterov=nesterov, weight_decay=weight_decay, penalty=penalty, foreach=foreach,
+            nesterov=nesterov, weight_decay=weight_decay, penalty=penalty, foreach=foreach, fused=fused,
         )
         _validate(defaults)
         super().__init__(params, defaults)
@@ -114,6 +124,7 @@ class SplitLBI(Optimizer):
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -133,7 +144,9 @@ class SplitLBI(Optimizer):
                 momentum=group["momentum"], dampening=group["dampening"],
                 nesterov=group["nesterov"], weight_decay=group["weight_decay"],
             )
-            if group["foreach"] is False or torch.jit.is_scripting():
+            if self._fused_step(group, params, grads, buffers, vs, penalties, hyper):
+                pass
+            elif group["foreach"] is False or torch.jit.is_scripting():
                 for i, p in enumerate(params):
                     buffers[i] = splitlbi_update(p, grads[i], buffers[i], vs[i], penalty=penalties[i], **hyper)
             else:
@@ -156,6 +169,36 @@ class SplitLBI(Optimizer):
                     if state.get("momentum_buffer") is None:  # created by this first step
                         state["momentum_buffer"] = buf
         return loss
+
+    def _fused_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list,
+                    vs: list, penalties: list[str], hyper: dict[str, Any]) -> bool:
+        """Run the fused kernel on a group when ``fused`` allows it and it can (True), else
+        change nothing and return False. ``fused=True`` raises where it cannot run."""
+        fused = group.get("fused")
+        if fused is False or (fused is None and group["foreach"] is False) or torch.jit.is_scripting():
+            return False
+        reason = self._fused_reason(params)
+        if reason is None:
+            caches = self.__dict__.setdefault("_norm_caches", {})
+            cache = caches.setdefault(id(group["params"]), NormCache())
+            if fused_splitlbi(params, grads, buffers, vs, penalties, cache, **hyper):
+                return True
+            reason = "a tensor is not contiguous or its gradient has another dtype"
+        if fused:
+            raise RuntimeError(f"SplitLBI(fused=True) cannot run the fused step: {reason}")
+        return False
+
+    def _fused_reason(self, params: list[Tensor]) -> Optional[str]:
+        """:func:`fused_supported` of a group's parameters, cached by the identity of the
+        parameters (the kernels check dtypes, devices and layouts again on every call)."""
+        checked = self.__dict__.setdefault("_fused_checked", {})
+        key = (id(params[0]), len(params), params[0].device, params[0].dtype)
+        cached = checked.get(key)
+        if cached is not None and all(map(operator.is_, cached[0], params)):
+            return cached[1]
+        reason = fused_supported(params)
+        checked[key] = (list(params), reason)
+        return reason
 
     def _step_plan(self, params: list[Tensor], penalties: list[str]) -> Optional[StepPlan]:
         """The multi-tensor :class:`StepPlan` of a group's parameters with gradients, or

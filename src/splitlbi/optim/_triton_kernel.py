@@ -1,0 +1,228 @@
+"""The fused SplitLBI step as one Triton kernel launch for all tensors of a group.
+
+Used on CUDA when Triton is importable (an optional dependency); with
+``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors through Triton's
+interpreter, which is how the tests check it without a GPU.
+
+Layout: every tensor is seen as a matrix of ``rows × row_len``. A grouped tensor
+(group/neuron penalty) has its true rows (one per output filter, ``row_len`` = the
+filter's size); any other tensor is cut into rows of ``BLOCK_C`` elements. A program
+handles ``ROWS`` rows of one tensor and walks their columns in chunks of ``BLOCK_C``,
+so the norms of a grouped row are reduced inside one program: no atomics, and a
+deterministic order (the same for the norms of the new ``V`` and for norms recomputed
+from ``V``, so resuming from a state dict gives the same bits). Two int64 tables
+describe the work: per tensor its pointers, size, row length and flags (rebuilt when a
+pointer changes), per program its tensor and first row (rebuilt when shapes change).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # not installed, or a broken install: the optimizer uses another path
+    triton = None
+    tl = None
+
+ROWS = 4  # rows per program
+BLOCK_C = 256  # columns per chunk: a tile is ROWS × BLOCK_C elements
+META_FIELDS = 8  # w, grad, buf, v, norms pointers; numel; row_len; flags
+
+_DTYPES = {}
+if tl is not None:
+    _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def available() -> bool:
+    """Triton is importable and a CUDA device is present (or the interpreter is on)."""
+    return triton is not None and (torch.cuda.is_available() or interpreting())
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _store_dtype(x, DTYPE: tl.constexpr):
+        """float32 → DTYPE, rounding to nearest even. For bfloat16 with integer ops:
+        the same bits on a GPU as its conversion instruction, and under Triton's
+        interpreter, which truncates float32 → bfloat16."""
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays NaN
+            return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(DTYPE)
+
+    @triton.jit
+    def _fused_step_kernel(meta, tasks, lr, kappa, nu, lam, momentum, keep, weight_decay,
+                           DTYPE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+                           HAS_WD: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        t = tl.load(tasks + 2 * pid)
+        row0 = tl.load(tasks + 2 * pid + 1)
+        base = meta + t * 8
+        w_ptr = tl.load(base + 0).to(tl.pointer_type(DTYPE), bitcast=True)
+        g_ptr = tl.load(base + 1).to(tl.pointer_type(DTYPE), bitcast=True)
+        buf_ptr = tl.load(base + 2).to(tl.pointer_type(DTYPE), bitcast=True)
+        v_ptr = tl.load(base + 3).to(tl.pointer_type(DTYPE), bitcast=True)
+        norms_ptr = tl.load(base + 4).to(tl.pointer_type(tl.float32), bitcast=True)
+        numel = tl.load(base + 5)
+        row_len = tl.load(base + 6)
+        flags = tl.load(base + 7)
+        kind = flags % 4  # 0 none, 1 group/neuron, 2 l1
+        fresh = (flags // 4) % 2 == 1
+        stale = (flags // 8) % 2 == 1
+
+        rows = row0 + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_C)
+        n_rows = (numel + row_len - 1) // row_len
+        row_ok = rows < n_rows
+        step = kappa * lr
+        v_step = lr / nu
+        inv_nu = 1.0 / nu
+
+        neg_kappa_factor = tl.zeros([ROWS], dtype=tl.float32)
+        if kind == 1:
+            if stale:  # norms of V from V itself: same tiles and order as below
+                acc = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+                for c0 in range(0, row_len, BLOCK_C):
+                    offs = rows[:, None] * row_len + (c0 + cols)[None, :]
+                    mask = row_ok[:, None] & ((c0 + cols) < row_len)[None, :]
+                    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                    acc += v * v
+                norm = tl.sqrt(tl.sum(acc, axis=1))
+            else:
+                norm = tl.load(norms_ptr + rows, mask=row_ok, other=1.0)
+            factor = tl.maximum(1.0 - lam / tl.maximum(norm, 1.1754943508222875e-38), 0.0)
+            neg_kappa_factor = -kappa * factor
+
+        acc_new = tl.zeros([ROWS, BLOCK_C], dtype=tl.float32)
+        for c0 in range(0, row_len, BLOCK_C):
+            offs = rows[:, None] * row_len + (c0 + cols)[None, :]
+            mask = row_ok[:, None] & ((c0 + cols) < row_len)[None, :] & (offs < numel)
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            d = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_WD:
+                d = d + weight_decay * w
+            g = d
+            if HAS_MOMENTUM:
+                if fresh:
+                    b = d
+                else:
+                    b = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(tl.float32) * momentum + keep * d
+                b_stored = _store_dtype(b, DTYPE)
+                tl.store(buf_ptr + offs, b_stored, mask=mask)
+                if NESTEROV:
+                    g = d + momentum * b_stored.to(tl.float32)
+                else:
+                    g = b_stored.to(tl.float32)
+            if kind == 0:
+                w_new = w - step * g
+            else:
+                v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                if kind == 1:
+                    c = w + v * neg_kappa_factor[:, None]
+                else:
+                    shrunk = tl.where(v > lam, v - lam, tl.where(v < -lam, v + lam, 0.0))
+                    c = w - kappa * shrunk
+                v_new = _store_dtype(v + v_step * c, DTYPE)
+                tl.store(v_ptr + offs, v_new, mask=mask)
+                v_new32 = v_new.to(tl.float32)
+                acc_new += v_new32 * v_new32
+                w_new = w - step * (g + c * inv_nu)
+            tl.store(w_ptr + offs, _store_dtype(w_new, DTYPE), mask=mask)
+        if kind == 1:
+            tl.store(norms_ptr + rows, tl.sqrt(tl.sum(acc_new, axis=1)), mask=row_ok)
+
+
+class _Plan:
+    """The task table of a list of shapes and penalty kinds, and the pointer table last
+    built for it (reused while no pointer changes)."""
+
+    def __init__(self, key: tuple, tasks: Tensor) -> None:
+        self.key = key
+        self.tasks = tasks
+        self.pointers: Optional[tuple] = None
+        self.meta: Optional[Tensor] = None
+
+
+_plans: dict[tuple, _Plan] = {}
+
+
+def _row_len(p: Tensor, kind: int) -> int:
+    if kind == 1:
+        return max(1, p.numel() // max(p.shape[0], 1))
+    return BLOCK_C
+
+
+def _plan(params: list[Tensor], kinds: list[int]) -> _Plan:
+    key = (params[0].device, tuple(p.shape for p in params), tuple(kinds))
+    plan = _plans.get(key)
+    if plan is None:
+        tasks = []
+        for t, (p, kind) in enumerate(zip(params, kinds)):
+            row_len = _row_len(p, kind)
+            n_rows = -(-p.numel() // row_len)
+            tasks += [(t, r) for r in range(0, n_rows, ROWS)]
+        table = torch.tensor(tasks, dtype=torch.int64).reshape(-1, 2).to(params[0].device)
+        if len(_plans) > 16:
+            _plans.clear()
+        plan = _plans[key] = _Plan(key, table)
+    return plan
+
+
+def fused_step(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], vs: list[Tensor],
+               norms: list[Tensor], flags: list[int], lr: float, kappa: float, nu: float, lam: float,
+               momentum: float, dampening: float, nesterov: bool, weight_decay: float) -> bool:
+    """The fused step on one device and dtype (arguments as ``torch.ops.splitlbi.fused_step_``:
+    ``vs`` for the coupled tensors, ``norms`` for the grouped ones, in order). Returns False,
+    having changed nothing, when the tensors do not suit the kernel."""
+    if triton is None or not params:
+        return triton is not None
+    first = params[0]
+    dtype = _DTYPES.get(first.dtype)
+    if dtype is None or (first.device.type != "cuda" and not interpreting()):
+        return False
+    device = first.device
+    everything = list(params) + list(grads) + list(bufs) + list(vs)
+    if any(x.device != device or x.dtype != first.dtype or not x.is_contiguous() for x in everything):
+        return False
+    kinds = [flag & 3 for flag in flags]
+    plan = _plan(params, kinds)
+    if plan.tasks.shape[0] == 0:
+        return True
+    pointers = []
+    next_v = next_norms = 0
+    for i, p in enumerate(params):
+        kind = kinds[i]
+        v_ptr = norms_ptr = 0
+        if kind != 0:
+            v_ptr = vs[next_v].data_ptr()
+            next_v += 1
+        if kind == 1:
+            norms_ptr = norms[next_norms].data_ptr()
+            next_norms += 1
+        pointers += [p.data_ptr(), grads[i].data_ptr(), bufs[i].data_ptr() if bufs else 0, v_ptr, norms_ptr,
+                     p.numel(), _row_len(p, kind), flags[i]]
+    pointers_key = tuple(pointers)
+    if plan.pointers != pointers_key:
+        plan.meta = torch.tensor(pointers, dtype=torch.int64).to(device, non_blocking=True)
+        plan.pointers = pointers_key
+    grid = (plan.tasks.shape[0],)
+    _fused_step_kernel[grid](
+        plan.meta, plan.tasks, float(lr), float(kappa), float(nu), float(lam), float(momentum),
+        1.0 - float(dampening), float(weight_decay),
+        DTYPE=dtype, HAS_MOMENTUM=bool(bufs), NESTEROV=bool(nesterov), HAS_WD=weight_decay != 0,
+        ROWS=ROWS, BLOCK_C=BLOCK_C,
+    )
+    return True
