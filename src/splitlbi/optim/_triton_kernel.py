@@ -4,6 +4,9 @@ Used on CUDA when Triton is importable (an optional dependency); with
 ``TRITON_INTERPRET=1`` the same kernel runs on CPU tensors through Triton's
 interpreter, which is how the tests check it without a GPU.
 
+Stores round float32 to bfloat16 to nearest even with integer ops: the same bits as a
+GPU's conversion instruction, and correct under Triton's interpreter, which truncates.
+
 Layout: every tensor is seen as a matrix of ``rows × row_len``. A grouped tensor
 (group/neuron penalty) has its true rows (one per output filter, ``row_len`` = the
 filter's size); any other tensor is cut into rows of ``BLOCK_C`` elements. A program
@@ -49,19 +52,6 @@ def interpreting() -> bool:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _store_dtype(x, DTYPE: tl.constexpr):
-        """float32 → DTYPE, rounding to nearest even. For bfloat16 with integer ops:
-        the same bits on a GPU as its conversion instruction, and under Triton's
-        interpreter, which truncates float32 → bfloat16."""
-        if DTYPE == tl.bfloat16:
-            bits = x.to(tl.uint32, bitcast=True)
-            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-            rounded = tl.where(x != x, 0x7FC0, rounded)  # NaN stays NaN
-            return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            return x.to(DTYPE)
 
     @triton.jit
     def _fused_step_kernel(meta, tasks, lr, kappa, nu, lam, momentum, keep, weight_decay,
@@ -120,7 +110,12 @@ if triton is not None:
                     b = d
                 else:
                     b = tl.load(buf_ptr + offs, mask=mask, other=0.0).to(tl.float32) * momentum + keep * d
-                b_stored = _store_dtype(b, DTYPE)
+                if DTYPE == tl.bfloat16:  # round to nearest even with integer ops (see module doc)
+                    bits = b.to(tl.uint32, bitcast=True)
+                    bits = tl.where(b != b, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
+                    b_stored = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                else:
+                    b_stored = b.to(DTYPE)
                 tl.store(buf_ptr + offs, b_stored, mask=mask)
                 if NESTEROV:
                     g = d + momentum * b_stored.to(tl.float32)
@@ -135,12 +130,24 @@ if triton is not None:
                 else:
                     shrunk = tl.where(v > lam, v - lam, tl.where(v < -lam, v + lam, 0.0))
                     c = w - kappa * shrunk
-                v_new = _store_dtype(v + v_step * c, DTYPE)
+                v_new32 = v + v_step * c
+                if DTYPE == tl.bfloat16:  # round to nearest even with integer ops (see module doc)
+                    bits = v_new32.to(tl.uint32, bitcast=True)
+                    bits = tl.where(v_new32 != v_new32, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
+                    v_new = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                else:
+                    v_new = v_new32.to(DTYPE)
                 tl.store(v_ptr + offs, v_new, mask=mask)
                 v_new32 = v_new.to(tl.float32)
                 acc_new += v_new32 * v_new32
                 w_new = w - step * (g + c * inv_nu)
-            tl.store(w_ptr + offs, _store_dtype(w_new, DTYPE), mask=mask)
+            if DTYPE == tl.bfloat16:  # round to nearest even with integer ops (see module doc)
+                bits = w_new.to(tl.uint32, bitcast=True)
+                bits = tl.where(w_new != w_new, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
+                w_store = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+            else:
+                w_store = w_new.to(DTYPE)
+            tl.store(w_ptr + offs, w_store, mask=mask)
         if kind == 1:
             tl.store(norms_ptr + rows, tl.sqrt(tl.sum(acc_new, axis=1)), mask=row_ok)
 

@@ -68,6 +68,11 @@ def triton_available() -> bool:
     return _triton_kernel.available()
 
 
+def default_backend(device: torch.device) -> Optional[str]:
+    """The fused kernel for ``device``: ``"cpp"`` on CPU, ``"triton"`` on CUDA, else None."""
+    return {"cpu": "cpp", "cuda": "triton"}.get(device.type)
+
+
 def fused_supported(params: list[Tensor]) -> Optional[str]:
     """None when the fused step can run on ``params`` (one device, one dtype), else the
     reason it cannot."""
@@ -76,13 +81,14 @@ def fused_supported(params: list[Tensor]) -> Optional[str]:
     first = params[0]
     if any(p.device != first.device or p.dtype != first.dtype for p in params):
         return "the parameters span several devices or dtypes"
-    if first.device.type == "cpu":
+    backend = default_backend(first.device)
+    if backend == "cpp":
         if first.dtype != torch.float32:
             return f"the CPU kernel supports float32 parameters, not {first.dtype}"
         if not cpu_kernel_available():
             return "the CPU kernel could not be built (no C++ compiler?)"
         return None
-    if first.device.type == "cuda":
+    if backend == "triton":
         if first.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             return f"the Triton kernel supports float32/float16/bfloat16, not {first.dtype}"
         if not triton_available():
@@ -143,7 +149,7 @@ def fused_splitlbi(
     hyper = (float(lr), float(kappa), float(nu), float(lam), float(momentum), float(dampening),
              bool(nesterov), float(weight_decay))
     if backend is None:
-        backend = "cpp" if params[0].device.type == "cpu" else "triton"
+        backend = default_backend(params[0].device)
     if backend == "cpp":
         try:
             if not cpu_kernel_available():
