@@ -110,17 +110,24 @@ def state_megabytes(optimizer: torch.optim.Optimizer) -> float:
     return total / 2**20
 
 
-def median_step_ms(optimizer: torch.optim.Optimizer, device: torch.device, repeats: int, warmup: int = 3) -> float:
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def median_step_ms(optimizer: torch.optim.Optimizer, device: torch.device, repeats: int, warmup: int = 3,
+                   clock: str = "wall") -> float:
+    """Median time of one step. ``clock="cpu"`` counts the CPU time of this process
+    (with one thread: the step's own work, unaffected by other jobs on a shared machine)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    now = CLOCKS[clock]
     for _ in range(warmup):
         optimizer.step()
     sync()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         optimizer.step()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return statistics.median(times) * 1e3
 
 
@@ -164,7 +171,7 @@ def optimizers_for(device: torch.device, penalties: list[str], per_tensor: bool)
 
 
 def run(devices: list[str], sets: list[str], repeats: int, rounds: int = 3, penalties: tuple[str, ...] = ("auto",),
-        per_tensor: bool = True) -> list[dict]:
+        per_tensor: bool = True, clock: str = "wall") -> list[dict]:
     """Median step time of each optimizer, interleaved over ``rounds`` rounds so that
     drifts in machine load hit all alike; the ratio to SGD is taken within each round
     and reported as the median and the range over the rounds."""
@@ -179,7 +186,7 @@ def run(devices: list[str], sets: list[str], repeats: int, rounds: int = 3, pena
             timings: dict[str, list[float]] = {name: [] for name in optimizers}
             for _ in range(rounds):
                 for name, optimizer in optimizers.items():
-                    timings[name].append(median_step_ms(optimizer, device, max(1, repeats // rounds)))
+                    timings[name].append(median_step_ms(optimizer, device, max(1, repeats // rounds), clock=clock))
             for name, optimizer in optimizers.items():
                 ratios = [t / b for t, b in zip(timings[name], timings[BASELINE])]
                 rows.append(dict(device=device_name, set=set_name, params_m=numel / 1e6, optimizer=name,
@@ -212,16 +219,22 @@ def main() -> None:
     parser.add_argument("--penalties", nargs="+", choices=["auto", "group", "l1", "none"], default=["auto"],
                         help="SplitLBI penalty settings to time (default: auto)")
     parser.add_argument("--no-per-tensor", action="store_true", help="skip the slow per-tensor reference path")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall time (default) or this process's CPU time (use with --threads 1)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu"]
     if args.device == "all" and torch.cuda.is_available():
         devices.append("cuda")
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
-    rows = run(devices, args.sets, args.repeats, args.rounds, tuple(args.penalties), not args.no_per_tensor)
+          f"{torch.get_num_threads()} threads, {args.clock} clock" + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
+    rows = run(devices, args.sets, args.repeats, args.rounds, tuple(args.penalties), not args.no_per_tensor,
+               args.clock)
     print(format_table(rows, args.markdown))
 
 

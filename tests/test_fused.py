@@ -180,16 +180,37 @@ def test_cpu_kernel_notices_v_changed_outside_the_step():
 
 
 @needs_cpp
-def test_unsuitable_tensors_fall_back_silently_or_raise_with_fused_true():
-    model = fresh_model().to(memory_format=torch.channels_last)  # conv weights not contiguous
-    expected_model = fresh_model().to(memory_format=torch.channels_last)
-    opt = SplitLBI(model_groups(model), **HYPER)
-    train(opt, model, 3)
-    reference = SplitLBI(model_groups(expected_model), **HYPER, foreach=False)
-    train(reference, expected_model, 3)
-    assert_close_lists(snapshot(model, opt), snapshot(expected_model, reference), rtol=1e-5, atol=1e-5)
+def test_channels_last_weights_take_the_kernel(monkeypatch):
+    calls = []
+    kernel = torch.ops.splitlbi.fused_step_
+    monkeypatch.setattr(fused_module.torch.ops.splitlbi, "fused_step_", lambda *a: calls.append(1) or kernel(*a),
+                        raising=False)
+    runs = []
+    for kwargs in (dict(fused=True), dict(foreach=False)):
+        model = fresh_model().to(memory_format=torch.channels_last)
+        opt = SplitLBI(model_groups(model), **HYPER, **VARIANTS["nesterov"], **kwargs)
+        train(opt, model, 10)
+        runs.append(snapshot(model, opt))
+    assert calls and model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert_close_lists(runs[0], runs[1], rtol=1e-5, atol=1e-5)
 
-    strict = SplitLBI(model_groups(fresh_model().to(memory_format=torch.channels_last)), **HYPER, fused=True)
+
+@needs_cpp
+def test_unsuitable_tensors_fall_back_silently_or_raise_with_fused_true():
+    def transposed_linear():  # a neuron-penalised weight whose rows are not blocks of memory
+        torch.manual_seed(0)
+        return [torch.nn.Parameter(torch.randn(5, 4).t()), torch.nn.Parameter(torch.randn(3, 3, 2, 2))]
+
+    runs = []
+    for kwargs in (dict(), dict(foreach=False)):
+        ps = transposed_linear()
+        opt = SplitLBI([dict(params=ps[:1], penalty="neuron"), dict(params=ps[1:])], **HYPER, **kwargs)
+        for _ in range(3):
+            _step_with_grads(opt)
+        runs.append([p.detach().clone() for p in ps])
+    assert_close_lists(runs[0], runs[1], rtol=1e-5, atol=1e-5)
+
+    strict = SplitLBI([dict(params=transposed_linear()[:1], penalty="neuron")], **HYPER, fused=True)
     with pytest.raises(RuntimeError, match="fused=True"):
         _step_with_grads(strict)
     bf16 = SplitLBI(model_groups(fresh_model().to(torch.bfloat16)), **HYPER, fused=True)
@@ -200,7 +221,7 @@ def test_unsuitable_tensors_fall_back_silently_or_raise_with_fused_true():
 def _step_with_grads(opt):
     for group in opt.param_groups:
         for p in group["params"]:
-            p.grad = torch.ones_like(p)
+            p.grad = torch.full_like(p, 0.5)
     opt.step()
 
 

@@ -188,6 +188,28 @@ def _plan(params: list[Tensor], kinds: list[int]) -> _Plan:
     return plan
 
 
+def _layouts_fit(params, grads, bufs, vs, kinds, device) -> bool:
+    """The kernel walks each tensor's memory as one flat array: W, grad, buf and V must be
+    dense and laid out alike, and a grouped tensor's filters blocks of memory."""
+    dtype = params[0].dtype
+    coupled = iter(vs)
+    for i, p in enumerate(params):
+        strides = p.stride()
+        if p.device != device or p.dtype != dtype or not _dense(p):
+            return False
+        same = [grads[i]] + ([bufs[i]] if bufs else []) + ([next(coupled)] if kinds[i] else [])
+        if any(x.device != device or x.dtype != dtype or x.stride() != strides for x in same):
+            return False
+        if kinds[i] == 1 and p.shape[0] > 1 and strides[0] != p.numel() // p.shape[0]:
+            return False
+    return True
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) or \
+        (t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d))
+
+
 def fused_step(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], vs: list[Tensor],
                norms: list[Tensor], flags: list[int], lr: float, kappa: float, nu: float, lam: float,
                momentum: float, dampening: float, nesterov: bool, weight_decay: float) -> bool:
@@ -201,10 +223,9 @@ def fused_step(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], vs
     if dtype is None or (first.device.type != "cuda" and not interpreting()):
         return False
     device = first.device
-    everything = list(params) + list(grads) + list(bufs) + list(vs)
-    if any(x.device != device or x.dtype != first.dtype or not x.is_contiguous() for x in everything):
-        return False
     kinds = [flag & 3 for flag in flags]
+    if not _layouts_fit(params, grads, bufs, vs, kinds, device):
+        return False
     plan = _plan(params, kinds)
     if plan.tasks.shape[0] == 0:
         return True

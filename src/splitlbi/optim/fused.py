@@ -117,13 +117,15 @@ def fused_splitlbi(
 ) -> bool:
     """One fused SplitLBI step on tensors of one device and dtype (see
     :func:`fused_supported`). Creates missing momentum buffers in ``momentum_buffers``
-    (contiguous; the kernel sets them to ``d`` on their first step).
+    (laid out like their parameter; the kernel sets them to ``d`` on their first step).
 
     ``backend`` is ``"cpp"`` (the CPU kernel, default on CPU) or ``"triton"`` (default
     elsewhere; on CPU tensors it needs ``TRITON_INTERPRET=1``, as in the tests).
 
-    Returns False, having changed nothing, when a tensor does not suit the kernel (not
-    contiguous, or a gradient of another dtype): the caller then takes another path.
+    Returns False, having changed nothing, when a tensor does not suit the kernel: the
+    kernels walk each tensor's memory as one flat array, so a gradient, buffer or ``V``
+    laid out unlike its parameter, a non-dense tensor, or a grouped parameter whose
+    filters are not blocks of memory sends the step to another path.
     """
     if not params:
         return True
@@ -131,7 +133,7 @@ def fused_splitlbi(
     if momentum != 0:
         for i, buf in enumerate(momentum_buffers):
             if buf is None:
-                momentum_buffers[i] = torch.empty_like(params[i], memory_format=torch.contiguous_format)
+                momentum_buffers[i] = torch.empty_like(params[i], memory_format=torch.preserve_format)
                 flags[i] |= FLAG_FRESH
         bufs = momentum_buffers
     else:

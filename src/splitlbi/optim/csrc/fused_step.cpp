@@ -139,10 +139,13 @@ void run_item(const TensorArgs& t, const Item& item, const Hyper& h) {
   }
 }
 
-void check_float_contiguous(const at::Tensor& t, const char* what, const at::Tensor& like) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
-              "splitlbi::fused_step_: ", what, " must be contiguous float32 CPU tensors");
-  TORCH_CHECK(t.numel() == like.numel(), "splitlbi::fused_step_: ", what, " has the wrong size");
+// The kernel walks each tensor's memory as one flat array, so W, grad, buf and V must be
+// dense and laid out alike (any memory format: channels-last weights qualify).
+void check_layout(const at::Tensor& t, const char* what, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat,
+              "splitlbi::fused_step_: ", what, " must be float32 CPU tensors");
+  TORCH_CHECK(t.sizes() == like.sizes() && t.strides() == like.strides() && t.is_non_overlapping_and_dense(),
+              "splitlbi::fused_step_: ", what, " must be dense and laid out like the parameter");
 }
 
 void fused_step(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList vs,
@@ -163,14 +166,14 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
   int64_t total = 0, next_v = 0, next_norms = 0;
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    check_float_contiguous(p, "params", p);
-    check_float_contiguous(grads[i], "grads", p);
+    check_layout(p, "params", p);
+    check_layout(grads[i], "grads", p);
     TensorArgs& t = args[i];
     t.w = p.data_ptr<float>();
     t.grad = grads[i].data_ptr<float>();
     t.buf = nullptr;
     if (!bufs.empty()) {
-      check_float_contiguous(bufs[i], "bufs", p);
+      check_layout(bufs[i], "bufs", p);
       t.buf = bufs[i].data_ptr<float>();
     }
     t.kind = flags[i] & 3;
@@ -181,7 +184,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
     const int64_t numel = p.numel();
     if (t.kind != kKindNone) {
       TORCH_CHECK(next_v < static_cast<int64_t>(vs.size()), "splitlbi::fused_step_: too few vs");
-      check_float_contiguous(vs[next_v], "vs", p);
+      check_layout(vs[next_v], "vs", p);
       t.v = vs[next_v++].data_ptr<float>();
     }
     if (t.kind == kKindGroup) {
@@ -191,6 +194,9 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList bufs
                   "splitlbi::fused_step_: norms must be contiguous float32 with one entry per row");
       t.norms = nt.data_ptr<float>();
       t.row = numel / std::max<int64_t>(p.size(0), 1);
+      // each output filter must be one block of memory (true of contiguous and channels-last)
+      TORCH_CHECK(p.size(0) <= 1 || p.stride(0) == t.row,
+                  "splitlbi::fused_step_: a grouped parameter's filters must be contiguous blocks");
     }
     if (numel == 0) continue;
     // work items: whole rows for grouped tensors, chunks of kChunk elements otherwise
