@@ -132,6 +132,7 @@ def test_default_step_is_fused_on_cpu(monkeypatch):
     calls.clear()
     train(SplitLBI(model_groups(model), **HYPER, fused=False), model, 2)
     train(SplitLBI(model_groups(model), **HYPER, foreach=False), model, 2)
+    train(SplitLBI(model_groups(model), **HYPER, foreach=True), model, 2)  # as torch.optim: foreach it is
     assert not calls
 
 

@@ -65,13 +65,14 @@ class SplitLBI(Optimizer):
             ``"neuron"`` (one group per output row of a linear weight), ``"l1"``
             (elementwise), ``"none"`` (no Γ: plain SGD(-momentum) with step ``κα``), or
             ``"auto"``: 4-D → group, 2-D → l1, otherwise none.
-        foreach: ``False`` selects the per-tensor reference path; otherwise the
-            multi-tensor ``_foreach`` path is used where no fused kernel runs.
+        foreach: ``True`` selects the multi-tensor ``_foreach`` path, ``False`` the
+            per-tensor reference path; ``None`` (default): the fused step where it
+            runs, else the multi-tensor path.
         fused: the whole step in one kernel (:mod:`splitlbi.optim.fused`): a C++
             kernel on CPU (float32; compiled on first use, once per machine) and a
             Triton kernel on CUDA (when Triton is installed). ``None`` (default) uses it
-            where it is available and falls back silently; ``True`` raises when it is
-            not available; ``False`` never uses it.
+            when ``foreach`` is not given and it can run, falling back silently;
+            ``True`` raises where it cannot run; ``False`` never uses it.
 
     State per parameter (``self.state[p]``): ``"momentum_buffer"`` and, for coupled
     parameters, ``"v"``. ``Γ = κ·prox(V)`` is a function of ``V`` and is formed on
@@ -175,7 +176,8 @@ class SplitLBI(Optimizer):
         """Run the fused kernel on a group when ``fused`` allows it and it can (True), else
         change nothing and return False. ``fused=True`` raises where it cannot run."""
         fused = group.get("fused")
-        if fused is False or (fused is None and group["foreach"] is False) or torch.jit.is_scripting():
+        # as torch.optim: an explicit foreach (True or False) without fused=True picks that path
+        if fused is False or (fused is None and group["foreach"] is not None) or torch.jit.is_scripting():
             return False
         reason = self._fused_reason(params)
         if reason is None:
