@@ -182,7 +182,11 @@ class SplitLBI(Optimizer):
         reason = self._fused_reason(params)
         if reason is None:
             caches = self.__dict__.setdefault("_norm_caches", {})
-            cache = caches.setdefault(id(group["params"]), NormCache())
+            cache = caches.get(id(group["params"]))
+            if cache is None:  # a new group, or load_state_dict made new ones: drop the old caches
+                live = {id(g["params"]) for g in self.param_groups}
+                caches = self.__dict__["_norm_caches"] = {k: c for k, c in caches.items() if k in live}
+                cache = caches[id(group["params"])] = NormCache()
             if fused_splitlbi(params, grads, buffers, vs, penalties, cache, **hyper):
                 return True
             reason = "a tensor is not contiguous or its gradient has another dtype"
