@@ -244,7 +244,9 @@ def fused_step(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], vs
                      p.numel(), _row_len(p, kind), flags[i]]
     pointers_key = tuple(pointers)
     if plan.pointers != pointers_key:
-        plan.meta = torch.tensor(pointers, dtype=torch.int64).to(device, non_blocking=True)
+        # from pinned memory, so the copy does not make the host wait for the GPU
+        staged = torch.tensor(pointers, dtype=torch.int64, pin_memory=device.type == "cuda")
+        plan.meta = staged.to(device, non_blocking=True)
         plan.pointers = pointers_key
     grid = (plan.tasks.shape[0],)
     _fused_step_kernel[grid](

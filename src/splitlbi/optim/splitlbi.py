@@ -189,7 +189,7 @@ class SplitLBI(Optimizer):
                 cache = caches[id(group["params"])] = NormCache()
             if fused_splitlbi(params, grads, buffers, vs, penalties, cache, **hyper):
                 return True
-            reason = "a tensor is not contiguous or its gradient has another dtype"
+            reason = "a tensor's layout or dtype does not suit the kernel (see splitlbi.optim.fused)"
         if fused:
             raise RuntimeError(f"SplitLBI(fused=True) cannot run the fused step: {reason}")
         return False
