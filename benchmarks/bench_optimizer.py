@@ -232,7 +232,8 @@ def main() -> None:
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, {args.clock} clock" + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
+          f"{torch.get_num_threads()} threads, {args.clock} clock"
+          + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
     rows = run(devices, args.sets, args.repeats, args.rounds, tuple(args.penalties), not args.no_per_tensor,
                args.clock)
     print(format_table(rows, args.markdown))

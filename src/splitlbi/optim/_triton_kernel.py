@@ -156,9 +156,10 @@ class _Plan:
     """The task table of a list of shapes and penalty kinds, and the pointer table last
     built for it (reused while no pointer changes)."""
 
-    def __init__(self, key: tuple, tasks: Tensor) -> None:
+    def __init__(self, key: tuple, tasks: Tensor, sizes: list[tuple[int, int]]) -> None:
         self.key = key
         self.tasks = tasks
+        self.sizes = sizes  # (numel, row_len) per tensor
         self.pointers: Optional[tuple] = None
         self.meta: Optional[Tensor] = None
 
@@ -176,15 +177,16 @@ def _plan(params: list[Tensor], kinds: list[int]) -> _Plan:
     key = (params[0].device, tuple(p.shape for p in params), tuple(kinds))
     plan = _plans.get(key)
     if plan is None:
-        tasks = []
+        tasks, sizes = [], []
         for t, (p, kind) in enumerate(zip(params, kinds)):
             row_len = _row_len(p, kind)
             n_rows = -(-p.numel() // row_len)
             tasks += [(t, r) for r in range(0, n_rows, ROWS)]
+            sizes.append((p.numel(), row_len))
         table = torch.tensor(tasks, dtype=torch.int64).reshape(-1, 2).to(params[0].device)
         if len(_plans) > 16:
             _plans.clear()
-        plan = _plans[key] = _Plan(key, table)
+        plan = _plans[key] = _Plan(key, table, sizes)
     return plan
 
 
@@ -224,26 +226,23 @@ def fused_step(params: list[Tensor], grads: list[Tensor], bufs: list[Tensor], vs
         return False
     device = first.device
     kinds = [flag & 3 for flag in flags]
-    if not _layouts_fit(params, grads, bufs, vs, kinds, device):
-        return False
     plan = _plan(params, kinds)
     if plan.tasks.shape[0] == 0:
         return True
+    coupled, grouped = iter(vs), iter(norms)
+    no_buffer = [0] * len(params) if not bufs else None
     pointers = []
-    next_v = next_norms = 0
-    for i, p in enumerate(params):
-        kind = kinds[i]
-        v_ptr = norms_ptr = 0
-        if kind != 0:
-            v_ptr = vs[next_v].data_ptr()
-            next_v += 1
-        if kind == 1:
-            norms_ptr = norms[next_norms].data_ptr()
-            next_norms += 1
-        pointers += [p.data_ptr(), grads[i].data_ptr(), bufs[i].data_ptr() if bufs else 0, v_ptr, norms_ptr,
-                     p.numel(), _row_len(p, kind), flags[i]]
+    rows = zip(params, grads, bufs or no_buffer, kinds, flags, plan.sizes)
+    for p, grad, buf, kind, flag, (numel, row_len) in rows:
+        pointers += (p.data_ptr(), grad.data_ptr(), buf.data_ptr() if bufs else 0,
+                     next(coupled).data_ptr() if kind else 0, next(grouped).data_ptr() if kind == 1 else 0,
+                     numel, row_len, flag)
     pointers_key = tuple(pointers)
     if plan.pointers != pointers_key:
+        # Layouts are checked whenever an address (or a flag) changes: a step on the same
+        # tensors as the last one skips the checks and the copy of the table.
+        if not _layouts_fit(params, grads, bufs, vs, kinds, device):
+            return False
         # from pinned memory, so the copy does not make the host wait for the GPU
         staged = torch.tensor(pointers, dtype=torch.int64, pin_memory=device.type == "cuda")
         plan.meta = staged.to(device, non_blocking=True)
