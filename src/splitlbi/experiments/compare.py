@@ -172,7 +172,7 @@ def _read_metrics(run_dir: Path) -> List[Dict[str, str]]:
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise SplitLBIError(f"cannot read {path}: {error}") from None
 
 
