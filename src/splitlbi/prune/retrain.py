@@ -132,7 +132,8 @@ def train_epochs(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
                                 transform=train_transform(config.augment, data.mean, data.std,
                                                           augment_generator(config.seed, current)),
                                 progress=None if config.progress else False,
-                                description=f"{description} epoch {current}/{config.epochs}")
+                                description=f"{description} epoch {current}/{config.epochs}",
+                                nonfinite=config.nonfinite)
         if after_epoch is not None:
             masks = after_epoch(model, current)
             kept = mask_sparsity(masks).overall if masks else None

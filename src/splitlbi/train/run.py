@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import random
@@ -39,7 +40,7 @@ from splitlbi.train import distributed
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig, resolve_device, validate_config
 from splitlbi.train.loop import NonFiniteError, epoch_generator, evaluate, train_one_epoch
 from splitlbi.train.rundir import (
-    LOCK_FILE, RunHistory, holds_run_dirs, lock_run_dir, csv_epochs, epoch_from_name, newest_valid_checkpoint, remove_stale_temporaries,
+    LOCK_FILE, RunHistory, check_not_busy, holds_run_dirs, is_empty_run_dir, lock_run_dir, csv_epochs, epoch_from_name, newest_valid_checkpoint, remove_stale_temporaries,
     restore_table, set_aside, validate_checkpoint,
 )
 from splitlbi.optim import SplitLBI
@@ -377,10 +378,11 @@ def _require_rows(path: Path, first: int, last: int) -> str:
 def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise SplitLBIError(f"--out {run_dir} exists and is not a directory")
+    check_not_busy(run_dir)  # a writer at work there: name it rather than what it has written so far
     if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
         raise SplitLBIError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                             f"or choose another --out")
-    if run_dir.exists() and any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
+    if run_dir.exists() and not is_empty_run_dir(run_dir):
         raise SplitLBIError(f"--out {run_dir} exists and is not empty; choose a new or empty directory")
 
 
@@ -727,6 +729,11 @@ def _run_training(
         evaluation = dict(batch_size=config.eval_batch_size, mean=data.mean, std=data.std, shard=context.shard,
                           autocast_dtype=autocast_dtype, memory_format=memory_format)
         test = evaluate(eval_model, data.test_images, data.test_labels, **evaluation)
+        if not math.isfinite(test.loss) and data.test_images.shape[0] > 0:
+            # Finite weights whose outputs overflow: the run has diverged all the same.
+            raise SplitLBIError(f"training stopped at epoch {epoch}/{config.epochs}, after its last step: the test "
+                                f"loss is not finite (nan or inf); {CHECKPOINT_DIR}/{LAST_CHECKPOINT} keeps epoch "
+                                f"{epoch - 1}, the last good one (lower --lr or --kappa)")
         sparse_accuracy = sparsity = None
         if lbi is not None:
             with lbi.sparse_model():

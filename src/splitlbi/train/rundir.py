@@ -37,7 +37,8 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.utils.io import atomic_write_text
 
 __all__ = [
-    "LOCK_FILE", "REJECTED_SUFFIX", "RunDirBusyError", "RunDirLock", "holds_run_dirs", "lock_run_dir",
+    "LOCK_FILE", "REJECTED_SUFFIX", "RunDirBusyError", "RunDirLock", "check_not_busy", "holds_run_dirs",
+    "lock_run_dir",
     "remove_stale_temporaries",
     "is_empty_run_dir", "checkpoint_candidates", "newest_valid_checkpoint", "set_aside", "CheckpointError",
     "validate_checkpoint", "epoch_from_name", "RunHistory", "restore_table", "csv_epochs",
@@ -87,6 +88,33 @@ def _lock_file(descriptor: int) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+def _busy_message(directory: Path) -> str:
+    return (f"{directory} is in use by another splitlbi process ({_holder(directory / LOCK_FILE)}); "
+            f"wait for it to finish or use another directory")
+
+
+def check_not_busy(directory: PathLike) -> None:
+    """Raise :class:`RunDirBusyError` if another process holds ``directory``'s lock now
+    (a quick probe for a clear first message; only holding the lock excludes others)."""
+    directory = Path(directory)
+    path = directory / LOCK_FILE
+    if not path.is_file():
+        return
+    with _held_guard:
+        if os.path.realpath(directory) in _held:
+            return  # this process holds it
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            free = _lock_file(descriptor)
+        finally:
+            os.close(descriptor)  # also lets go of the probe's lock
+    if not free:
+        raise RunDirBusyError(_busy_message(directory))
 
 
 def _holder(path: Path) -> str:
@@ -161,8 +189,7 @@ class RunDirLock:
                                     f"{error.strerror or error}") from None
             if not _lock_file(descriptor):
                 os.close(descriptor)
-                raise RunDirBusyError(f"{directory} is in use by another splitlbi process ({_holder(path)}); "
-                                      f"wait for it to finish or use another directory")
+                raise RunDirBusyError(_busy_message(directory))
             try:
                 os.ftruncate(descriptor, 0)
                 os.write(descriptor, f"{os.getpid()}\n".encode())
@@ -263,8 +290,8 @@ def remove_stale_temporaries(run_dir: PathLike) -> List[Path]:
 
 
 def is_empty_run_dir(run_dir: PathLike) -> bool:
-    """True when ``run_dir`` holds nothing but its lock file (a new run may start there)."""
-    return all(entry.name == LOCK_FILE for entry in Path(run_dir).iterdir())
+    """True when ``run_dir`` holds nothing but its lock file and stale temporaries (a new run may start there)."""
+    return all(entry.name == LOCK_FILE or _is_temporary(entry) for entry in Path(run_dir).iterdir())
 
 
 # --------------------------------------------------------------------------- checkpoints
