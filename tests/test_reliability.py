@@ -104,7 +104,7 @@ def test_1_a_second_writer_gets_one_line_naming_the_directory_and_holder(two_epo
         try:
             started = splitlbi("train", *TINY_ARGS, "--out", str(fresh))
             assert_one_line_error(started, str(fresh), f"pid {second.pid}")
-            baseline = splitlbi("baseline", "sfp", *TINY_ARGS, "--epochs", "1", "--out", str(fresh))
+            baseline = splitlbi("baseline", "sfp", *TINY_ARGS[:-1], "--epochs", "1", "--out", str(fresh))
             assert_one_line_error(baseline, str(fresh), f"pid {second.pid}")
         finally:
             second.kill()
