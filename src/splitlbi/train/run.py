@@ -333,7 +333,7 @@ def _file_columns(path: Path, default: Sequence[str]) -> Sequence[str]:
     try:
         with open(path, encoding="utf-8") as handle:
             first = handle.readline().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, UnicodeDecodeError):  # missing or damaged: rebuilt or refused by the caller
         return default
     return tuple(first.split(",")) if first else default
 
@@ -356,6 +356,27 @@ def _truncate_rows_after(path: Path, epoch: int, columns: Sequence[str]) -> None
         if row_epoch <= epoch and line.count(",") == len(columns) - 1:
             kept.append(line)
     atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+def _restore_rows(path: Path, saved: Optional[str], first: int, last: int, columns: Sequence[str],
+                  say: Callable[[str], None]) -> str:
+    """Bring the CSV file at ``path`` back to epoch ``last`` on resume; return its text.
+
+    From the checkpoint's copy ``saved`` (rebuilding lost rows) unless there is none
+    (older checkpoints) or the file keeps an older, narrower header (a run written before
+    a column was added, e.g. path.csv's v_norm): then the file's own rows after ``last``
+    are dropped and its rows ``first..last`` must all be there.
+    """
+    if saved is not None:
+        saved_columns = saved.split("\n", 1)[0].split(",")
+        on_disk = list(_file_columns(path, saved_columns))
+        older = on_disk != saved_columns and on_disk == saved_columns[:len(on_disk)]
+        if not older:
+            restore_table(path, saved, say)
+            return saved
+    # A run written before path.csv had v_norm keeps its six columns.
+    _truncate_rows_after(path, last, _file_columns(path, columns))
+    return _require_rows(path, first, last)
 
 
 def _require_rows(path: Path, first: int, last: int) -> str:
@@ -641,16 +662,11 @@ def _run_training(
                     set_aside(rejected)
                     # Rows, masks and epoch checkpoints written after the checkpoint belong
                     # to an epoch that will be redone; rows before it must all be there.
-                    if history is not None:
-                        restore_table(run_dir / METRICS_FILE, history.metrics, say)
-                        restore_table(run_dir / PATH_FILE, history.path, say)
-                    else:
-                        _truncate_rows_after(run_dir / METRICS_FILE, start_epoch, METRICS_COLUMNS)
-                        # A run written before path.csv had v_norm keeps its six columns.
-                        _truncate_rows_after(run_dir / PATH_FILE, start_epoch,
-                                             _file_columns(run_dir / PATH_FILE, PATH_COLUMNS))
-                        history = RunHistory(_require_rows(run_dir / METRICS_FILE, 1, start_epoch),
-                                             _require_rows(run_dir / PATH_FILE, 0, start_epoch))
+                    history = RunHistory(
+                        _restore_rows(run_dir / METRICS_FILE, history.metrics if history else None, 1, start_epoch,
+                                      METRICS_COLUMNS, say),
+                        _restore_rows(run_dir / PATH_FILE, history.path if history else None, 0, start_epoch,
+                                      PATH_COLUMNS, say))
                     _remove_epoch_files_after(run_dir / MASK_DIR, start_epoch)
                     _remove_epoch_files_after(run_dir / CHECKPOINT_DIR, start_epoch)
                     info.update(config.to_dict())
