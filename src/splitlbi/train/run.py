@@ -399,7 +399,8 @@ def _require_rows(path: Path, first: int, last: int) -> str:
 def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise SplitLBIError(f"--out {run_dir} exists and is not a directory")
-    check_not_busy(run_dir)  # a writer at work there: name it rather than what it has written so far
+    if distributed.is_main_process():  # under torchrun the other ranks would see rank 0's own lock
+        check_not_busy(run_dir)  # a writer at work there: name it rather than what it has written so far
     if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
         raise SplitLBIError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                             f"or choose another --out")
