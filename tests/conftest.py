@@ -16,15 +16,17 @@ if not torch.cuda.is_available():
 
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
-    """The folder of real datasets (``../shared/data`` next to the repo, or ``$SPLITLBI_TEST_DATA``).
+    """The folder of real datasets, by the one rule of README.md ("Data"): ``$SPLITLBI_DATA``,
+    as for ``splitlbi`` itself; when it is unset, ``../shared/data`` next to the checkout
+    (the tests never download, so the CLI's fallback, the download cache, is not used).
 
-    Skips the test when it is absent, except on CI (``CI=true``), where a missing
-    folder is a setup error and fails the test.
+    Skips the test when the folder is absent, except on CI (``CI=true``), where a
+    missing folder is a setup error and fails the test.
     """
-    from_env = os.environ.get("SPLITLBI_TEST_DATA")
+    from_env = os.environ.get("SPLITLBI_DATA")
     path = Path(from_env) if from_env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
     if not path.is_dir():
-        reason = f"real datasets not found at {path} (set SPLITLBI_TEST_DATA to the folder holding mnist/raw/)"
+        reason = f"real datasets not found at {path} (set SPLITLBI_DATA to the folder holding mnist/raw/)"
         if os.environ.get("CI", "").strip().lower() == "true":
             pytest.fail(reason)
         pytest.skip(reason)

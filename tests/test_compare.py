@@ -60,9 +60,10 @@ def test_compare_writes_tables_that_match_the_runs_and_skips_finished_runs(tmp_p
         assert close(row["best_test_acc_mean"], statistics.fmean(best))
         assert close(row["best_test_acc_std"], statistics.stdev(best))
         if row["optimizer"].startswith("splitlbi"):
-            assert close(row["final_sparsity_mean"], statistics.fmean(float(rows[-1]["sparsity"]) for rows in metrics))
+            assert close(row["final_gamma_nonzero_share_mean"],
+                         statistics.fmean(float(rows[-1]["gamma_nonzero_share"]) for rows in metrics))
         else:
-            assert row["final_sparsity_mean"] == ""
+            assert row["final_gamma_nonzero_share_mean"] == ""
     markdown = (out / "table.md").read_text()
     for name in VARIANTS:
         assert f"| {name} | 0.05 | 2 |" in markdown

@@ -67,7 +67,7 @@ def test_readme_snippet_gives_a_useful_path() -> None:
     opt, model = namespace["opt"], namespace["model"]
     accuracy(model)  # dense
     sparse_accuracy, dense_accuracy = accuracies
-    share = opt.sparsity().overall
+    share = opt.nonzero_share().overall
     assert 0.10 <= share <= 0.90, f"non-zeros of Γ {share:.1%}"
     assert dense_accuracy > 80.0, dense_accuracy
     assert sparse_accuracy >= dense_accuracy - 3.0, (sparse_accuracy, dense_accuracy)

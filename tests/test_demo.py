@@ -47,7 +47,7 @@ def _summary_numbers(text: str) -> Dict[str, float]:
         "dense": r"SplitLBI dense test accuracy:\s+([\d.]+)%",
         "sparse": r"SplitLBI sparse test accuracy:\s+([\d.]+)%",
         "selected": r"conv3 filters selected:\s+(\d+) of 120",
-        "sparsity": r"sparsity of Gamma:\s+([\d.]+)% non-zero",
+        "nonzeros": r"non-zeros of Gamma:\s+([\d.]+)% of the coupled weights",
         "seconds": r"wall time:\s+([\d.]+) s",
     }
     numbers = {}
@@ -83,7 +83,7 @@ def test_demo_summary_is_meaningful(demo: Dict[str, object]) -> None:
     assert numbers["dense"] > 90 and numbers["sgd"] > 90, numbers
     assert numbers["sparse"] > numbers["dense"] - 5, numbers  # the sparse model works without fine-tuning
     assert 10 <= numbers["selected"] <= 100, numbers  # a real choice among the 120 filters
-    assert 0 < numbers["sparsity"] < 100, numbers
+    assert 0 < numbers["nonzeros"] < 100, numbers
     assert 0 < numbers["seconds"] < 150, numbers
 
 
@@ -155,7 +155,7 @@ def test_rerun_replaces_its_own_output(tmp_path: Path) -> None:
     second = run_demo(out, epochs=2, progress=False)
     assert read_train_config(out / "splitlbi").epochs == 2
     assert (out / "summary.txt").read_text(encoding="utf-8") == format_summary(second)
-    for key in ("sgd_test_acc", "splitlbi_test_acc", "splitlbi_sparse_test_acc", "sparsity", "wall_seconds"):
+    for key in ("sgd_test_acc", "splitlbi_test_acc", "splitlbi_sparse_test_acc", "gamma_nonzero_share", "wall_seconds"):
         assert isinstance(second[key], float)
     assert second["conv3_filters"] == 120 and 0 <= second["conv3_selected"] <= 120
     assert first["epochs"] == 1 and second["epochs"] == 2

@@ -169,9 +169,9 @@ def test_two_processes_equal_one_process_with_twice_the_batch(ddp_run, single_ru
         assert all(torch.equal(ddp_masks[name], single_masks[name]) for name in single_masks)
     ddp_rows = read_rows(ddp_run["dir"] / "metrics.csv")
     single_rows = read_rows(single_run / "metrics.csv")
-    assert 0 < float(ddp_rows[-1]["sparsity"]) < 1  # a partial support: the comparison means something
+    assert 0 < float(ddp_rows[-1]["gamma_nonzero_share"]) < 1  # a partial support: the comparison means something
     for ddp_row, single_row in zip(ddp_rows, single_rows):
-        for column in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "sparse_test_acc", "sparsity"):
+        for column in ("lr", "train_loss", "train_acc", "test_loss", "test_acc", "sparse_test_acc", "gamma_nonzero_share"):
             assert float(ddp_row[column]) == pytest.approx(float(single_row[column]), abs=1e-4), column
 
 

@@ -108,7 +108,7 @@ def optimizer_run(model, batches, *, foreach, penalty, **hyper):
         opt.zero_grad()
         loss_fn(model, batch).backward()
         opt.step()
-        opt.sparsity_path.append(opt.sparsity().overall)
+        opt.sparsity_path.append(opt.nonzero_share().overall)
     return opt
 
 
@@ -294,7 +294,7 @@ def _train(model, opt, steps=30):
 def test_path_readers_shapes_and_consistency():
     model = make_model(torch.float32)
     opt = SplitLBI(model.named_parameters(), lr=0.05, kappa=2, nu=0.5, lam=0.05)
-    assert opt.sparsity().overall == 0.0  # empty support before any step
+    assert opt.nonzero_share().overall == 0.0  # empty support before any step
     _train(model, opt)
     support = opt.support()
     filters = opt.filter_support()
@@ -311,7 +311,7 @@ def test_path_readers_shapes_and_consistency():
     # group penalty: whole filters in or out
     conv = support["0.weight"].reshape(6, -1)
     assert torch.equal(conv.all(dim=1), conv.any(dim=1))
-    sparsity = opt.sparsity()
+    sparsity = opt.nonzero_share()
     total = sum(m.numel() for m in support.values())
     assert sparsity.overall == pytest.approx(sum(int(m.sum()) for m in support.values()) / total)
     assert set(sparsity.layers) == set(support)
@@ -410,7 +410,7 @@ def test_bfloat16_parameters(foreach):
     _train(model, opt)
     assert all(s["v"].dtype == torch.bfloat16 for s in opt.state.values() if "v" in s)
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert 0.0 < opt.sparsity().overall <= 1.0
+    assert 0.0 < opt.nonzero_share().overall <= 1.0
 
 
 def test_params_without_grad_are_skipped():

@@ -67,7 +67,7 @@ def test_fig4_csv_holds_the_mean_over_seeds_of_the_runs(smoke: dict) -> None:
             and job["spec"]["config"].get("nu") == nu and job["spec"]["config"]["optimizer"] == "splitlbi"
             and job["spec"]["config"]["model"] == base.model and job["spec"]["config"]["penalty"] == "auto"]
     assert len(runs) == len(recipe.seeds)
-    per_seed = [[float(r["sparsity"]) * 100 for r in read_rows(out / "runs" / run / "metrics.csv")] for run in runs]
+    per_seed = [[float(r["gamma_nonzero_share"]) * 100 for r in read_rows(out / "runs" / run / "metrics.csv")] for run in runs]
     for epoch, row in enumerate(plotted):
         values = [curve[epoch] for curve in per_seed]
         assert float(row["y"]) == pytest.approx(statistics.fmean(values), rel=1e-5, abs=1e-6)

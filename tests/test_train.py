@@ -117,7 +117,7 @@ def test_mnist_run_writes_all_files(shared_data_dir: Path, tmp_path: Path) -> No
     for row in metrics:
         assert all(row[column] != "" for column in METRICS_COLUMNS)
         assert 0 <= float(row["test_acc"]) <= 100 and 0 <= float(row["sparse_test_acc"]) <= 100
-        assert 0 <= float(row["sparsity"]) <= 1
+        assert 0 <= float(row["gamma_nonzero_share"]) <= 1
 
     assert header(run_dir / "path.csv") == list(PATH_COLUMNS)
     path_rows = read_rows(run_dir / "path.csv")
@@ -151,7 +151,7 @@ def test_sgd_baseline_leaves_gamma_columns_empty(tmp_path: Path) -> None:
     metrics = read_rows(run_dir / "metrics.csv")
     assert header(run_dir / "metrics.csv") == list(METRICS_COLUMNS)
     assert len(metrics) == 1
-    assert metrics[0]["sparse_test_acc"] == "" and metrics[0]["sparsity"] == ""
+    assert metrics[0]["sparse_test_acc"] == "" and metrics[0]["gamma_nonzero_share"] == ""
     assert metrics[0]["test_acc"] != ""
     path_rows = read_rows(run_dir / "path.csv")
     assert header(run_dir / "path.csv") == list(PATH_COLUMNS)

@@ -4,8 +4,8 @@ Train deep networks with :class:`SplitLBI` and read structural sparsity off the
 solution path of its structure parameter Γ.
 """
 
-from .optim import SplitLBI, Sparsity
+from .optim import NonzeroShare, SplitLBI, Sparsity
 
 __version__ = "0.1.0"
 
-__all__ = ["SplitLBI", "Sparsity", "__version__"]
+__all__ = ["SplitLBI", "NonzeroShare", "Sparsity", "__version__"]

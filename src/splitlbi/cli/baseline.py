@@ -51,8 +51,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--pad-to", type=int, metavar="SIZE", help="zero-pad images to SIZE x SIZE")
     parser.add_argument("--augment", choices=AUGMENTATIONS, default=default.augment,
                         help=f"(default: {default.augment})")
-    parser.add_argument("--limit-train", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--limit-test", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images")
+    parser.add_argument("--limit-test", type=int, metavar="N", help="evaluate on only the first N test images")
     parser.add_argument("--epochs", type=positive_int, default=default.epochs, help=f"(default: {default.epochs})")
     parser.add_argument("--lr", type=float, default=default.lr, help=f"SGD learning rate (default: {default.lr})")
     parser.add_argument("--lr-milestones", type=epoch_list, nargs="*", default=[], metavar="EPOCHS",
@@ -67,6 +67,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--device", default=default.device, help="auto, cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--save-every", type=positive_int, default=default.save_every,
                         help=f"keep a checkpoint every N epochs (default: {default.save_every})")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (drawn only when stderr is a terminal anyway)")
     parser.set_defaults(func=run)
     return parser
 
@@ -81,7 +83,7 @@ def run(arguments: argparse.Namespace) -> int:
         lr=arguments.lr, momentum=arguments.momentum, weight_decay=arguments.weight_decay, epochs=arguments.epochs,
         batch_size=arguments.batch_size, lr_milestones=tuple(e for group in arguments.lr_milestones for e in group),
         lr_gamma=arguments.lr_gamma, seed=arguments.seed, device=arguments.device, save_every=arguments.save_every,
-        limit_train=arguments.limit_train, limit_test=arguments.limit_test, progress=True)
+        limit_train=arguments.limit_train, limit_test=arguments.limit_test, progress=not arguments.no_progress)
     if arguments.method == "slimming":
         baselines.slimming(config, arguments.out, keep=arguments.keep, sparsity_lambda=arguments.sparsity_lambda,
                            finetune_epochs=arguments.finetune_epochs, finetune_lr=arguments.finetune_lr,

@@ -78,7 +78,24 @@ def build_parser() -> ArgumentParser:
         add_parser = getattr(module, "add_parser", None)
         if callable(add_parser):
             add_parser(subparsers)
+    _mark_commands(parser)
     return parser
+
+
+#: Namespace attribute naming the (sub)command parser that parsed the arguments.
+_COMMAND_PARSER = "_command_parser"
+
+
+def _mark_commands(parser: argparse.ArgumentParser) -> None:
+    """Let each leaf subcommand parser record itself in the namespace, so that an
+    unrecognized option is reported against ``splitlbi train --help`` rather than
+    ``splitlbi --help`` (argparse reports it from the top-level parser)."""
+    children = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    if not children:
+        parser.set_defaults(**{_COMMAND_PARSER: parser})
+    for action in children:
+        for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            _mark_commands(child)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -90,7 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     arguments: List[str] = list(sys.argv[1:] if argv is None else argv)
     try:
-        namespace = parser.parse_args(arguments)
+        namespace, unknown = parser.parse_known_args(arguments)
+        command_parser = vars(namespace).pop(_COMMAND_PARSER, parser)
+        if unknown:
+            command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         return int(namespace.func(namespace) or 0)
     except SplitLBIError as error:
         report_error(error)

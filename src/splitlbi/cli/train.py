@@ -11,7 +11,7 @@ from typing import Any, Dict
 from splitlbi.cli.argtypes import epoch_list
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import (
-    AUGMENTATIONS, NONFINITE_CHOICES, OPTIMIZER_NAMES, SCHEDULES, TrainConfig, apply_schedule_preset,
+    AUGMENTATIONS, DEFAULT_LR, NONFINITE_CHOICES, OPTIMIZER_NAMES, SCHEDULES, TrainConfig, apply_schedule_preset,
 )
 from splitlbi.train.distributed import is_main_process
 from splitlbi.train.run import read_train_config, run_training
@@ -53,14 +53,17 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                             "of the original size and flips left-right with probability 1/2 (the standard "
                             "recipe for cifar10, and for fashion-mnist/mnist with --pad-to 32) "
                             f"(default: {_default('augment')})")
-    model.add_argument("--limit-train", type=int, **option, help=argparse.SUPPRESS)
-    model.add_argument("--limit-test", type=int, **option, help=argparse.SUPPRESS)
+    model.add_argument("--limit-train", type=int, metavar="N", **option,
+                       help="use only the first N training images (quick trials, tests, the smoke recipes)")
+    model.add_argument("--limit-test", type=int, metavar="N", **option,
+                       help="evaluate on only the first N test images")
 
     optim = parser.add_argument_group("optimizer")
     optim.add_argument("--optimizer", choices=OPTIMIZER_NAMES, **option,
                        help=f"(default: {_default('optimizer')})")
     optim.add_argument("--lr", type=float, **option,
-                       help=f"learning rate (default: {_default('lr')}; adaptive methods want ~1e-3)")
+                       help="learning rate (default: per optimizer, "
+                            + ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items()) + ")")
     optim.add_argument("--kappa", type=float, **option, help=f"SplitLBI damping factor κ (default: {_default('kappa')})")
     optim.add_argument("--nu", type=float, **option,
                        help="SplitLBI coupling strength ν. It sets when filters enter Γ: a filter of norm |W_g| "
@@ -84,7 +87,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     schedule = parser.add_argument_group("schedule")
     schedule.add_argument("--schedule", choices=SCHEDULES, **option,
                           help="learning-rate schedule, stepped once per epoch: step multiplies --lr by --lr-gamma "
-                               "at each of --lr-milestones; paper is the paper's preset (160 epochs, lr 0.1, "
+                               "at each of --lr-milestones; paper is the paper's preset (160 epochs, lr 0.1 (adaptive "
+                               "optimizers: their default lr), "
                                "x0.1 at epochs 80 and 120, batch 128) where --epochs, --lr, --lr-milestones, "
                                "--lr-gamma and --batch-size given on the command line win over the preset; "
                                "cosine anneals --lr to 0 over --epochs (default: step)")
@@ -108,11 +112,16 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                                 f"are always written (default: {_default('save_every')})")
     run_group.add_argument("--eval-batch-size", type=int, **option,
                            help=f"(default: {_default('eval_batch_size')})")
-    run_group.add_argument("--no-progress", action="store_true", **option, help="no progress bar")
+    run_group.add_argument("--tensorboard", action="store_true", **option,
+                           help="also write TensorBoard event files to RUN_DIR/tensorboard (losses, accuracies, "
+                                "share of non-zeros of Γ overall and per layer, filter-norm histograms; "
+                                "metrics.csv stays the record); needs pip install \"splitlbi[tensorboard]\"")
+    run_group.add_argument("--no-progress", action="store_true", **option, help="no progress bars (they are drawn only when stderr is a terminal anyway)")
     run_group.add_argument("--nonfinite", choices=NONFINITE_CHOICES, **option,
                            help="a batch whose loss is nan or inf: stop the run with an error (the last good "
                                 "checkpoint stays last.pt) or skip that batch, as AMP's GradScaler does; may "
                                 "change on --resume (default: stop)")
+
 
     speed = parser.add_argument_group("speed and scale",
                                       "multi-GPU and multi-node: launch with torchrun --nproc-per-node N -m splitlbi "

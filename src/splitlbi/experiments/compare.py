@@ -11,8 +11,8 @@ same seed start from the same initialization, whatever the variant.
 At the end ``OUT/table.csv`` and ``OUT/table.md`` get one row per variant: the test
 accuracy (percent) after the last epoch ("final") and the highest over all epochs
 ("best"), mean and standard deviation over the seeds (sample standard deviation, n-1;
-empty for a single seed), and for SplitLBI the final sparsity of Γ (share of non-zero
-entries, as in ``metrics.csv``; 0.25 = 25%).
+empty for a single seed), and for SplitLBI the final share of non-zeros of Γ (the
+paper's "sparsity", ``gamma_nonzero_share`` in ``metrics.csv``; 0.25 = 25% non-zero).
 
 Variants (names as in the paper's Table 1):
 
@@ -71,6 +71,7 @@ from splitlbi.train.run import (
     read_run_config,
     read_train_config,
     run_training,
+    upgrade_metrics_row,
 )
 from splitlbi.train.rundir import LOCK_FILE
 from splitlbi.utils.io import atomic_write_text
@@ -88,9 +89,10 @@ Log = Optional[Callable[[str], None]]
 DEFAULT_WEIGHT_DECAY = 1e-4
 TABLE_CSV = "table.csv"
 TABLE_MD = "table.md"
-#: Columns of ``table.csv`` (accuracies in percent, sparsity a fraction as in metrics.csv).
+#: Columns of ``table.csv`` (accuracies in percent, the share of non-zeros of Γ a fraction
+#: as in metrics.csv).
 TABLE_COLUMNS = ("optimizer", "lr", "seeds", "final_test_acc_mean", "final_test_acc_std",
-                 "best_test_acc_mean", "best_test_acc_std", "final_sparsity_mean")
+                 "best_test_acc_mean", "best_test_acc_std", "final_gamma_nonzero_share_mean")
 
 # Settings that each variant fixes; ``compare(**settings)`` may not set them.
 _VARIANT_FIELDS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "seed")
@@ -172,7 +174,7 @@ def _read_metrics(run_dir: Path) -> List[Dict[str, str]]:
     path = run_dir / METRICS_FILE
     try:
         with path.open(newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+            return [upgrade_metrics_row(row) for row in csv.DictReader(handle)]
     except (OSError, UnicodeDecodeError) as error:
         raise SplitLBIError(f"cannot read {path}: {error}") from None
 
@@ -182,7 +184,7 @@ def _float(text: Optional[str]) -> Optional[float]:
 
 
 def _run_result(run_dir: Path, epochs: int) -> Optional[Dict[str, Any]]:
-    """Final/best test accuracy and final sparsity over epochs 1..``epochs``; None if incomplete."""
+    """Final/best test accuracy and final share of non-zeros of Γ over epochs 1..``epochs``; None if incomplete."""
     rows = [row for row in _read_metrics(run_dir) if int(row["epoch"]) <= epochs]
     if not rows or int(rows[-1]["epoch"]) != epochs:
         return None
@@ -190,7 +192,7 @@ def _run_result(run_dir: Path, epochs: int) -> Optional[Dict[str, Any]]:
     return {"run_dir": str(run_dir), "epochs": epochs, "final_test_acc": float(final["test_acc"]),
             "best_test_acc": max(float(row["test_acc"]) for row in rows),
             "final_sparse_test_acc": _float(final.get("sparse_test_acc")),
-            "final_sparsity": _float(final.get("sparsity"))}
+            "final_gamma_nonzero_share": _float(final.get("gamma_nonzero_share"))}
 
 
 def _completed_epochs(run_dir: Path) -> Optional[int]:
@@ -263,7 +265,7 @@ def summarize(out_dir: PathLike, variants: Sequence[str], seeds: Sequence[int], 
 
     Each row has the :data:`TABLE_COLUMNS` (``seeds`` = number of runs averaged) and
     ``runs``: the per-seed results (``seed``, ``run_dir``, ``final_test_acc``,
-    ``best_test_acc``, ``final_sparse_test_acc``, ``final_sparsity``).
+    ``best_test_acc``, ``final_sparse_test_acc``, ``final_gamma_nonzero_share``).
     """
     rows = []
     for name in variants:
@@ -281,12 +283,12 @@ def summarize(out_dir: PathLike, variants: Sequence[str], seeds: Sequence[int], 
             runs.append({"seed": seed, **result})
         final_mean, final_std = _mean_std([run["final_test_acc"] for run in runs])
         best_mean, best_std = _mean_std([run["best_test_acc"] for run in runs])
-        sparsities = [run["final_sparsity"] for run in runs if run["final_sparsity"] is not None]
-        sparsity_mean = statistics.fmean(sparsities) if variant.is_splitlbi and sparsities else None
+        shares = [run["final_gamma_nonzero_share"] for run in runs if run["final_gamma_nonzero_share"] is not None]
+        share_mean = statistics.fmean(shares) if variant.is_splitlbi and shares else None
         rows.append({"optimizer": name, "lr": lr, "seeds": len(runs),
                      "final_test_acc_mean": final_mean, "final_test_acc_std": final_std,
                      "best_test_acc_mean": best_mean, "best_test_acc_std": best_std,
-                     "final_sparsity_mean": sparsity_mean, "runs": runs})
+                     "final_gamma_nonzero_share_mean": share_mean, "runs": runs})
     return rows
 
 
@@ -316,13 +318,14 @@ def _plus_minus(mean: Optional[float], std: Optional[float], scale: float = 1.0)
 def format_markdown(rows: Sequence[Dict[str, Any]], caption: str = "") -> str:
     """``table.md``: mean ± std per variant; ``caption`` (the setting) as a line above."""
     lines = [caption, ""] if caption else []
-    lines += ["| optimizer | lr | seeds | final test acc (%) | best test acc (%) | final sparsity of Γ (%) |",
+    lines += ["| optimizer | lr | seeds | final test acc (%) | best test acc (%) | final non-zeros of Γ (%) |",
               "|---|---:|---:|---:|---:|---:|"]
     for row in rows:
-        sparsity = "" if row["final_sparsity_mean"] is None else f"{100.0 * row['final_sparsity_mean']:.2f}"
+        share = row["final_gamma_nonzero_share_mean"]
+        nonzeros = "" if share is None else f"{100.0 * share:.2f}"
         lines.append(f"| {row['optimizer']} | {_cell(row['lr'], 'g')} | {row['seeds']} | "
                      f"{_plus_minus(row['final_test_acc_mean'], row['final_test_acc_std'])} | "
-                     f"{_plus_minus(row['best_test_acc_mean'], row['best_test_acc_std'])} | {sparsity} |")
+                     f"{_plus_minus(row['best_test_acc_mean'], row['best_test_acc_std'])} | {nonzeros} |")
     return "\n".join(lines) + "\n"
 
 
@@ -452,9 +455,9 @@ def compare(
                     else f"{action} in {time.perf_counter() - started:.1f}s")
             line = (f"{prefix}: {what}; test acc final {result['final_test_acc']:.2f}% "
                     f"best {result['best_test_acc']:.2f}%")
-            if result["final_sparsity"] is not None:
+            if result["final_gamma_nonzero_share"] is not None:
                 line += (f", sparse model {result['final_sparse_test_acc']:.2f}%, "
-                         f"sparsity {100.0 * result['final_sparsity']:.2f}%")
+                         f"Gamma non-zeros {100.0 * result['final_gamma_nonzero_share']:.2f}%")
             say(line)
     rows = summarize(out, names, seeds, base.epochs)
     markdown = write_tables(out, rows, _caption(rows, base, seeds))
@@ -496,8 +499,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     data.add_argument("--pad-to", type=int, metavar="SIZE", help="zero-pad images to SIZE x SIZE (e.g. 32)")
     data.add_argument("--augment", choices=AUGMENTATIONS,
                       help="on-device training augmentation, e.g. crop-flip for CIFAR (default: none)")
-    data.add_argument("--limit-train", type=int, help=argparse.SUPPRESS)
-    data.add_argument("--limit-test", type=int, help=argparse.SUPPRESS)
+    data.add_argument("--limit-train", type=int, metavar="N", help="use only the first N training images")
+    data.add_argument("--limit-test", type=int, metavar="N", help="evaluate on only the first N test images")
 
     optim = parser.add_argument_group("optimizers")
     optim.add_argument("--optimizers", nargs="+", metavar="VARIANT", default=None,

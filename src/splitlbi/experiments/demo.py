@@ -13,7 +13,7 @@ LeNet-5 is trained on the digits bundled with scikit-learn (8x8 scans upsampled 
   middle and last kept epoch, framed by the support of Γ;
 - ``DIR/summary.txt`` (also printed): dense test accuracy of both runs, the test
   accuracy of SplitLBI's sparse model (W projected onto the support of Γ, no
-  fine-tuning), the conv3 filters selected, the sparsity of Γ and the wall time.
+  fine-tuning), the conv3 filters selected, the share of non-zeros of Γ and the wall time.
 
 Hyperparameters (:data:`DEMO_SETTINGS`), shared by both runs where they apply:
 ``lr 0.05``, ``momentum 0.9``, ``batch 32``, no weight decay, ``24 epochs`` with the
@@ -159,8 +159,9 @@ def _selected_and_unselected(support: np.ndarray, count: int) -> List[int]:
 
 
 def plot_demo_filters(run_dir: Path, out: Path, epochs: Sequence[int], *, num_filters: int = VIS_FILTERS,
-                      steps: int = VIS_STEPS) -> Path:
-    """Activation-maximization images of selected and unselected conv3 filters at ``epochs``."""
+                      steps: int = VIS_STEPS, progress: Optional[bool] = False) -> Path:
+    """Activation-maximization images of selected and unselected conv3 filters at ``epochs``
+    (``progress``: a bar per epoch on a terminal)."""
     from splitlbi.plots.filters import activation_maximization, image_shape_of, load_model_at, plot_filter_grid
     from splitlbi.plots.path import read_filter_paths
     from splitlbi.plots.style import run_label, save_figure
@@ -172,7 +173,8 @@ def plot_demo_filters(run_dir: Path, out: Path, epochs: Sequence[int], *, num_fi
     filter_ids = _selected_and_unselected(support, num_filters)
     shape = image_shape_of(config)
     images = {int(epoch): activation_maximization(load_model_at(run_dir, int(epoch), config), LAYER, shape,
-                                                  steps=steps, filters=filter_ids)
+                                                  steps=steps, filters=filter_ids, progress=progress,
+                                                  description=f"{LAYER} epoch {epoch}")
               for epoch in epochs}
     n_selected = int(support[filter_ids].sum())
     figure = plot_filter_grid(
@@ -206,7 +208,7 @@ def format_summary(summary: Dict[str, Any]) -> str:
         f"SplitLBI sparse test accuracy: {_percent(summary['splitlbi_sparse_test_acc'])}"
         "  (W projected onto the support of Gamma, no fine-tuning)",
         f"conv3 filters selected:        {summary['conv3_selected']} of {summary['conv3_filters']}",
-        f"sparsity of Gamma:             {100.0 * summary['sparsity']:.2f}% non-zero overall",
+        f"non-zeros of Gamma:            {100.0 * summary['gamma_nonzero_share']:.2f}% of the coupled weights",
         f"wall time:                     {summary['wall_seconds']:.1f} s",
         "",
         f"runs:    {summary['splitlbi_dir']}  {summary['sgd_dir']}",
@@ -242,7 +244,7 @@ def run_demo(out_dir: PathLike = "splitlbi-demo", epochs: int = DEMO_EPOCHS, pro
 
     Returns:
         ``sgd_test_acc``, ``splitlbi_test_acc``, ``splitlbi_sparse_test_acc`` (percent),
-        ``conv3_selected``, ``conv3_filters``, ``sparsity`` (share of non-zeros of Γ,
+        ``conv3_selected``, ``conv3_filters``, ``gamma_nonzero_share`` (share of non-zeros of Γ,
         0..1), ``wall_seconds``, ``epochs``, ``train_size``, ``test_size``, ``settings``
         (the shared hyperparameters) and the paths ``out_dir``, ``splitlbi_dir``,
         ``sgd_dir``, ``filter_paths_png``, ``filters_png``, ``summary_txt``.
@@ -273,7 +275,7 @@ def _run_demo(out: Path, epochs: int, progress: bool, log: Optional[Callable[[st
     paths_png = plot_filter_paths([lbi_dir, sgd_dir], LAYER, out / PATHS_PNG,
                                   title=f"LeNet-5 {LAYER} on digits: filter norms along training")
     lbi_config = configs["splitlbi"]
-    filters_png = plot_demo_filters(lbi_dir, out / FILTERS_PNG, visualized_epochs(lbi_config))
+    filters_png = plot_demo_filters(lbi_dir, out / FILTERS_PNG, visualized_epochs(lbi_config), progress=progress)
 
     masks = load_masks(lbi_dir, lbi_config.epochs)
     conv3 = masks[f"{LAYER}.weight"]
@@ -284,7 +286,7 @@ def _run_demo(out: Path, epochs: int, progress: bool, log: Optional[Callable[[st
         "splitlbi_sparse_test_acc": float(final["splitlbi"]["sparse_test_acc"]),
         "conv3_selected": int(conv3.flatten(1).any(dim=1).sum()),
         "conv3_filters": int(conv3.shape[0]),
-        "sparsity": float(final["splitlbi"]["sparsity"]),
+        "gamma_nonzero_share": float(final["splitlbi"]["gamma_nonzero_share"]),
         "epochs": lbi_config.epochs,
         "train_size": int(info["train_size"]),
         "test_size": int(info["test_size"]),

@@ -142,10 +142,10 @@ def fig3(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
 
 
 def fig4(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
-    """Sparsity of Γ and the sparse model's test accuracy over epochs for several κ and ν."""
-    return _sweep_figure(ws, recipe, [("sparsity", "non-zeros of Γ (% of coupled weights)", 100.0),
+    """Share of non-zeros of Γ and the sparse model's test accuracy over epochs for several κ and ν."""
+    return _sweep_figure(ws, recipe, [("gamma_nonzero_share", "non-zeros of Γ (% of coupled weights)", 100.0),
                                       ("sparse_test_acc", "sparse model test accuracy (%)", 1.0)],
-                         out, "Sparsity of Γ and accuracy of the sparse model, no fine-tuning (Fig. 4)",
+                         out, "Non-zeros of Γ and accuracy of the sparse model, no fine-tuning (Fig. 4)",
                          _scale_note(recipe, "mean ± std over seeds; each seed's settings share one initialization"))
 
 
@@ -163,7 +163,7 @@ def fig8(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     runs = [_train(ws, recipe.train_config(optimizer="splitlbi", seed=seed)) for seed in recipe.seeds]
     metrics = [read_metrics(run) for run in runs]
     overall = Panel("Non-zeros of Γ", "epoch", "non-zeros of Γ (% of coupled weights)")
-    overall.series.append(mean_curve("SplitLBI", [[100.0 * v for v in m["sparsity"]] for m in metrics],
+    overall.series.append(mean_curve("SplitLBI", [[100.0 * v for v in m["gamma_nonzero_share"]] for m in metrics],
                                      metrics[0]["epoch"], color=method_color("splitlbi")))
     shares = [layer_filter_share(run) for run in runs]
     names = [name for name in shares[0] if all(name in s for s in shares)]
@@ -172,7 +172,7 @@ def fig8(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     layers = Panel("Filters selected per layer", "epoch", "", heatmap=Heatmap(
         names, [float(e) for e in epochs], values, "filters selected by Γ (%)",
         n=len(shares)))
-    paths = _draw([overall, layers], out, "Sparsity of the SplitLBI (Lottery) runs (Fig. 8)",
+    paths = _draw([overall, layers], out, "Non-zeros of Γ in the SplitLBI (Lottery) runs (Fig. 8)",
                   _scale_note(recipe, "left: mean ± std over seeds; right: mean over seeds, epoch 0 = init"))
     return paths
 
@@ -496,7 +496,8 @@ def fig1(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     atomic_write_csv(out.with_suffix(".csv"), ["run", "epoch", "filter", "w_norm", "selected_at_end"], rows)
     filters = plot_demo_filters(runs[0], out.with_name(out.stem + "_filters.png"),
                                 visualized_epochs(base),
-                                steps=int(recipe.sections.get("fig1", {}).get("steps", 100)))
+                                steps=int(recipe.sections.get("fig1", {}).get("steps", 100)),
+                                progress=ws.progress)
     return [png, out.with_suffix(".pdf"), out.with_suffix(".csv"), filters]
 
 

@@ -49,15 +49,23 @@ def is_model(name: str) -> bool:
     return name.lower() in _model_factories
 
 
-def create_model(name: str, num_classes: int = 10, in_channels: int = 1, **kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int = 10, in_channels: int = 1, pretrained: bool = False,
+                 **kwargs) -> nn.Module:
     """Build the registered model ``name`` for ``num_classes`` classes and ``in_channels`` input channels.
 
-    Extra keyword arguments go to the model's factory. Raises :class:`SplitLBIError`
-    for an unknown name or a non-positive ``num_classes``/``in_channels``.
+    Extra keyword arguments go to the model's factory. ``pretrained`` is accepted for
+    timm compatibility, but splitlbi ships no weights: SplitLBI trains from scratch, so
+    ``pretrained=True`` is an error (load your own with ``model.load_state_dict``).
+    Raises :class:`SplitLBIError` for an unknown name, ``pretrained=True`` or a
+    non-positive ``num_classes``/``in_channels``.
     """
     factory = _model_factories.get(name.lower()) if isinstance(name, str) else None
     if factory is None:
         raise SplitLBIError(f"unknown model {name!r}: expected one of {', '.join(list_models())}")
+    if pretrained:
+        raise SplitLBIError(f"no pretrained weights for {name!r}: splitlbi's models start from a random "
+                            f"initialization (SplitLBI trains from scratch); load your own weights with "
+                            f"model.load_state_dict(...)")
     for arg, value in (("num_classes", num_classes), ("in_channels", in_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise SplitLBIError(f"{arg} must be a positive integer, got {value!r}")

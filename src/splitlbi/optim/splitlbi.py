@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import operator
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, NamedTuple, Optional, Union
 
@@ -19,11 +20,15 @@ from .fused import NormCache, fused_splitlbi, fused_supported
 ParamsT = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]], Iterable[dict[str, Any]]]
 
 
-class Sparsity(NamedTuple):
+class NonzeroShare(NamedTuple):
     """Share of non-zeros of Γ: over all coupled parameters, and per parameter name."""
 
     overall: float
     layers: dict[str, float]
+
+
+#: Deprecated name of :class:`NonzeroShare` (same class).
+Sparsity = NonzeroShare
 
 
 class Coupled(NamedTuple):
@@ -83,7 +88,7 @@ class SplitLBI(Optimizer):
 
         >>> opt = SplitLBI(model.named_parameters(), lr=0.1, kappa=1, nu=100)
         >>> loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
-        >>> opt.sparsity().overall, opt.filter_support()["conv3.weight"].sum()
+        >>> opt.nonzero_share().overall, opt.filter_support()["conv3.weight"].sum()
         >>> with opt.sparse_model():   # W projected onto the support of Γ
         ...     evaluate(model)
     """
@@ -314,15 +319,26 @@ class SplitLBI(Optimizer):
         """The support of Γ as CPU boolean masks, ready for ``torch.save``."""
         return {name: mask.cpu() for name, mask in self.support().items()}
 
-    def sparsity(self) -> Sparsity:
-        """Share of non-zeros of Γ, overall and per layer (1.0 = dense, 0.0 = empty)."""
+    def nonzero_share(self) -> NonzeroShare:
+        """Share of non-zeros of Γ, overall and per layer (1.0 = dense, 0.0 = empty).
+
+        This is what the paper calls the sparsity of Γ; the name says which way it runs
+        (most readers take "sparsity" for the share of zeros). ``metrics.csv`` has it as
+        ``gamma_nonzero_share``.
+        """
         layers, nonzero, total = {}, 0, 0
         for name, mask in self.support().items():
             count = int(mask.sum())
             layers[name] = count / mask.numel()
             nonzero += count
             total += mask.numel()
-        return Sparsity(nonzero / total if total else 0.0, layers)
+        return NonzeroShare(nonzero / total if total else 0.0, layers)
+
+    def sparsity(self) -> NonzeroShare:
+        """Deprecated alias of :meth:`nonzero_share` (the share of NON-zeros of Γ)."""
+        warnings.warn("SplitLBI.sparsity() is deprecated: it returns the share of non-zeros of Γ; call "
+                      "nonzero_share()", DeprecationWarning, stacklevel=2)
+        return self.nonzero_share()
 
     def filter_norms(self, which: str = "weight") -> dict[str, Tensor]:
         """``{name: ℓ2 norm of each output filter}`` of ``W`` (``which="weight"``) or of ``Γ``."""
@@ -382,6 +398,8 @@ def _validate(hyper: dict[str, Any]) -> None:
         )
     if not isinstance(hyper["penalty"], str) or hyper["penalty"] not in _penalties.PENALTIES:
         raise ValueError(f"Invalid penalty: {hyper['penalty']!r} (expected one of {_penalties.PENALTIES})")
+    if hyper.get("foreach") not in (None, True, False):  # "yes" would silently mean True
+        raise ValueError(f"Invalid foreach: {hyper['foreach']!r} (expected None, True or False)")
 
 
 def _check_unique(params: list[Any], offset: int) -> None:

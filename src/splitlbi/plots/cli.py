@@ -23,7 +23,7 @@ def _cmd_filters(args: argparse.Namespace) -> int:
     out = plot_filter_visualizations(
         args.run, args.layer, args.epochs, args.out,
         steps=args.steps, num_filters=args.filters, support_from=args.support_from,
-        lr=args.lr, seed=args.seed, title=args.title, pdf=args.pdf,
+        lr=args.lr, seed=args.seed, title=args.title, pdf=args.pdf, progress=not args.no_progress,
     )
     print(f"wrote {out}" + (f" and {out.with_suffix('.pdf')}" if args.pdf else ""))
     return 0
@@ -71,5 +71,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                          help="frame by the final Γ of this (SplitLBI) run, e.g. for an SGD run")
     filters.add_argument("--title", default=None, help="figure title")
     filters.add_argument("--pdf", action="store_true", help="also save a PDF next to the PNG")
+    filters.add_argument("--no-progress", action="store_true",
+                         help="no progress bars (drawn only when stderr is a terminal anyway)")
     filters.set_defaults(func=_cmd_filters)
     return plot

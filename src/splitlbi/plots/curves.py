@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from splitlbi.errors import SplitLBIError
-from splitlbi.train.run import METRICS_FILE, PATH_FILE
+from splitlbi.train.run import METRICS_FILE, PATH_FILE, upgrade_metrics_row
 from splitlbi.utils.io import atomic_write_csv
 
 __all__ = ["Series", "Panel", "Heatmap", "read_metrics", "layer_filter_share", "mean_curve", "draw_panels", "CSV_COLUMNS"]
@@ -39,6 +39,7 @@ def read_metrics(run_dir: Path) -> Dict[str, List[float]]:
             rows = list(csv.DictReader(handle))
         if not rows:
             raise SplitLBIError(f"{path} has no epochs yet")
+        rows = [upgrade_metrics_row(row) for row in rows]  # runs written before a column rename
         return {column: [_float(row.get(column)) for row in rows] for column in rows[0]}
     except (UnicodeDecodeError, ValueError) as error:  # not UTF-8, or a cell that is not a number
         raise SplitLBIError(f"cannot read {path}: {' '.join(str(error).split())}") from None

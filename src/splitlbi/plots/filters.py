@@ -20,12 +20,15 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 from torch import Tensor, nn
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.plots.path import read_filter_paths, read_run_config
+from splitlbi.train.progress import progress_bar
 from splitlbi.plots.style import (
     FULL_WIDTH,
     NOT_SELECTED_COLOR,
@@ -148,6 +151,8 @@ def activation_maximization(
     filters: Optional[Sequence[int]] = None,
     blur_sigma: float = 0.5,
     blur_every: int = 8,
+    progress: Optional[bool] = False,
+    description: Optional[str] = None,
 ) -> Tensor:
     """Input images that maximize each filter of a layer, shape [n_filters, C, H, W].
 
@@ -163,6 +168,8 @@ def activation_maximization(
     Every ``blur_every`` steps the images are smoothed by a Gaussian of ``blur_sigma``
     pixels (Yosinski et al. 2015): without such a prior the ascent through max-pooling
     favours high-frequency patterns that look like noise. ``blur_sigma=0`` disables it.
+    ``progress``: a bar over the ascent steps on a terminal (see
+    :func:`splitlbi.train.progress.progress_bar`).
     """
     if steps < 0:
         raise SplitLBIError(f"steps must be >= 0, got {steps}")
@@ -188,7 +195,7 @@ def activation_maximization(
     was_training = model.training
     model.eval()  # BatchNorm/Dropout in inference mode: filters see single images
     try:
-        for step in range(steps):
+        for step in progress_bar(range(steps), description=description, enabled=progress, unit="step"):
             # linearly decaying step: big moves first, then settle on the best point of the ball
             step_size = lr * radius * (1.0 - step / steps)
             activation = _own_filter_activation(_layer_output(model, layer, images), filter_ids)
@@ -368,7 +375,9 @@ def plot_filter_grid(
     gap = max(2, height // 5)  # room for the frame line between neighbours
 
     n_blocks = len(images_by_epoch)
-    block_width = min(FULL_WIDTH / n_blocks, 3.0)
+    # At least 3 inches per epoch block (0.5 inch per tile of a 6 x 6 grid), even if the
+    # figure gets wider than a page: tiles squeezed into a page width are unreadable.
+    block_width = max(FULL_WIDTH / n_blocks, 3.0)
     with paper_style():
         fig = Figure(
             figsize=(block_width * n_blocks, block_width * rows / cols + 0.65),
@@ -399,6 +408,12 @@ def plot_filter_grid(
         if note:
             handles.append(Patch(facecolor="none", edgecolor="none", label=note))
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), handlelength=1.0)
+        # The colour scale: each image is stretched on its own (see to_display), so the bar
+        # names percentiles of that image's pixels, not absolute input values.
+        scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap="gray")
+        bar = fig.colorbar(scale, ax=list(axes), location="right", shrink=0.8, aspect=25, pad=0.01)
+        bar.set_ticks([0.0, 1.0], labels=["1st pct.", "99th pct."])
+        bar.set_label("pixel value, per image")
         if title:
             fig.suptitle(title)
     return fig
@@ -438,11 +453,13 @@ def plot_filter_visualizations(
     seed: int = 0,
     title: Optional[str] = None,
     pdf: bool = False,
+    progress: Optional[bool] = False,
 ) -> Path:
     """Activation-maximization images of ``layer``'s filters at ``epochs``, saved to ``out``.
 
     ``num_filters`` shows only the first N filters (by index). The same seed is used at
     every epoch so that differences between blocks come from the weights alone.
+    ``progress``: one bar per epoch over the ascent steps, on a terminal.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -462,7 +479,8 @@ def plot_filter_visualizations(
             raise SplitLBIError(f"layer {layer!r} has {total} filters but the support of Γ has {len(support)}")
         filter_ids = list(range(total if num_filters is None else min(num_filters, total)))
         images_by_epoch[int(epoch)] = activation_maximization(
-            model, layer, shape, steps=steps, lr=lr, seed=seed, filters=filter_ids
+            model, layer, shape, steps=steps, lr=lr, seed=seed, filters=filter_ids, progress=progress,
+            description=f"{layer} epoch {epoch}",
         )
 
     if support is None and note is None:

@@ -193,7 +193,8 @@ def make_filter_path_figure(
 
     with paper_style():
         fig = Figure(figsize=(COLUMN_WIDTH * len(runs), PANEL_HEIGHT), layout="constrained")
-        axes = fig.subplots(1, len(runs), squeeze=False)[0]
+        # One y-scale for all panels: SGD's larger norms must look larger than SplitLBI's.
+        axes = fig.subplots(1, len(runs), squeeze=False, sharey=True)[0]
         supports, notes = [], []
         for run_paths, label in zip(paths, labels):
             support, note = run_paths.final_support, None

@@ -115,7 +115,7 @@ def train_epochs(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     """The epoch loop of retraining and baselines: SGD epochs with ``config``'s data order and
     augmentation, evaluation, metrics/path rows and checkpoints in ``out``.
 
-    ``kept``: share of weights the fixed mask keeps (the sparsity column; ``None``: dense).
+    ``kept``: share of weights the fixed mask keeps (the gamma_nonzero_share column; ``None``: dense).
     ``after_epoch(model, epoch)`` may change the weights after each epoch's training and returns
     that epoch's masks (Soft Filter Pruning). Returns the last masks it returned.
     """
@@ -138,11 +138,12 @@ def train_epochs(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
             masks = after_epoch(model, current)
             kept = mask_sparsity(masks).overall if masks else None
         test = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
-                        mean=data.mean, std=data.std)
+                        mean=data.mean, std=data.std, progress=None if config.progress else False,
+                        description=f"{description} epoch {current}/{config.epochs} test")
         scheduler.step()
         metrics = {"epoch": current, "lr": lr_now, "train_loss": train.loss, "train_acc": train.accuracy,
                    "test_loss": test.loss, "test_acc": test.accuracy,
-                   "sparse_test_acc": test.accuracy if kept is not None else None, "sparsity": kept,
+                   "sparse_test_acc": test.accuracy if kept is not None else None, "gamma_nonzero_share": kept,
                    "epoch_seconds": time.perf_counter() - started}
         finish_epoch(out, metrics, model, optimizer, scheduler,
                      keep=current % config.save_every == 0 or current == config.epochs)
@@ -261,7 +262,7 @@ def retrain(
         test = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
                         mean=data.mean, std=data.std)
         metrics = {"epoch": 0, "lr": None, "train_loss": None, "train_acc": None, "test_loss": test.loss,
-                   "test_acc": test.accuracy, "sparse_test_acc": test.accuracy, "sparsity": kept,
+                   "test_acc": test.accuracy, "sparse_test_acc": test.accuracy, "gamma_nonzero_share": kept,
                    "epoch_seconds": time.perf_counter() - started}
         finish_epoch(out, metrics, model, optimizer, scheduler, keep=True)
         say(f"pruned model (no training): test loss {test.loss:.4f} acc {test.accuracy:6.2f}%")

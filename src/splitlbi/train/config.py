@@ -16,6 +16,7 @@ from splitlbi.optim.penalties import PENALTIES
 
 __all__ = [
     "AUGMENTATIONS",
+    "DEFAULT_LR",
     "NONFINITE_CHOICES",
     "OPTIMIZER_NAMES",
     "PAPER_SCHEDULE",
@@ -32,11 +33,17 @@ __all__ = [
 OPTIMIZER_NAMES: Tuple[str, ...] = ("splitlbi", "sgd", "adam", "adamw", "adagrad", "rmsprop", "radam",
                                      "amsgrad")
 
+#: The learning rate each optimizer gets when none is given (``--lr`` omitted, or
+#: ``TrainConfig(lr=None)``): 0.05 for the SGD-type methods (docs/defaults.md), torch's
+#: own defaults for the adaptive ones. Adam at 0.05 or 0.1 diverges on LeNet-5.
+DEFAULT_LR: Mapping[str, float] = {"splitlbi": 0.05, "sgd": 0.05, "adam": 1e-3, "adamw": 1e-3, "adagrad": 1e-2,
+                                   "rmsprop": 1e-2, "radam": 1e-3, "amsgrad": 1e-3}
+
 #: Settings that may differ when a run is resumed: none of them changes the weights.
 #: ``device`` can change them in the last bits, but moving a run to another machine is a
 #: legitimate reason to resume, so it is allowed.
 RESUME_OVERRIDABLE_FIELDS = frozenset({"epochs", "progress", "device", "eval_batch_size", "save_every", "data_dir",
-                                       "channels_last", "compile", "nonfinite"})
+                                       "channels_last", "compile", "nonfinite", "tensorboard"})
 
 #: ``--nonfinite``: a batch whose loss is nan or inf stops the run (``stop``; the last
 #: good checkpoint stays last.pt) or is left out (``skip``, as torch.amp.GradScaler does).
@@ -75,7 +82,8 @@ class TrainConfig:
     augment: str = "none"
     optimizer: str = "splitlbi"
     # lr, nu and linear_penalty: chosen so that every default gives a useful path (docs/defaults.md).
-    lr: float = 0.05
+    # lr None: DEFAULT_LR[optimizer], filled in by __post_init__ (so config.json holds a number).
+    lr: Optional[float] = None
     kappa: float = 1.0
     nu: float = 3.0
     lam: float = 1.0
@@ -95,6 +103,8 @@ class TrainConfig:
     save_every: int = 1
     eval_batch_size: int = 1000
     progress: bool = True
+    # Also write TensorBoard event files to RUN_DIR/tensorboard (splitlbi.train.tensorboard).
+    tensorboard: bool = False
     # Speed and scale (docs/distributed.md): SyncBatchNorm under torchrun, bfloat16 autocast
     # on CUDA, channels-last memory format, torch.compile of the model.
     sync_bn: bool = False
@@ -110,6 +120,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # JSON gives lists; keep one canonical type so configs compare equal.
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.optimizer, DEFAULT_LR["splitlbi"])
 
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict."""
@@ -186,7 +198,11 @@ def apply_schedule_preset(config: TrainConfig, keep: Iterable[str] = ()) -> Trai
     if config.schedule != "paper":
         return config
     kept = set(keep)
-    return dataclasses.replace(config, **{name: value for name, value in PAPER_SCHEDULE.items() if name not in kept})
+    preset = {name: value for name, value in PAPER_SCHEDULE.items() if name not in kept}
+    if "lr" in preset and config.optimizer not in ("splitlbi", "sgd"):
+        # The paper's lr 0.1 is SGD's and SplitLBI's; an adaptive method keeps its own default.
+        preset["lr"] = DEFAULT_LR.get(config.optimizer, preset["lr"])
+    return dataclasses.replace(config, **preset)
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -215,7 +231,7 @@ def validate_config(config: TrainConfig) -> None:
     _require(0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}")
     _require(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}")
     _require(config.lr_gamma > 0, f"--lr-gamma must be > 0, got {config.lr_gamma}")
-    for name in ("sync_bn", "amp", "channels_last", "compile"):
+    for name in ("sync_bn", "amp", "channels_last", "compile", "tensorboard"):
         _require(isinstance(getattr(config, name), bool), f"{name} must be True or False, got {getattr(config, name)!r}")
     _require(config.schedule in SCHEDULES,
              f"unknown schedule {config.schedule!r} (choose from {', '.join(SCHEDULES)})")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -17,10 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
-
 from splitlbi.data import normalize
 from splitlbi.errors import SplitLBIError
+from splitlbi.train.progress import progress_bar
 
 __all__ = ["Evaluation", "NONFINITE_POLICIES", "NonFiniteError", "epoch_generator", "train_one_epoch", "evaluate"]
 
@@ -58,12 +56,6 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(int(state[0]) << 32 | int(state[1]))
     return generator
-
-
-def _progress_bar(total: int, description: Optional[str], progress: Optional[bool]) -> tqdm:
-    # progress=None follows tqdm: shown on a terminal, hidden when stderr is a file or pipe.
-    return tqdm(total=total, desc=description, file=sys.stderr, leave=False, dynamic_ncols=True,
-                disable=True if progress is False else None, unit="batch")
 
 
 def train_one_epoch(
@@ -132,7 +124,8 @@ def train_one_epoch(
     # The first step (1-based) with a non-finite loss, kept on the device: no sync per step.
     first_bad_step = torch.zeros((), dtype=torch.int64, device=images.device)
     skipped = skipped_images = 0
-    with _progress_bar((count + global_batch - 1) // global_batch, description, progress) as bar:
+    with progress_bar(total=(count + global_batch - 1) // global_batch, description=description,
+                      enabled=progress) as bar:
         for step, start in enumerate(range(0, count, global_batch), start=1):
             batch = order[start:start + global_batch]
             size = batch.shape[0]
@@ -166,7 +159,7 @@ def train_one_epoch(
                 correct += (logits.detach().argmax(dim=1) == targets).sum()
                 seen += targets.shape[0]
             bar.update(1)
-            if not bar.disable and (bar.n % 20 == 0 or bar.n == bar.total) and seen:
+            if not bar.disable and (bar.n % 20 == 1 or bar.n == bar.total) and seen:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.2f}%")
     loss_sum, correct = _sum_over_ranks(loss_sum, correct, world_size)
     if nonfinite != "ignore":
@@ -235,6 +228,8 @@ def evaluate(
     shard: Optional[Tuple[int, int]] = None,
     autocast_dtype: Optional[torch.dtype] = None,
     memory_format: Optional[torch.memory_format] = None,
+    progress: Optional[bool] = False,
+    description: Optional[str] = None,
 ) -> Evaluation:
     """Mean loss and accuracy (percent) of ``model`` in eval mode on uint8 ``images``.
 
@@ -242,7 +237,9 @@ def evaluate(
     With ``shard=(rank, world_size)`` (every rank calls it, with the same weights) each
     rank evaluates its contiguous share of the images and the results are summed over
     the ranks: the whole set's loss and accuracy, on every rank. ``autocast_dtype`` and
-    ``memory_format`` act as in :func:`train_one_epoch`.
+    ``memory_format`` act as in :func:`train_one_epoch`; ``progress`` draws a bar over
+    the batches on a terminal (default ``False``: evaluation is often a tiny part of a
+    caller's work; the training loop turns it on).
     """
     model.eval()
     total = images.shape[0]
@@ -252,7 +249,8 @@ def evaluate(
     low, high = _shard_bounds(total, rank, world_size)
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
-    for start in range(low, high, batch_size):
+    for start in progress_bar(range(low, high, batch_size), description=description, enabled=progress,
+                              unit="batch"):
         stop = min(start + batch_size, high)
         inputs = normalize(images[start:stop], mean, std)
         if memory_format is not None and inputs.dim() == 4:

@@ -50,7 +50,7 @@ from splitlbi.utils.io import atomic_torch_save, atomic_write_text, fsync_direct
 
 __all__ = [
     "CONFIG_FILE", "METRICS_FILE", "PATH_FILE", "INIT_FILE", "CHECKPOINT_DIR", "LAST_CHECKPOINT", "MASK_DIR",
-    "METRICS_COLUMNS", "PATH_COLUMNS",
+    "METRICS_COLUMNS", "PATH_COLUMNS", "RENAMED_METRICS_COLUMNS", "upgrade_metrics_row",
     "run_training", "read_run_config", "read_train_config", "list_checkpoints", "load_checkpoint",
     "load_masks", "load_model_from_run", "filter_path_rows",
 ]
@@ -67,10 +67,21 @@ MASK_DIR = "masks"
 RUN_FORMAT = 1
 
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
-                   "sparse_test_acc", "sparsity", "epoch_seconds")
+                   "sparse_test_acc", "gamma_nonzero_share", "epoch_seconds")
+#: metrics.csv columns renamed since: old name -> new name. Runs written before keep the
+#: old header; readers pass rows through :func:`upgrade_metrics_row` (a resume rewrites
+#: the header with the new names: the columns kept their places).
+RENAMED_METRICS_COLUMNS = {"sparsity": "gamma_nonzero_share"}
 PATH_COLUMNS = ("epoch", "layer", "filter", "w_norm", "gamma_norm", "in_support", "v_norm")
 
 EpochCallback = Callable[[int, Dict[str, Any]], None]
+
+
+def upgrade_metrics_row(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A metrics.csv row (``{column: value}``) with old column names replaced by the current
+    ones (``sparsity`` -> ``gamma_nonzero_share``): what every reader of runs uses, so run
+    directories written before the rename stay readable."""
+    return {RENAMED_METRICS_COLUMNS.get(key, key): value for key, value in row.items()}
 
 
 def epoch_file_name(epoch: int) -> str:
@@ -313,7 +324,7 @@ def filter_path_rows(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: 
 def _metrics_row(metrics: Dict[str, Any]) -> List[str]:
     return [str(metrics["epoch"]), _number(metrics["lr"]), _number(metrics["train_loss"]),
             _number(metrics["train_acc"], ".4f"), _number(metrics["test_loss"]), _number(metrics["test_acc"], ".4f"),
-            _number(metrics["sparse_test_acc"], ".4f"), _number(metrics["sparsity"]),
+            _number(metrics["sparse_test_acc"], ".4f"), _number(metrics["gamma_nonzero_share"]),
             _number(metrics["epoch_seconds"], ".3f")]
 
 
@@ -494,9 +505,9 @@ def _summary_line(metrics: Dict[str, Any], epochs: int) -> str:
     parts = [f"epoch {metrics['epoch']:>3}/{epochs}", f"lr {metrics['lr']:.4g}",
              f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2f}%",
              f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:6.2f}%"]
-    if metrics["sparsity"] is not None:
+    if metrics["gamma_nonzero_share"] is not None:
         parts.append(f"sparse acc {metrics['sparse_test_acc']:6.2f}%")
-        parts.append(f"sparsity {100.0 * metrics['sparsity']:6.2f}%")
+        parts.append(f"Gamma non-zeros {100.0 * metrics['gamma_nonzero_share']:6.2f}%")
     parts.append(f"{metrics['epoch_seconds']:.1f}s")
     return "  ".join(parts)
 
@@ -605,6 +616,10 @@ def _run_training(
             raise SplitLBIError("a new run needs a TrainConfig")
         _check_new_run_dir(run_dir)
     validate_config(config)
+    if config.tensorboard:
+        from splitlbi.train.tensorboard import require_tensorboard
+
+        require_tensorboard()  # before any file is written
     _check_model_name(config.model)
     canonical_dataset_name(config.dataset)  # unknown names fail before any file is written
     if not resume:
@@ -721,6 +736,13 @@ def _run_training(
         say(f"nothing to do: {run_dir} already has {start_epoch} epochs")
         return run_dir
 
+    # Bars on rank 0's terminal only (config.progress False: --no-progress).
+    show_progress = None if config.progress and context.is_main else False
+    board = None
+    if config.tensorboard and context.is_main:
+        from splitlbi.train.tensorboard import TENSORBOARD_DIR, TensorBoardLogger
+
+        board = TensorBoardLogger(run_dir / TENSORBOARD_DIR)
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -730,7 +752,7 @@ def _run_training(
                                 generator=epoch_generator(config.seed, epoch),
                                 transform=train_transform(config.augment, data.mean, data.std,
                                                           augment_generator(config.seed, epoch)),
-                                progress=None if config.progress and context.is_main else False,
+                                progress=show_progress,
                                 description=f"epoch {epoch}/{config.epochs}", shard=context.shard,
                                 autocast_dtype=autocast_dtype, memory_format=memory_format,
                                 nonfinite=config.nonfinite)
@@ -745,21 +767,24 @@ def _run_training(
         # Every rank evaluates its share of the test set; the results are summed over ranks.
         evaluation = dict(batch_size=config.eval_batch_size, mean=data.mean, std=data.std, shard=context.shard,
                           autocast_dtype=autocast_dtype, memory_format=memory_format)
-        test = evaluate(eval_model, data.test_images, data.test_labels, **evaluation)
+        test = evaluate(eval_model, data.test_images, data.test_labels, **evaluation, progress=show_progress,
+                        description=f"epoch {epoch}/{config.epochs} test")
         if not math.isfinite(test.loss) and data.test_images.shape[0] > 0:
             # Finite weights whose outputs overflow: the run has diverged all the same.
             raise SplitLBIError(f"training stopped at epoch {epoch}/{config.epochs}, after its last step: the test "
                                 f"loss is not finite (nan or inf); {CHECKPOINT_DIR}/{LAST_CHECKPOINT} keeps epoch "
                                 f"{epoch - 1}, the last good one (lower --lr or --kappa)")
-        sparse_accuracy = sparsity = None
+        sparse_accuracy = nonzero_share = None
         if lbi is not None:
             with lbi.sparse_model():
-                sparse_accuracy = evaluate(eval_model, data.test_images, data.test_labels, **evaluation).accuracy
-            sparsity = float(lbi.sparsity().overall)
+                sparse_accuracy = evaluate(eval_model, data.test_images, data.test_labels, **evaluation,
+                                           progress=show_progress,
+                                           description=f"epoch {epoch}/{config.epochs} sparse test").accuracy
+            nonzero_share = float(lbi.nonzero_share().overall)
         scheduler.step()
         metrics = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_acc": train.accuracy,
                    "test_loss": test.loss, "test_acc": test.accuracy, "sparse_test_acc": sparse_accuracy,
-                   "sparsity": sparsity, "epoch_seconds": time.perf_counter() - started}
+                   "gamma_nonzero_share": nonzero_share, "epoch_seconds": time.perf_counter() - started}
 
         # DDP averages the gradients; SplitLBI's V and Γ are functions of them and of
         # state that started equal, so the ranks agree with no communication of their own.
@@ -784,8 +809,12 @@ def _run_training(
                 _save_checkpoint(run_dir, _checkpoint_state(epoch, model, optimizer, scheduler, rng_states, history),
                                  keep_epoch_file=keep)
                 say(_summary_line(metrics, config.epochs))
+                if board is not None:
+                    board.log_epoch(epoch, metrics, model, optimizer)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, metrics)
+    if board is not None:  # flushed every epoch: a crash loses nothing, closing is tidiness
+        board.close()
     return run_dir
 
 
