@@ -249,7 +249,9 @@ def test_filter_grid_frames_by_support():
     images = {20: torch.randn(6, 1, 5, 5), 40: torch.randn(6, 1, 5, 5)}
     support = np.array([True, False, True, False, False, False])
     fig = plot_filter_grid(images, support=support)
-    assert [ax.get_title() for ax in fig.axes] == ["epoch 20", "epoch 40"]
+    # Two epoch blocks, then the colour scale of the per-image contrast stretch.
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["epoch 20", "epoch 40"]
+    assert len(fig.axes) == 3 and "per image" in fig.axes[2].get_ylabel()
     frames = {p.get_gid(): to_hex(p.get_edgecolor()) for p in fig.axes[0].patches}
     assert frames == {f"frame{f}": SELECTED_COLOR if support[f] else NOT_SELECTED_COLOR for f in range(6)}
     grey = plot_filter_grid(images, support=None)
