@@ -130,4 +130,4 @@ def test_optional_subcommands_are_registered_when_present(capsys: pytest.Capture
 def test_python_dash_m_help() -> None:
     result = subprocess.run([sys.executable, "-m", "splitlbi", "train", "--help"], capture_output=True, text=True,
                             timeout=60)
-    assert result.returncode == 0 and "--resume RUN_DIR" in result.stdout and "--limit-train" not in result.stdout
+    assert result.returncode == 0 and "--resume RUN_DIR" in result.stdout and "--limit-train N" in result.stdout

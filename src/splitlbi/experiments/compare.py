@@ -484,7 +484,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
         help="Table 1: test accuracy of SplitLBI variants against SGD and adaptive optimizers over seeds",
         description="Train one model on one dataset with several optimizer variants and seeds (each an ordinary "
                     "run directory OUT/<variant>/seed<k>), then write OUT/table.md and OUT/table.csv: final and "
-                    "best test accuracy, mean ± std over seeds, and the final sparsity of SplitLBI's Γ. "
+                    "best test accuracy, mean ± std over seeds, and the final share of non-zeros of SplitLBI's Γ. "
                     "Re-running the command skips finished runs and resumes interrupted ones. "
                     f"Variants: {', '.join(VARIANT_NAMES)}.",
     )

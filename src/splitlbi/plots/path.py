@@ -217,7 +217,8 @@ def make_filter_path_figure(
             _support_legend(ax, support, run_paths.num_filters, note)
             ax.set_title(label)
             ax.set_xlabel("epoch")
-            ax.set_ylabel("filter ℓ2 norm ‖W$_f$‖")
+            if ax is axes[0]:  # one shared y-scale: its label once
+                ax.set_ylabel("filter ℓ2 norm ‖W$_f$‖")
             ax.set_xlim(run_paths.epochs[0], run_paths.epochs[-1])
             ax.set_ylim(bottom=0)
         if title:
