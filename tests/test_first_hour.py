@@ -177,7 +177,7 @@ def test_default_learning_rates() -> None:
     from splitlbi.train import TrainConfig
     from splitlbi.train.config import apply_schedule_preset
 
-    assert TrainConfig().lr == 0.1 and TrainConfig(optimizer="sgd").lr == 0.1
+    assert TrainConfig().lr == 0.05 and TrainConfig(optimizer="sgd").lr == 0.05  # docs/defaults.md
     assert TrainConfig(optimizer="adam").lr == 1e-3 and TrainConfig(optimizer="adagrad").lr == 1e-2
     assert TrainConfig(optimizer="adam", lr=0.01).lr == 0.01
     # The paper's preset lr (0.1) is SGD's: an adaptive optimizer keeps its own.
