@@ -69,8 +69,8 @@ RUN_FORMAT = 1
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                    "sparse_test_acc", "gamma_nonzero_share", "epoch_seconds")
 #: metrics.csv columns renamed since: old name -> new name. Runs written before keep the
-#: old header; readers pass rows through :func:`upgrade_metrics_row` (a resume rewrites
-#: the header with the new names: the columns kept their places).
+#: old header (also when resumed: the renamed columns kept their places, new rows fit);
+#: every reader passes rows through :func:`upgrade_metrics_row`.
 RENAMED_METRICS_COLUMNS = {"sparsity": "gamma_nonzero_share"}
 PATH_COLUMNS = ("epoch", "layer", "filter", "w_norm", "gamma_norm", "in_support", "v_norm")
 
