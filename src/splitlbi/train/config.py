@@ -167,7 +167,8 @@ def check_setting_types(values: Mapping[str, Any]) -> None:
             kinds: Tuple[type, ...] = _OPTIONAL_TYPES[name]
             ok = value is None or (isinstance(value, kinds) and not isinstance(value, bool))
         else:
-            kinds = _kind(defaults[name])
+            # lr defaults to None (DEFAULT_LR by optimizer) but, once given, is a number.
+            kinds = (int, float) if name == "lr" else _kind(defaults[name])
             ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
             if ok and name == "lr_milestones":
                 ok = all(isinstance(m, int) and not isinstance(m, bool) for m in value)
