@@ -18,10 +18,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import TrainConfig, validate_config
 
-__all__ = ["FIGURES", "RECIPE_DIR", "Recipe", "load_recipe", "recipe_path", "parse_override"]
+__all__ = ["FIGURES", "BENCHMARKS", "EXPERIMENTS", "RECIPE_DIR", "Recipe", "load_recipe", "recipe_path", "parse_override"]
 
 #: The experiments ``splitlbi reproduce`` knows, in paper order.
 FIGURES = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "table1")
+#: Benchmarks beyond the paper (not part of ``reproduce all``).
+BENCHMARKS = ("prune-bench",)
+EXPERIMENTS = FIGURES + BENCHMARKS
 #: Bundled recipes (``recipes/`` at the repository root links here).
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -75,8 +78,8 @@ class Recipe:
 
 def recipe_path(figure: str, recipe_dir: Optional[Path] = None) -> Path:
     """The bundled recipe file of ``figure``."""
-    if figure not in FIGURES:
-        raise SplitLBIError(f"unknown figure {figure!r} (choose from {', '.join(FIGURES)})")
+    if figure not in EXPERIMENTS:
+        raise SplitLBIError(f"unknown figure {figure!r} (choose from {', '.join(EXPERIMENTS)})")
     return Path(recipe_dir or RECIPE_DIR) / f"{figure}.toml"
 
 
