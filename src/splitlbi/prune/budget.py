@@ -559,7 +559,11 @@ def _budget_masks(model: nn.Module, example_input: Tensor, scores: Any, kind: st
     shift = 0.0
     best = None
     for _ in range(max(1, int(max_rounds))):
-        chosen = _select(structure, sequence, kind, low + 0.25 * TOLERANCE - shift, high - 0.1 * TOLERANCE - shift)
+        if target >= 1.0:
+            chosen = []  # the dense network is the budget
+        else:
+            chosen = _select(structure, sequence, kind, low + 0.25 * TOLERANCE - shift,
+                             high - 0.1 * TOLERANCE - shift)
         masks = _masks_for(model, structure, chosen)
         compact, report = compact_model(model, masks, example_input, measure=False)
         measured = {"macs": report.macs_after / report.macs_before,
