@@ -103,3 +103,28 @@ def filter_support_from_v(v: Tensor, lam: float, penalty: str) -> Tensor:
     if penalty in GROUPED:
         return group_norms(v) > lam
     return support_from_v(v, lam, penalty).reshape(v.shape[0], -1).any(dim=1)
+
+
+def filter_dual_norms(v: Tensor, penalty: str) -> Tensor:
+    """Per output filter/neuron, the norm of ``V`` that the penalty thresholds at ``λ``:
+    ``‖V_g‖₂`` for ``"group"``/``"neuron"``, ``max_j |V_gj|`` for ``"l1"`` (float32 at least)."""
+    if penalty in GROUPED:
+        return group_norms(v)
+    if penalty == "l1":
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        return v.detach().reshape(v.shape[0], -1).abs().amax(dim=1).to(dtype)
+    raise ValueError(f"penalty {penalty!r} has no support")
+
+
+def filter_scores_from_v(v: Tensor, lam: float, penalty: str) -> Tensor:
+    """Path score per output filter: :func:`filter_dual_norms` / ``λ``; ``> 1`` exactly
+    where :func:`filter_support_from_v` is True."""
+    norms = filter_dual_norms(v, penalty)
+    if lam <= 0:
+        return torch.where(norms > 0, torch.full_like(norms, float("inf")), torch.zeros_like(norms))
+    scores = norms / lam
+    # Rounding of the division must not move a score across 1 against the support test.
+    one = torch.ones_like(scores)
+    inside = norms > lam
+    scores = torch.where(inside & (scores <= 1), torch.nextafter(one, one + 1), scores)
+    return torch.where(~inside & (scores > 1), one, scores)

@@ -231,6 +231,17 @@ class SplitLBI(Optimizer):
         """``{name: bool[out]}``: which output filters/neurons have any weight in the support."""
         return {c.name: _penalties.filter_support_from_v(c.v, c.lam, c.penalty) for c in self.named_coupled()}
 
+    def path_scores(self) -> dict[str, Tensor]:
+        """``{name: score of each output filter/neuron}``: ``‖V_g‖₂ / λ`` for the grouped
+        penalties, ``max_j |V_gj| / λ`` (over the row's entries) for ``"l1"``.
+
+        A filter is in the support of Γ exactly when its score is above 1 (the same
+        comparison as :meth:`filter_support`), and below 1 the score says how close it is
+        to entering: the inverse scale space selects groups in decreasing order of it.
+        ``λ = 0`` gives ``inf`` for every non-zero ``V_g``.
+        """
+        return {c.name: _penalties.filter_scores_from_v(c.v, c.lam, c.penalty) for c in self.named_coupled()}
+
     def masks(self) -> dict[str, Tensor]:
         """The support of Γ as CPU boolean masks, ready for ``torch.save``."""
         return {name: mask.cpu() for name, mask in self.support().items()}

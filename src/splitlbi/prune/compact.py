@@ -23,14 +23,18 @@ channel dimension with the same index order and no slicing op is involved; an un
 group is skipped (its unselected filters stay, zeroed) and reported.
 
 The CIFAR ResNets' option-A shortcuts (subsample + zero-pad in channels) are such a
-case for torch-pruning: it sees ``F.pad`` as element-wise and couples the 16 stem
-channels with the 32/64 of later stages. Their residual streams (one per stage: the
-stem conv and every ``conv2`` of stage 1; the ``conv2`` s of stage 2; of stage 3) are
-therefore pruned here directly, not by torch-pruning: a stream channel is removed when
-it is unselected in every conv writing to the stream and, where the stage's first
-block pads the previous stream into it, that source channel is removed (zero) too. The
-pad shortcuts become :class:`IndexShortcut` s that place the kept source channels.
-At least one channel of each group is kept (a zeroed one if none is selected).
+case for plain torch-pruning: it sees ``F.pad`` as element-wise and couples the 16 stem
+channels with the 32/64 of later stages. So the traced copy has each
+:class:`~splitlbi.models.resnet_cifar.PadShortcut` replaced by the equal
+:class:`IndexShortcut`, which torch-pruning prunes through a custom pruner
+(:func:`splitlbi.prune.importance.prepare_torch_pruning`): every residual stream (one per
+stage: the stem conv and the ``conv2`` s of stage 1; the ``conv2`` s of stage 2; of
+stage 3) is then an ordinary torch-pruning group, sliced by torch-pruning. What
+torch-pruning cannot know, and is kept here (:func:`compact_model`), is the zero-padding
+semantics of the masked model: a stream channel that the shortcut fills from a channel
+of the previous stream is zero only when that source channel is zero too, so it is
+removed only then. At least one channel of each group is kept (a zeroed one if none is
+selected).
 """
 
 from __future__ import annotations
@@ -39,15 +43,15 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from splitlbi.errors import SplitLBIError
 
-__all__ = ["CompactReport", "GroupReport", "IndexShortcut", "apply_filter_masks", "check_masks", "compact_model",
-           "measure_latency", "unselected_filters"]
+__all__ = ["CompactReport", "ConvGroup", "GroupReport", "IndexShortcut", "apply_filter_masks", "check_masks",
+           "compact_model", "count_macs_params", "measure_latency", "trace_conv_groups", "unselected_filters"]
 
 
 @dataclass
@@ -230,6 +234,8 @@ def _group_problem(group, n: int) -> Optional[str]:
     for dep, indices in group:
         module = dep.target.module
         kind = type(module).__name__
+        if "Slice" in kind and getattr(module, "dim", 1) != 1:
+            continue  # a spatial slice (e.g. the stride of an IndexShortcut): channels pass unchanged
         if "Slice" in kind or "Split" in kind or "Concat" in kind or "Unbind" in kind or "Expand" in kind:
             return (f"coupled through a {kind.strip('_')} (e.g. an option-A zero-pad shortcut) that "
                     "torch-pruning cannot map between layers of different widths")
@@ -240,6 +246,60 @@ def _group_problem(group, n: int) -> Optional[str]:
         if isinstance(module, nn.Conv2d) and "out" in dep.handler.__name__ and channels != n:
             return f"{dep.target._name} has {channels} output channels, the group root {n}"
     return None
+
+
+@dataclass
+class ConvGroup:
+    """The output channels of one or more convs that are removed together (a Torch-Pruning
+    group rooted at ``root``'s output channels, traced by :func:`trace_conv_groups`)."""
+
+    root: str                   #: the conv the group was traced from (first in module order)
+    members: List[str]          #: convs whose output channels are these channels (residual adds)
+    channels: int               #: number of channels
+    group: Any                  #: the ``tp`` group over all channels (for costs and pruning)
+    problem: Optional[str]      #: why it cannot be pruned safely (None: it can)
+    #: IndexShortcuts writing into these channels: (shortcut, src, dst) as traced
+    feeds: List[Tuple[nn.Module, List[int], List[int]]] = field(default_factory=list)
+    reads: List[nn.Module] = field(default_factory=list)  #: IndexShortcuts reading these channels
+
+
+def trace_conv_groups(model: nn.Module, example_input: Tensor) -> Tuple[Any, List[ConvGroup]]:
+    """``(graph, groups)``: Torch-Pruning's dependency graph of ``model`` and the channel
+    group of every conv, in module order, each conv in exactly one group.
+
+    ``model`` is changed in place by :func:`splitlbi.prune.importance.prepare_torch_pruning`
+    (option-A pad shortcuts become equal :class:`IndexShortcut` s, which Torch-Pruning
+    then prunes as layers with separate input and output channels): pass a copy.
+    """
+    import torch_pruning as tp
+
+    from splitlbi.prune.importance import prepare_torch_pruning
+
+    pruners = prepare_torch_pruning(model)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, customized_pruners=pruners,
+                                                  verbose=False)
+    convs = _named_convs(model)
+    names = {module: name for name, module in convs.items()}
+    done = set()
+    groups = []
+    for name, conv in convs.items():
+        if conv in done:
+            continue
+        n = conv.out_channels
+        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(n)))
+        members = list(dict.fromkeys(names[dep.target.module] for dep, _ in group
+                                     if dep.target.module in names and dep.handler.__name__ == "prune_out_channels"))
+        done.update(convs[member] for member in members)
+        found = ConvGroup(root=name, members=members, channels=n, group=group, problem=_group_problem(group, n))
+        for dep, _ in group:
+            shortcut = dep.target.module
+            if isinstance(shortcut, IndexShortcut):
+                if dep.handler.__name__ == "prune_out_channels":
+                    found.feeds.append((shortcut, shortcut.src.tolist(), shortcut.dst.tolist()))
+                else:
+                    found.reads.append(shortcut)
+        groups.append(found)
+    return graph, groups
 
 
 def compact_model(
@@ -272,54 +332,42 @@ def compact_model(
     convs = _named_convs(work)
     unselected = {name: set(indices) for name, indices in unselected_filters(work, masks).items()}
     selected_counts = {name: conv.out_channels - len(unselected.get(name, ())) for name, conv in convs.items()}
-    names = {module: name for name, module in convs.items()}
 
-    graph = tp.DependencyGraph().build_dependency(work, example_inputs=example_input)
-    plans = []  # (root conv, indices to remove, GroupReport)
-    done = set()
-    streams = _option_a_streams(work)
-    for stream in streams:  # pruned below, without torch-pruning (see _prune_option_a_streams)
-        done.update(convs[name] for name in stream["members"])
-    for name, conv in convs.items():
-        if conv in done:
-            continue
-        n = conv.out_channels
-        group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(n)))
-        members = [names[dep.target.module] for dep, _ in group
-                   if dep.target.module in names and dep.handler.__name__ == "prune_out_channels"]
-        members = list(dict.fromkeys(members))
-        for member in members:
-            done.add(convs[member])
+    graph, groups = trace_conv_groups(work, example_input)
+    plans = []  # (root conv, GroupReport, indices to remove)
+    zero_inputs: Dict[nn.Module, set] = {}  # IndexShortcut -> its input channels that are zero
+    for found in groups:
+        n, members = found.channels, found.members
         report = GroupReport(convs=members, channels=n, removed=0, unselected=0)
-        plans.append((conv, report))
-        problem = _group_problem(group, n)
-        if problem is None:
-            # Identity coupling: channel i of every member conv is the same channel.
-            removable = set(range(n))
+        if found.problem is None:
+            # Identity coupling: channel i of every member conv is the same channel. It is
+            # zero in the masked model when unselected in every member and, where an
+            # option-A shortcut places a channel of an earlier stage into it, that one is zero too.
+            zero = set(range(n))
             for member in members:
-                removable &= unselected.get(member, set())
-            report.unselected = len(removable)
-            report.skipped = None
-            report_removable = sorted(removable)
-            if len(report_removable) == n:  # keep one (zeroed) channel: a layer cannot be empty
-                report_removable = report_removable[1:]
+                zero &= unselected.get(member, set())
+            for shortcut, src, dst in found.feeds:
+                source_zero = zero_inputs.get(shortcut, set())
+                zero -= {d for s, d in zip(src, dst) if s not in source_zero}
+            for shortcut in found.reads:
+                zero_inputs[shortcut] = set(zero)
+            report.unselected = len(zero)
+            removable = sorted(zero)
+            if len(removable) == n:  # keep one (zeroed) channel: a layer cannot be empty
+                removable = removable[1:]
                 report.emptied = True
-            report.removed = len(report_removable)
-            plans[-1] = (conv, report, report_removable)
+            report.removed = len(removable)
+            plans.append((convs[found.root], report, removable))
         else:
             report.unselected = len(set.intersection(*[unselected.get(m, set()) for m in members]))
-            report.skipped = problem
+            report.skipped = found.problem
             report.kept_unselected = sum(len(unselected.get(m, ())) for m in members)
-            plans[-1] = (conv, report, [])
+            plans.append((convs[found.root], report, []))
 
     for conv, report, indices in plans:
         if indices:
-            group = graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=indices)
-            group.prune()
+            graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=indices).prune()
 
-    if streams:
-        stream_reports = _prune_option_a_streams(work, streams, unselected)
-        plans.extend((None, report, []) for report in stream_reports)
 
     macs_after, params_after = count_macs_params(work, example_input)
     latency_after = measure_latency(work, timed, latency_repeats) if measure else None
@@ -337,16 +385,39 @@ def compact_model(
 
 
 class IndexShortcut(nn.Module):
-    """The option-A shortcut of a compacted CIFAR ResNet: ``x[:, :, ::stride, ::stride]``
-    with input channel ``src[i]`` placed at output channel ``dst[i]`` of ``planes``
-    channels, the others zero (a :class:`~splitlbi.models.resnet_cifar.PadShortcut` whose
-    input and output channels were pruned)."""
+    """The option-A shortcut as a channel placement: ``x[:, :, ::stride, ::stride]`` with
+    input channel ``src[i]`` placed at output channel ``dst[i]`` of ``planes`` channels,
+    the others zero. :meth:`from_pad` builds the one equal to a
+    :class:`~splitlbi.models.resnet_cifar.PadShortcut`; after pruning it places the kept
+    source channels into the kept output channels (see
+    :class:`splitlbi.prune.importance.IndexShortcutPruner`). ``src``/``dst`` are buffers
+    that are not in the ``state_dict`` (it has the keys of the model it replaces in)."""
 
-    def __init__(self, src: Sequence[int], dst: Sequence[int], planes: int, stride: int) -> None:
+    def __init__(self, src: Sequence[int], dst: Sequence[int], planes: int, stride: int,
+                 in_planes: Optional[int] = None) -> None:
         super().__init__()
-        self.planes, self.stride = int(planes), int(stride)
-        self.register_buffer("src", torch.tensor(list(src), dtype=torch.long))
-        self.register_buffer("dst", torch.tensor(list(dst), dtype=torch.long))
+        self.stride = int(stride)
+        self.register_buffer("src", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.register_buffer("dst", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.set_placement(src, dst, planes=planes, in_planes=max(src, default=-1) + 1 if in_planes is None else in_planes)
+
+    @classmethod
+    def from_pad(cls, pad: nn.Module, planes: int) -> "IndexShortcut":
+        """The IndexShortcut computing what ``pad`` (a PadShortcut into ``planes`` channels) does."""
+        before, after = int(getattr(pad, "pad_before", 0)), int(getattr(pad, "pad_after", 0))
+        in_planes = planes - before - after
+        return cls(range(in_planes), range(before, before + in_planes), planes, getattr(pad, "stride", 1), in_planes)
+
+    def set_placement(self, src: Sequence[int], dst: Sequence[int], planes: Optional[int] = None,
+                      in_planes: Optional[int] = None) -> None:
+        """Replace the placement (and the channel counts given)."""
+        device = self.src.device
+        self.src = torch.tensor([int(i) for i in src], dtype=torch.long, device=device)
+        self.dst = torch.tensor([int(i) for i in dst], dtype=torch.long, device=device)
+        if planes is not None:
+            self.planes = int(planes)
+        if in_planes is not None:
+            self.in_planes = int(in_planes)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x[:, :, :: self.stride, :: self.stride]
@@ -354,101 +425,7 @@ class IndexShortcut(nn.Module):
         return out.index_copy(1, self.dst, x.index_select(1, self.src))
 
     def extra_repr(self) -> str:
-        return f"planes={self.planes}, stride={self.stride}, channels={len(self.src)}"
+        return (f"in_planes={getattr(self, 'in_planes', '?')}, planes={self.planes}, stride={self.stride}, "
+                f"channels={len(self.src)}")
 
 
-def _option_a_streams(model: nn.Module) -> List[Dict]:
-    """The residual streams (one per stage) of a CIFAR ResNet with option-A shortcuts, else []."""
-    from splitlbi.models.resnet_cifar import CifarResNet, PadShortcut
-
-    if not isinstance(model, CifarResNet) or getattr(model, "shortcut_type", "A") != "A":
-        return []
-    streams = []
-    for k in (1, 2, 3):
-        stage = getattr(model, f"layer{k}")
-        members = (["conv1"] if k == 1 else []) + [f"layer{k}.{i}.conv2" for i in range(len(stage))]
-        bns = (["bn1"] if k == 1 else []) + [f"layer{k}.{i}.bn2" for i in range(len(stage))]
-        consumers = [f"layer{k}.{i}.conv1" for i in range(1 if k > 1 else 0, len(stage))]
-        if k < 3:
-            consumers.append(f"layer{k + 1}.0.conv1")
-        shortcut = stage[0].shortcut  # the shortcut INTO this stream (stage 1: identity)
-        if k > 1 and not isinstance(shortcut, (PadShortcut, nn.Identity)):
-            return []
-        streams.append({"members": members, "bns": bns, "consumers": consumers, "block": stage[0],
-                        "width": stage[0].conv2.out_channels})
-    return streams
-
-
-def _slice_out(conv: nn.Conv2d, keep: Tensor) -> None:
-    conv.weight = nn.Parameter(conv.weight.data.index_select(0, keep).clone())
-    if conv.bias is not None:
-        conv.bias = nn.Parameter(conv.bias.data.index_select(0, keep).clone())
-    conv.out_channels = len(keep)
-
-
-def _slice_in(conv: nn.Conv2d, keep: Tensor) -> None:
-    conv.weight = nn.Parameter(conv.weight.data.index_select(1, keep).clone())
-    conv.in_channels = len(keep)
-
-
-def _slice_bn(bn: nn.BatchNorm2d, keep: Tensor) -> None:
-    for name in ("weight", "bias"):
-        if getattr(bn, name) is not None:
-            setattr(bn, name, nn.Parameter(getattr(bn, name).data.index_select(0, keep).clone()))
-    for name in ("running_mean", "running_var"):
-        if getattr(bn, name) is not None:
-            setattr(bn, name, getattr(bn, name).index_select(0, keep).clone())
-    bn.num_features = len(keep)
-
-
-def _prune_option_a_streams(model: nn.Module, streams: List[Dict], unselected: Dict[str, set]) -> List[GroupReport]:
-    """Remove the channels of each residual stream of an option-A CIFAR ResNet that are
-    zero in the masked model: unselected in every conv writing to the stream and, for a
-    channel fed by the zero-pad shortcut of the stage's first block, zero in the previous
-    stream too. The pad shortcuts become :class:`IndexShortcut` s."""
-    modules = dict(model.named_modules())
-    reports = []
-    previous_zero: Optional[set] = None
-    previous_keep: Optional[List[int]] = None
-    for k, stream in enumerate(streams, start=1):
-        width, members = stream["width"], stream["members"]
-        zero = set(range(width))
-        for member in members:
-            zero &= unselected.get(member, set())
-        shortcut = stream["block"].shortcut
-        if k > 1:
-            before = getattr(shortcut, "pad_before", 0)
-            source_width = streams[k - 2]["width"]
-            zero = {j for j in zero if not (before <= j < before + source_width) or (j - before) in previous_zero}
-        removed = sorted(zero)
-        emptied = len(removed) == width
-        if emptied:
-            removed = removed[1:]
-        keep_list = [j for j in range(width) if j not in set(removed)]
-        keep = torch.tensor(keep_list, dtype=torch.long)
-        if removed:
-            for name in members:
-                _slice_out(modules[name], keep)
-            for name in stream["bns"]:
-                _slice_bn(modules[name], keep)
-            for name in stream["consumers"]:
-                _slice_in(modules[name], keep)
-            if k == 3:
-                fc = model.fc
-                fc.weight = nn.Parameter(fc.weight.data.index_select(1, keep).clone())
-                fc.in_features = len(keep)
-        if k > 1:
-            stride = getattr(shortcut, "stride", 1)
-            before = getattr(shortcut, "pad_before", 0)
-            source_position = {c: i for i, c in enumerate(previous_keep)}
-            src, dst = [], []
-            for position, j in enumerate(keep_list):
-                c = j - before
-                if c in source_position:
-                    src.append(source_position[c])
-                    dst.append(position)
-            stream["block"].shortcut = IndexShortcut(src, dst, len(keep_list), stride)
-        reports.append(GroupReport(convs=list(members), channels=width, removed=len(removed),
-                                   unselected=len(zero), emptied=emptied))
-        previous_zero, previous_keep = zero, keep_list
-    return reports

@@ -6,6 +6,7 @@ any moment can be resumed with ``--resume`` and finishes with the same weights):
     config.json                  settings, dataset facts, model, versions (see read_run_config)
     metrics.csv                  one row per epoch, METRICS_COLUMNS
     path.csv                     one row per epoch x layer x filter, PATH_COLUMNS; epoch 0 = init
+                                 (runs written before v_norm existed have the first six columns)
     init.pt                      the initial model state_dict (for lottery retraining)
     checkpoints/epoch_XXXX.pt    every --save-every epochs and the final epoch
     checkpoints/last.pt          always the latest epoch (epoch 0 right after creation)
@@ -38,6 +39,7 @@ from splitlbi.train import distributed
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig, resolve_device, validate_config
 from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
 from splitlbi.optim import SplitLBI
+from splitlbi.optim import penalties as _penalties
 from splitlbi.train.optimizers import build_optimizer, build_scheduler
 from splitlbi.utils.io import atomic_torch_save, atomic_write_text, fsync_directory
 
@@ -61,7 +63,7 @@ RUN_FORMAT = 1
 
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                    "sparse_test_acc", "sparsity", "epoch_seconds")
-PATH_COLUMNS = ("epoch", "layer", "filter", "w_norm", "gamma_norm", "in_support")
+PATH_COLUMNS = ("epoch", "layer", "filter", "w_norm", "gamma_norm", "in_support", "v_norm")
 
 EpochCallback = Callable[[int, Dict[str, Any]], None]
 
@@ -256,29 +258,34 @@ def _number(value: Optional[float], spec: str = ".6g") -> str:
 
 
 def filter_path_rows(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> List[List[str]]:
-    """The path.csv rows of one epoch: ``[epoch, layer, filter, w_norm, gamma_norm, in_support]``.
+    """The path.csv rows of one epoch: ``[epoch, layer, filter, w_norm, gamma_norm, in_support, v_norm]``.
 
     SplitLBI: every coupled parameter, with the ℓ2 norms of each output filter of W and
-    of Γ and whether the filter is in the support of Γ. Other optimizers: the weights of
-    conv (4-D) and linear (2-D) layers, with the Γ columns empty.
+    of Γ, whether the filter is in the support of Γ, and ``v_norm``, the norm of the
+    filter's ``V`` that the penalty compares with ``λ`` (ℓ2 for group/neuron, the largest
+    ``|V|`` of the row for l1; ``v_norm / λ`` is the path score of
+    :meth:`SplitLBI.path_scores`, written with 9 digits so it reads back exactly in
+    float32). Other optimizers: the weights of conv (4-D) and linear (2-D) layers, with
+    the Γ and V columns empty.
     """
     rows: List[List[str]] = []
     if isinstance(optimizer, SplitLBI):
         weight_norms = optimizer.filter_norms("weight")
         gamma_norms = optimizer.filter_norms("gamma")
         support = optimizer.filter_support()
+        v_norms = {c.name: _penalties.filter_dual_norms(c.v, c.penalty) for c in optimizer.named_coupled()}
         for name, norms in weight_norms.items():
             layer = _layer_name(name)
-            columns = zip(norms.tolist(), gamma_norms[name].tolist(), support[name].tolist())
-            rows.extend([str(epoch), layer, str(index), _number(w), _number(g), str(int(s))]
-                        for index, (w, g, s) in enumerate(columns))
+            columns = zip(norms.tolist(), gamma_norms[name].tolist(), support[name].tolist(), v_norms[name].tolist())
+            rows.extend([str(epoch), layer, str(index), _number(w), _number(g), str(int(s)), _number(v, ".9g")]
+                        for index, (w, g, s, v) in enumerate(columns))
     else:
         for name, parameter in model.named_parameters():
             if parameter.dim() not in (2, 4):
                 continue
             norms = parameter.detach().flatten(1).norm(dim=1).tolist()
             layer = _layer_name(name)
-            rows.extend([str(epoch), layer, str(index), _number(w), "", ""] for index, w in enumerate(norms))
+            rows.extend([str(epoch), layer, str(index), _number(w), "", "", ""] for index, w in enumerate(norms))
     return rows
 
 
@@ -296,6 +303,16 @@ def _append_rows(path: Path, rows: Iterable[Sequence[str]]) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _file_columns(path: Path, default: Sequence[str]) -> Sequence[str]:
+    """The columns of a CSV file's header line; ``default`` when it has none (new or empty file)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline().strip()
+    except FileNotFoundError:
+        return default
+    return tuple(first.split(",")) if first else default
 
 
 def _truncate_rows_after(path: Path, epoch: int, columns: Sequence[str]) -> None:
@@ -559,7 +576,9 @@ def _run_training(
                 # Rows, masks and epoch checkpoints written after last.pt belong to an
                 # epoch that will be redone.
                 _truncate_rows_after(run_dir / METRICS_FILE, start_epoch, METRICS_COLUMNS)
-                _truncate_rows_after(run_dir / PATH_FILE, start_epoch, PATH_COLUMNS)
+                # A run written before path.csv had v_norm keeps its six columns.
+                _truncate_rows_after(run_dir / PATH_FILE, start_epoch, _file_columns(run_dir / PATH_FILE,
+                                                                                    PATH_COLUMNS))
                 _remove_epoch_files_after(run_dir / MASK_DIR, start_epoch)
                 _remove_epoch_files_after(run_dir / CHECKPOINT_DIR, start_epoch)
                 info.update(config.to_dict())
@@ -642,7 +661,8 @@ def _run_training(
         with distributed.agreement(context):
             if context.is_main:
                 _append_rows(run_dir / METRICS_FILE, [_metrics_row(metrics)])
-                _append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, epoch))
+                path_width = len(_file_columns(run_dir / PATH_FILE, PATH_COLUMNS))
+                _append_rows(run_dir / PATH_FILE, [row[:path_width] for row in filter_path_rows(model, optimizer, epoch)])
                 if lbi is not None:
                     atomic_torch_save(lbi.masks(), run_dir / MASK_DIR / epoch_file_name(epoch))
                 # The checkpoint comes last: once it exists, everything of this epoch is on disk.
