@@ -31,8 +31,10 @@ run of E + F epochs (SFP, Scratch-E, SplitLBI's post-pruning training) follows t
 per-epoch schedule, with a milestone at E.
 
 Item 6 of issue 10 (variants): every ``bench.k`` × ``bench.normalize`` pair is pruned at
-every budget (accuracy before training: free) and trained at ``bench.variant_budgets``;
-the first K and normalization are the default variant drawn in the plot.
+every budget and evaluated before any training (cheap); at ``bench.variant_budgets`` the
+variants one change away from the default (each normalization at the first K, each K at
+the first normalization) are also trained (F-epoch K). The first K and normalization are
+the default variant, drawn in the plot and trained at every budget.
 
 Writes ``figures/prune_bench.csv`` (one row per method, model, budget, seed, variant),
 ``prune_bench.png|pdf`` (test accuracy against MACs kept, mean ± std over seeds, one panel
@@ -91,7 +93,7 @@ class BenchSettings:
     taylor_batches: int = 4
     slimming_lambda: float = 1e-4
     group_norm_reg: float = 1e-4
-    group_norm_every: int = 1
+    group_norm_every: Dict[str, int] = dataclasses.field(default_factory=dict)  #: model -> steps (default 1)
 
 
 def bench_settings(recipe: Recipe) -> BenchSettings:
@@ -140,13 +142,21 @@ def bench_settings(recipe: Recipe) -> BenchSettings:
                              taylor_batches=int(bench.get("taylor_batches", 4)),
                              slimming_lambda=float(bench.get("slimming_lambda", 1e-4)),
                              group_norm_reg=float(bench.get("group_norm_reg", 1e-4)),
-                             group_norm_every=int(bench.get("group_norm_every", 1)))
+                             group_norm_every=_per_model(bench.get("group_norm_every", 1), models, where))
     for name in models:
         base = model_config(recipe, name)
         if any(m >= epochs for m in base.lr_milestones):
             raise SplitLBIError(f"recipe {recipe.path}: [{recipe.scale}.model.{name}] lr_milestones must be < "
                                 f"train_epochs ({epochs}): fine-tuning is the schedule's next step")
     return settings
+
+
+def _per_model(value: Any, models: Sequence[str], where: str) -> Dict[str, int]:
+    """``group_norm_every``: one integer for every model, or a table ``{model = n}`` (missing: 1)."""
+    table = value if isinstance(value, dict) else {name: value for name in models}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in table.values()):
+        raise SplitLBIError(f"{where} group_norm_every must be an integer >= 1 or a table of them, got {value!r}")
+    return {name: int(table.get(name, 1)) for name in models}
 
 
 def model_config(recipe: Recipe, name: str, **changes: Any) -> TrainConfig:
@@ -183,6 +193,7 @@ class _Bench:
         self.rows: List[Dict[str, Any]] = []
         self._info: Optional[Dict[str, Any]] = None
         self._test_data: Any = None
+        self.sgd = Path()
 
     # ------------------------------------------------------------- plumbing
     def say(self, line: str) -> None:
@@ -296,7 +307,7 @@ class _Bench:
         from splitlbi.train.run import read_run_config
 
         E, F = self.E, self.F
-        sgd = self.train("sgd", E)
+        sgd = self.sgd = self.train("sgd", E)
         self._info = read_run_config(sgd)
         lbi = self.train("splitlbi", max(self.s.k)) if {"splitlbi_finetune", "splitlbi_lottery", "scratch_e"} & \
             set(self.s.methods) else None
@@ -345,7 +356,7 @@ class _Bench:
             else:
                 self.say(f"bn_scale: {config.model} has no BatchNorm, skipped")
         if "group_norm" in self.s.methods:
-            reg, every = self.s.group_norm_reg, self.s.group_norm_every
+            reg, every = self.s.group_norm_reg, self.s.group_norm_every.get(config.model, 1)
             spec = {"kind": "group-norm-sparsity", "config": config_settings(self.ws.config(config)), "reg": reg,
                     "every": every}
             runs["group_norm"] = self.ws.job(
@@ -355,10 +366,10 @@ class _Bench:
         return runs
 
     def model_at_init(self) -> nn.Module:
-        from splitlbi.models import create_model
+        """The seed's initial network (the SGD run's ``init.pt``, shared by every method of the seed)."""
+        from splitlbi.train.run import load_model_from_run
 
-        return create_model(self.info["model"], num_classes=self.info["num_classes"],
-                            in_channels=self.info["in_channels"])
+        return load_model_from_run(self.sgd, "init").eval()
 
     def importance(self, method: str, model: nn.Module, run: Path, epoch: int) -> Any:
         import torch_pruning as tp
@@ -422,7 +433,10 @@ class _Bench:
                 mask = self.splitlbi_mask(lbi, k, norm, target)
                 label = f"{lbi.name}-path-K{k}-{norm}-macs{target:g}"
                 before = self.accuracy_before(label, lbi, k, mask)
-                trained = default or target in self.s.variant_budgets
+                # The variants trained: one change from the default at a time (each normalization at the
+                # default K, each K at the default normalization); the others are evaluated before training.
+                trained = default or (target in self.s.variant_budgets
+                                      and (k == self.s.k[0] or norm == self.s.normalize[0]))
                 schedule = schedule_after(self.base, k, E)
                 for method, mode in (("splitlbi_finetune", "finetune"), ("splitlbi_lottery", "lottery")):
                     if method not in self.s.methods:
