@@ -87,7 +87,7 @@ class BenchSettings:
     finetune_epochs: int         #: F
     k: List[int]                 #: SplitLBI epochs K (first: default)
     normalize: List[str]         #: path-score normalizations of budget_masks (first: default)
-    variant_budgets: List[float]
+    variant_budgets: Dict[str, List[float]]  #: model -> budgets where variants are trained
     methods: List[str]
     ranking: str = "global"
     taylor_batches: int = 4
@@ -120,9 +120,15 @@ def bench_settings(recipe: Recipe) -> BenchSettings:
             raise SplitLBIError(f"{where} {key} must be an integer >= 1, got {bench[key]!r}")
     epochs = int(bench["train_epochs"])
     budgets = numbers("budgets", float, 0.0, 1.0)
-    variant_budgets = [float(b) for b in bench.get("variant_budgets", budgets[:1])]
-    if not set(variant_budgets) <= set(budgets):
-        raise SplitLBIError(f"{where} variant_budgets must be among budgets {budgets}, got {variant_budgets}")
+    # A list for every model, or a table {model = [...]} (a model not named: none).
+    given = bench.get("variant_budgets", budgets[:1])
+    table = given if isinstance(given, dict) else {name: given for name in models}
+    variant_budgets: Dict[str, List[float]] = {}
+    for name in models:
+        values = table.get(name, [])
+        if not isinstance(values, list) or not set(values) <= set(budgets):
+            raise SplitLBIError(f"{where} variant_budgets must be among budgets {budgets}, got {given!r}")
+        variant_budgets[name] = [float(b) for b in values]
     k = numbers("k", int, 0, epochs)
     from splitlbi.prune.importance import NORMALIZATIONS
 
@@ -194,6 +200,8 @@ class _Bench:
         self._info: Optional[Dict[str, Any]] = None
         self._test_data: Any = None
         self.sgd = Path()
+        self.lbi: Optional[Path] = None
+        self.sparse_runs: Dict[str, Path] = {}
 
     # ------------------------------------------------------------- plumbing
     def say(self, line: str) -> None:
@@ -303,41 +311,41 @@ class _Bench:
             "run": run.name if run is not None else ""})
 
     # ------------------------------------------------------------- the experiment
-    def run(self) -> List[Dict[str, Any]]:
+    def setup(self) -> None:
+        """The runs every budget shares: SGD, SplitLBI, the dense reference, the sparsity trainings."""
         from splitlbi.train.run import read_run_config
 
         E, F = self.E, self.F
         sgd = self.sgd = self.train("sgd", E)
         self._info = read_run_config(sgd)
-        lbi = self.train("splitlbi", max(self.s.k)) if {"splitlbi_finetune", "splitlbi_lottery", "scratch_e"} & \
-            set(self.s.methods) else None
-        finetune = schedule_after(self.base, E, E)
-
+        self.lbi = self.train("splitlbi", max(self.s.k)) if {"splitlbi_finetune", "splitlbi_lottery", "scratch_e"} \
+            & set(self.s.methods) else None
         dense_mask = self.mask_file(f"{sgd.name}-dense.pt", lambda: {
             name: torch.ones_like(p, dtype=torch.bool) for name, p in self.model_at(sgd, E).named_parameters()
             if p.dim() == 4}, sgd, E, "dense")
-        dense = self.retrain(f"{sgd.name}-dense-F{F}", sgd, "finetune", E, dense_mask, F, finetune)
+        dense = self.retrain(f"{sgd.name}-dense-F{F}", sgd, "finetune", E, dense_mask, F, schedule_after(self.base, E, E))
         self.record("sgd_dense", 1.0, dense, None, dense_epochs=E + F)
+        self.sparse_runs = self.sparsity_runs()
 
-        sparse_runs = self.sparsity_runs()
-        for target in self.s.budgets:
-            self.say(f"-- {self.info['model']} seed {self.seed}: {100 * target:g}% of the MACs")
-            if lbi is not None:
-                self.splitlbi(lbi, target)
-            for method in _TP_METHODS:
-                if method in self.s.methods:
-                    self.criterion(method, sgd, target)
-            for method, run in sparse_runs.items():
-                self.criterion(method, run, target)
-            if "sfp" in self.s.methods:
-                self.sfp(target)
-            if "scratch_e" in self.s.methods and lbi is not None:
-                mask = self.splitlbi_mask(lbi, self.s.k[0], self.s.normalize[0], target)
-                config = dataclasses.replace(self.base, epochs=E + F, optimizer="sgd",
-                                             lr_milestones=tuple(self.base.lr_milestones) + (E,))
-                run = self.baseline("scratch-e", f"{self.info['model']}-scratch-e-{mask.stem}", config, masks=mask)
-                self.record("scratch_e", target, run, run / "mask.pt")
-        return self.rows
+    def at(self, target: float) -> None:
+        """Every method at one budget (``setup`` first)."""
+        E, F, lbi = self.E, self.F, self.lbi
+        self.say(f"-- {self.info['model']} seed {self.seed}: {100 * target:g}% of the MACs")
+        if lbi is not None:
+            self.splitlbi(lbi, target)
+        for method in _TP_METHODS:
+            if method in self.s.methods:
+                self.criterion(method, self.sgd, target)
+        for method, run in self.sparse_runs.items():
+            self.criterion(method, run, target)
+        if "sfp" in self.s.methods:
+            self.sfp(target)
+        if "scratch_e" in self.s.methods and lbi is not None:
+            mask = self.splitlbi_mask(lbi, self.s.k[0], self.s.normalize[0], target)
+            config = dataclasses.replace(self.base, epochs=E + F, optimizer="sgd",
+                                         lr_milestones=tuple(self.base.lr_milestones) + (E,))
+            run = self.baseline("scratch-e", f"{self.info['model']}-scratch-e-{mask.stem}", config, masks=mask)
+            self.record("scratch_e", target, run, run / "mask.pt")
 
     def sparsity_runs(self) -> Dict[str, Path]:
         """Network Slimming's and DepGraph's sparsity training (E epochs, same init as SGD)."""
@@ -435,7 +443,7 @@ class _Bench:
                 before = self.accuracy_before(label, lbi, k, mask)
                 # The variants trained: one change from the default at a time (each normalization at the
                 # default K, each K at the default normalization); the others are evaluated before training.
-                trained = default or (target in self.s.variant_budgets
+                trained = default or (target in self.s.variant_budgets[self.base.model]
                                       and (k == self.s.k[0] or norm == self.s.normalize[0]))
                 schedule = schedule_after(self.base, k, E)
                 for method, mode in (("splitlbi_finetune", "finetune"), ("splitlbi_lottery", "lottery")):
@@ -672,9 +680,15 @@ def prune_bench(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     """Run the benchmark of ``recipe`` (every model, seed, budget and method) and write its files."""
     settings = bench_settings(recipe)
     rows: List[Dict[str, Any]] = []
-    for model in settings.models:  # a model's seeds finish before the next model starts
-        for seed in recipe.seeds:
-            rows += _Bench(ws, recipe, settings, model, seed).run()
+    for model in settings.models:
+        benches = [_Bench(ws, recipe, settings, model, seed) for seed in recipe.seeds]
+        for bench in benches:
+            bench.setup()
+        # Budget by budget, every seed: a run stopped early leaves whole budgets (the first is the goal's).
+        for target in settings.budgets:
+            for bench in benches:
+                bench.at(target)
+        rows += [row for bench in benches for row in bench.rows]
     folder = out.parent
     note = (f"E = {settings.train_epochs} training + F = {settings.finetune_epochs} fine-tuning epochs for every "
             f"method; SplitLBI: K = {settings.k[0]}, normalize = {settings.normalize[0]}; mean ± std over "
