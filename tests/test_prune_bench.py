@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,6 +104,22 @@ def test_files_plot_summary_and_a_second_call_skips_every_run(bench: dict) -> No
               log=lines.append)
     assert not [line for line in lines if ": trained in" in line or ": running" in line]
     assert read_rows(figures / "prune_bench.csv") == bench["rows"]
+
+
+def test_report_only_writes_the_finished_runs_and_runs_nothing(bench: dict, tmp_path: Path) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(bench["out"], out)
+    [lottery] = [p for p in (out / "runs").iterdir() if p.name.startswith("lenet5-splitlbi")
+                 and p.name.endswith(tuple("0123456789abcdef")) and "-lottery-" in p.name]
+    shutil.rmtree(lottery)  # as if the benchmark had been stopped before this run finished
+    lines: list = []
+    reproduce(["prune-bench"], "smoke", out, data_dir=str(bench["data"]), device="cpu", progress=False,
+              overrides=["bench.report_only=true"], log=lines.append)
+    assert not [line for line in lines if ": trained in" in line or ": running" in line]
+    assert any("report only:" in line and "lottery" in line for line in lines)
+    rows = read_rows(out / "figures" / "prune_bench.csv")
+    missing = [r for r in bench["rows"] if r["model"] == "lenet5" and r["method"] == "splitlbi_lottery"]
+    assert len(missing) == 1 and rows == [r for r in bench["rows"] if r not in missing]
 
 
 def test_recipe_scales_validate() -> None:

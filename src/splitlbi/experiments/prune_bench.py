@@ -290,14 +290,26 @@ class _Bench:
         result = budget_masks(model, self.example(), scores, macs=target, ranking=self.s.ranking, **options)
         return {name: mask for name, mask in result.masks.items() if mask.dim() == 4}
 
+    def facts(self, mask: Optional[Path]) -> Dict[str, Any]:
+        """MACs and parameters of the compacted network of ``mask`` (kept in ``masks/``: compaction is slow)."""
+        import json
+
+        from splitlbi.experiments.reproduce import mask_facts
+
+        if mask is None:
+            return mask_facts(None, self.example().shape[1:], self.info)
+        name = f"{mask.parent.name}-{mask.stem}-facts.json" if mask.name == "mask.pt" else f"{mask.stem}-facts.json"
+        path = self.ws.file(name, lambda path: atomic_write_text(path, json.dumps(
+            mask_facts(mask, self.example().shape[1:], self.info))))
+        return json.loads(path.read_text())
+
     def record(self, method: str, target: float, run: Optional[Path], mask: Optional[Path], *,
                test_acc: Optional[float] = None, before: Optional[float] = None, k: Optional[int] = None,
                normalize: Optional[str] = None, default: bool = True, dense_epochs: float = 0.0) -> None:
         """One CSV row; ``dense_epochs``: epochs trained on the whole network (the rest is sparse)."""
-        from splitlbi.experiments.reproduce import mask_facts
         from splitlbi.plots.curves import read_metrics
 
-        facts = mask_facts(mask, self.example().shape[1:], self.info)
+        facts = self.facts(mask)
         if test_acc is None and run is not None:
             test_acc = read_metrics(run)["test_acc"][-1]
         total = self.E + self.F
@@ -318,34 +330,43 @@ class _Bench:
         E, F = self.E, self.F
         sgd = self.sgd = self.train("sgd", E)
         self._info = read_run_config(sgd)
-        self.lbi = self.train("splitlbi", max(self.s.k)) if {"splitlbi_finetune", "splitlbi_lottery", "scratch_e"} \
-            & set(self.s.methods) else None
-        dense_mask = self.mask_file(f"{sgd.name}-dense.pt", lambda: {
-            name: torch.ones_like(p, dtype=torch.bool) for name, p in self.model_at(sgd, E).named_parameters()
-            if p.dim() == 4}, sgd, E, "dense")
-        dense = self.retrain(f"{sgd.name}-dense-F{F}", sgd, "finetune", E, dense_mask, F, schedule_after(self.base, E, E))
-        self.record("sgd_dense", 1.0, dense, None, dense_epochs=E + F)
+        if {"splitlbi_finetune", "splitlbi_lottery", "scratch_e"} & set(self.s.methods):
+            def splitlbi() -> None:
+                self.lbi = self.train("splitlbi", max(self.s.k))
+            _unless_unfinished(splitlbi, self.say)
+
+        def dense() -> None:
+            mask = self.mask_file(f"{sgd.name}-dense.pt", lambda: {
+                name: torch.ones_like(p, dtype=torch.bool) for name, p in self.model_at(sgd, E).named_parameters()
+                if p.dim() == 4}, sgd, E, "dense")
+            run = self.retrain(f"{sgd.name}-dense-F{F}", sgd, "finetune", E, mask, F, schedule_after(self.base, E, E))
+            self.record("sgd_dense", 1.0, run, None, dense_epochs=E + F)
+        _unless_unfinished(dense, self.say)
         self.sparse_runs = self.sparsity_runs()
 
     def at(self, target: float) -> None:
-        """Every method at one budget (``setup`` first)."""
+        """Every method at one budget (``setup`` first). Under ``report_only`` a method whose runs are not
+        finished is left out."""
         E, F, lbi = self.E, self.F, self.lbi
         self.say(f"-- {self.info['model']} seed {self.seed}: {100 * target:g}% of the MACs")
+        parts: List[Callable[[], None]] = []
         if lbi is not None:
-            self.splitlbi(lbi, target)
-        for method in _TP_METHODS:
-            if method in self.s.methods:
-                self.criterion(method, self.sgd, target)
-        for method, run in self.sparse_runs.items():
-            self.criterion(method, run, target)
+            parts.append(lambda: self.splitlbi(lbi, target))
+        parts += [lambda m=method: self.criterion(m, self.sgd, target) for method in _TP_METHODS
+                  if method in self.s.methods]
+        parts += [lambda m=method, r=run: self.criterion(m, r, target) for method, run in self.sparse_runs.items()]
         if "sfp" in self.s.methods:
-            self.sfp(target)
+            parts.append(lambda: self.sfp(target))
         if "scratch_e" in self.s.methods and lbi is not None:
-            mask = self.splitlbi_mask(lbi, self.s.k[0], self.s.normalize[0], target)
-            config = dataclasses.replace(self.base, epochs=E + F, optimizer="sgd",
-                                         lr_milestones=tuple(self.base.lr_milestones) + (E,))
-            run = self.baseline("scratch-e", f"{self.info['model']}-scratch-e-{mask.stem}", config, masks=mask)
-            self.record("scratch_e", target, run, run / "mask.pt")
+            def scratch() -> None:
+                mask = self.splitlbi_mask(lbi, self.s.k[0], self.s.normalize[0], target)
+                config = dataclasses.replace(self.base, epochs=E + F, optimizer="sgd",
+                                             lr_milestones=tuple(self.base.lr_milestones) + (E,))
+                run = self.baseline("scratch-e", f"{self.info['model']}-scratch-e-{mask.stem}", config, masks=mask)
+                self.record("scratch_e", target, run, run / "mask.pt")
+            parts.append(scratch)
+        for part in parts:
+            _unless_unfinished(part, self.say)
 
     def sparsity_runs(self) -> Dict[str, Path]:
         """Network Slimming's and DepGraph's sparsity training (E epochs, same init as SGD)."""
@@ -358,19 +379,19 @@ class _Bench:
             if has_bn:
                 lam = self.s.slimming_lambda
                 spec = {"kind": "bn-sparsity", "config": config_settings(self.ws.config(config)), "lambda": lam}
-                runs["bn_scale"] = self.ws.job(
+                _unless_unfinished(lambda: runs.__setitem__("bn_scale", self.ws.job(
                     f"{config.model}-bn-l1-{lam:g}-seed{self.seed}", spec, lambda out: baselines.sparsity_training(
-                        self.ws.config(config), out, bn_l1=lam, name="slimming", log=None))
+                        self.ws.config(config), out, bn_l1=lam, name="slimming", log=None))), self.say)
             else:
                 self.say(f"bn_scale: {config.model} has no BatchNorm, skipped")
         if "group_norm" in self.s.methods:
             reg, every = self.s.group_norm_reg, self.s.group_norm_every.get(config.model, 1)
             spec = {"kind": "group-norm-sparsity", "config": config_settings(self.ws.config(config)), "reg": reg,
                     "every": every}
-            runs["group_norm"] = self.ws.job(
+            _unless_unfinished(lambda: runs.__setitem__("group_norm", self.ws.job(
                 f"{config.model}-group-norm-{reg:g}-seed{self.seed}", spec, lambda out: baselines.sparsity_training(
                     self.ws.config(config), out, regularizer=group_norm_regularizer(reg, every), name="group-norm",
-                    log=None))
+                    log=None))), self.say)
         return runs
 
     def model_at_init(self) -> nn.Module:
@@ -432,31 +453,36 @@ class _Bench:
         return self.mask_file(f"{lbi.name}-path-K{k}-{norm}-macs{target:g}.pt", lambda: self.budget(
             self.model_at(lbi, k), path_scores(lbi, k), target, normalize=norm), lbi, k, "splitlbi-path")
 
-    def splitlbi(self, lbi: Path, target: float) -> None:
-        """Every K × normalization: accuracy before training; trained at the variant budgets (default: always)."""
+    def splitlbi(self, lbi: Path, target: float, variants: bool = False) -> None:
+        """Every K × normalization at ``target``: the default variant is trained (finetune and lottery);
+        the others are evaluated before training, and the ones one change from the default (each
+        normalization at the default K, each K at the default normalization) are trained at the
+        variant budgets, in a later pass (``variants=True``) so that a stopped run has the main
+        comparison at every budget first."""
         E, F = self.E, self.F
         for k in self.s.k:
             for norm in self.s.normalize:
                 default = k == self.s.k[0] and norm == self.s.normalize[0]
+                trained = default or (target in self.s.variant_budgets[self.base.model]
+                                      and (k == self.s.k[0] or norm == self.s.normalize[0]))
+                if variants and (default or not trained):
+                    continue
                 mask = self.splitlbi_mask(lbi, k, norm, target)
                 label = f"{lbi.name}-path-K{k}-{norm}-macs{target:g}"
                 before = self.accuracy_before(label, lbi, k, mask)
-                # The variants trained: one change from the default at a time (each normalization at the
-                # default K, each K at the default normalization); the others are evaluated before training.
-                trained = default or (target in self.s.variant_budgets[self.base.model]
-                                      and (k == self.s.k[0] or norm == self.s.normalize[0]))
+                if not trained:  # the untrained variants still get a row: their accuracy before training
+                    self.record("splitlbi_finetune", target, None, mask, test_acc=None, before=before, k=k,
+                                normalize=norm, default=False, dense_epochs=k)
+                    continue
+                if not default and not variants:
+                    continue  # trained in the variants pass
                 schedule = schedule_after(self.base, k, E)
                 for method, mode in (("splitlbi_finetune", "finetune"), ("splitlbi_lottery", "lottery")):
-                    if method not in self.s.methods:
-                        continue
-                    if not trained or (mode == "lottery" and not default):
+                    if method not in self.s.methods or (mode == "lottery" and not default):
                         continue  # lottery retraining: default variant only (it costs E + F - K epochs each)
                     run = self.retrain(f"{label}-{mode}", lbi, mode, k, mask, E + F - k, schedule)
                     self.record(method, target, run, mask, before=before if mode == "finetune" else None, k=k,
                                 normalize=norm, default=default, dense_epochs=k)
-                if not trained:  # the untrained variants still get a row: their accuracy before training
-                    self.record("splitlbi_finetune", target, None, mask, test_acc=None, before=before, k=k,
-                                normalize=norm, default=False, dense_epochs=k)
 
     def baseline(self, name: str, label: str, config: TrainConfig, *, keep: Optional[float] = None,
                  masks: Optional[Path] = None) -> Path:
@@ -580,7 +606,8 @@ def summarize(rows: Sequence[Dict[str, Any]], settings: BenchSettings, goal_budg
                           and r["default_variant"] and r["test_acc"] is not None]
                 if not chosen:
                     continue
-                before = [r["sparse_acc_before_finetune"] for r in chosen if r["sparse_acc_before_finetune"] is not None]
+                before = [r["sparse_acc_before_finetune"] for r in chosen
+                          if r["sparse_acc_before_finetune"] is not None]
                 lines.append(f"| {100 * target:.1f}% | {NAMES[method]} | "
                              f"{100 * statistics.fmean(r['macs_share'] for r in chosen):.1f}% | "
                              f"{100 * statistics.fmean(r['params_share'] for r in chosen):.1f}% | "
@@ -597,7 +624,8 @@ def summarize(rows: Sequence[Dict[str, Any]], settings: BenchSettings, goal_budg
                 chosen = [r for r in variants if (r["target_macs"], r["method"], r["K"], r["normalize"])
                           == (target, method, k, norm)]
                 accs = [r["test_acc"] for r in chosen if r["test_acc"] is not None]
-                before = [r["sparse_acc_before_finetune"] for r in chosen if r["sparse_acc_before_finetune"] is not None]
+                before = [r["sparse_acc_before_finetune"] for r in chosen
+                          if r["sparse_acc_before_finetune"] is not None]
                 lines.append(f"| {100 * target:.1f}% | {NAMES[method]} | {k} | {norm} | "
                              f"{_fmt(accs) if accs else 'not trained'} | {_fmt(before) if before else ''} | "
                              f"{len(chosen)} |")
@@ -676,26 +704,71 @@ def _plot(rows: Sequence[Dict[str, Any]], out: Path, note: str) -> List[Path]:
     return draw_panels(panels, out, columns=len(panels), title="Accuracy at a MACs budget (prune-bench)", note=note)
 
 
+class _Unfinished(Exception):
+    """A run that ``report_only`` needs is not finished."""
+
+
+class _FinishedOnly(Workspace):
+    """A workspace that runs nothing: finished jobs are found, any other raises :class:`_Unfinished`."""
+
+    def __init__(self, ws: Workspace) -> None:  # noqa: D107 - a view of ws
+        self.__dict__.update(ws.__dict__)
+
+    def _found(self, run_dir: Path, label: str) -> Path:
+        from splitlbi.experiments.workspace import JOB_FILE
+
+        if not (run_dir / JOB_FILE).is_file():
+            raise _Unfinished(label)
+        self._count("found")
+        return run_dir
+
+    def train(self, config: TrainConfig, label: str) -> Path:
+        config = self.config(config)
+        return self._found(self.run_dir(label, {"kind": "train", "config": config_settings(config)}), label)
+
+    def job(self, label: str, spec: Any, make: Callable[[Path], Any]) -> Path:
+        return self._found(self.run_dir(label, spec), label)
+
+
+def _unless_unfinished(part: Callable[[], None], say: Callable[[str], None]) -> bool:
+    try:
+        part()
+        return True
+    except _Unfinished as missing:
+        say(f"report only: {missing} is not finished, left out")
+        return False
+
+
 def prune_bench(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
-    """Run the benchmark of ``recipe`` (every model, seed, budget and method) and write its files."""
+    """Run the benchmark of ``recipe`` (every model, seed, budget and method) and write its files.
+
+    ``[bench] report_only = true`` runs nothing: the files are written from the finished runs
+    (for a benchmark still running or stopped early; the summary says which rows exist).
+    """
     settings = bench_settings(recipe)
+    if recipe.sections["bench"].get("report_only", False) is True:
+        ws = _FinishedOnly(ws)
     rows: List[Dict[str, Any]] = []
     for model in settings.models:
         benches = [_Bench(ws, recipe, settings, model, seed) for seed in recipe.seeds]
-        for bench in benches:
-            bench.setup()
+        benches = [bench for bench in benches if _unless_unfinished(bench.setup, ws.say)]
         # Budget by budget, every seed: a run stopped early leaves whole budgets (the first is the goal's).
         for target in settings.budgets:
             for bench in benches:
                 bench.at(target)
+        for target in settings.budgets:  # then the trained SplitLBI variants (item 6 of issue 10)
+            for bench in benches:
+                if bench.lbi is not None:
+                    _unless_unfinished(lambda b=bench: b.splitlbi(b.lbi, target, variants=True), ws.say)
         rows += [row for bench in benches for row in bench.rows]
     folder = out.parent
     note = (f"E = {settings.train_epochs} training + F = {settings.finetune_epochs} fine-tuning epochs for every "
             f"method; SplitLBI: K = {settings.k[0]}, normalize = {settings.normalize[0]}; mean ± std over "
             f"{len(recipe.seeds)} seed(s); scale '{recipe.scale}'")
-    figures = _plot(rows, folder / "prune_bench.png", note)  # also writes the plotted numbers to prune_bench.csv
+    # The plot also writes its plotted numbers to prune_bench.csv, which the table of every run then replaces.
+    figures = _plot(rows, folder / "prune_bench.png", note) if any(r["test_acc"] is not None for r in rows) else []
     csv = folder / CSV_NAME
-    _write_csv(rows, csv)  # ... which the table of every run replaces
+    _write_csv(rows, csv)
     summary = folder / "prune_bench.md"
     atomic_write_text(summary, f"# prune-bench, scale {recipe.scale}\n\n{note}\n\n" + summarize(rows, settings))
     return [csv, summary] + [path for path in figures if path != csv]

@@ -57,8 +57,8 @@ from splitlbi.train.config import TrainConfig, resolve_device, validate_config
 from splitlbi.train.optimizers import build_scheduler
 from splitlbi.train.run import CONFIG_FILE
 
-__all__ = ["BASELINES", "slimming", "soft_filter_pruning", "sparsity_training", "scratch", "scratch_b_epochs", "slimming_masks",
-           "smallest_filter_masks", "architecture_masks"]
+__all__ = ["BASELINES", "slimming", "soft_filter_pruning", "sparsity_training", "scratch", "scratch_b_epochs",
+           "slimming_masks", "smallest_filter_masks", "architecture_masks"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 BASELINES: Tuple[str, ...] = ("slimming", "sfp", "scratch-e", "scratch-b")
@@ -172,8 +172,9 @@ def _new_run(config: TrainConfig, out: Path, info: Dict[str, Any], *, init_seed:
 
     ``masks`` are held fixed (MaskedSGD; widened by :func:`architecture_masks`); ``l1_bn``:
     L1 penalty on the BatchNorm scales; ``regularizer(model, example)`` returns a function
-    called after each backward pass, before the step (it adds a penalty's gradient); ``after_epoch(model, epoch)`` may change the weights
-    after each epoch (before evaluation) and returns the epoch's masks for the metrics.
+    called after each backward pass, before the step (it adds a penalty's gradient);
+    ``after_epoch(model, epoch)`` may change the weights after each epoch (before evaluation)
+    and returns the epoch's masks for the metrics.
     Returns ``(out, model, last masks)``.
     """
     dev = resolve_device(config.device)
