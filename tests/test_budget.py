@@ -6,7 +6,7 @@ import csv
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 import torch
@@ -22,13 +22,16 @@ from splitlbi.optim import SplitLBI  # noqa: E402
 from splitlbi.prune import (  # noqa: E402
     PathImportance, budget_masks, channel_groups, compact_model, path_scores, prepare_torch_pruning, read_mask_file,
 )
-from splitlbi.train import TrainConfig, load_checkpoint, load_masks, read_train_config, run_training  # noqa: E402
+from splitlbi.train import (  # noqa: E402
+    TrainConfig, load_checkpoint, load_masks, load_model_from_run, read_train_config, run_training,
+)
 from splitlbi.train.optimizers import build_optimizer  # noqa: E402
 from helpers import assert_one_line_error, read_rows  # noqa: E402
 
-# Tiny runs with a small nu and lam: Γ is neither empty nor full after a few steps.
+# Tiny runs with a small nu and lam: Γ is neither empty nor full after a few steps. The LeNet run also
+# couples its linear layers (l1), so path scores of neurons are read too.
 LENET = TrainConfig(dataset="digits", epochs=2, batch_size=64, limit_train=256, limit_test=64, lr=0.1, kappa=1.0,
-                    nu=10.0, lam=0.01, progress=False, device="cpu")
+                    nu=10.0, lam=0.01, linear_penalty="auto", progress=False, device="cpu")
 RESNET = TrainConfig(model="resnet20", dataset="digits", pad_to=32, epochs=1, batch_size=32, limit_train=64,
                      limit_test=32, lr=0.1, kappa=1.0, nu=10.0, lam=0.01, progress=False, device="cpu")
 
@@ -69,19 +72,15 @@ def run_cli(args: List[str], capsys: pytest.CaptureFixture) -> subprocess.Comple
     return subprocess.CompletedProcess(args, status, captured.out, captured.err)
 
 
-def _optimizer_at(run_dir: Path, epoch: int) -> SplitLBI:
+def _optimizer_at(run_dir: Path, epoch: int, model: Optional[nn.Module] = None) -> SplitLBI:
     """The run's optimizer as it was at the end of ``epoch`` (from its checkpoint)."""
-    from splitlbi.train import load_model_from_run
-
-    model = load_model_from_run(run_dir, epoch)
+    model = load_model_from_run(run_dir, epoch) if model is None else model
     optimizer = build_optimizer(read_train_config(run_dir), model)
     optimizer.load_state_dict(load_checkpoint(run_dir, epoch)["optimizer"])
     return optimizer
 
 
 def _compacted_fractions(run_dir: Path, mask_file: Path, shape) -> Dict[str, float]:
-    from splitlbi.train import load_model_from_run
-
     masks = read_mask_file(mask_file)["masks"]
     model = load_model_from_run(run_dir).eval()
     _, report = compact_model(model, masks, torch.randn(1, *shape), measure=False)
@@ -168,6 +167,14 @@ def test_cli_budget_masks_lenet(lenet_run: Path, tmp_path: Path, capsys, kind: s
     assert content["kind"] == "budget" and content["epoch"] == 2
     fraction = _compacted_fractions(lenet_run, out, (1, 28, 28))[kind]
     assert 0.48 <= fraction <= 0.50, fraction
+    if kind == "macs":  # retrain and compact take the file like any mask file
+        pruned = run_cli(["retrain", lenet_run, "--epoch", 2, "--mode", "prune", "--masks", out,
+                          "--out", tmp_path / "pruned"], capsys)
+        assert pruned.returncode == 0, pruned.stderr
+        compacted = run_cli(["compact", lenet_run, "--epoch", 2, "--masks", out, "--out", tmp_path / "c.pt",
+                             "--repeats", 1], capsys)
+        assert compacted.returncode == 0, compacted.stderr
+        assert f"({100 * fraction:.1f}%)" in compacted.stdout
 
 
 @pytest.mark.parametrize("kind, ranking", [("macs", "global"), ("params", "global"), ("macs", "uniform")])
@@ -338,8 +345,15 @@ def test_path_importance_ranks_by_the_normalized_path_score(lenet_run: Path):
         threshold_kept = min(threshold_kept, float(values[kept].min()))
         group.prune()
     assert threshold_removed <= threshold_kept  # one threshold across layers
-    # From a run directory and epoch, as from the live optimizer.
-    stored = PathImportance(lenet_run, epoch=2)
-    assert set(stored.scores) >= {"conv1.weight", "conv3.weight"}
+    # From a run directory and epoch (layers matched by name): the same channels as from the live optimizer.
+    kept = {}
+    for source in ("run", "live"):
+        lenet = load_model_from_run(lenet_run, 2)
+        importance = PathImportance(lenet_run, epoch=2) if source == "run" else PathImportance(_optimizer_at(
+            lenet_run, 2, lenet))
+        tp.pruner.MetaPruner(lenet, torch.randn(1, 1, 28, 28), importance=importance, pruning_ratio=0.5,
+                             global_pruning=True, ignored_layers=[lenet.fc2]).step()
+        kept[source] = [m.weight.shape[0] for m in lenet.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert kept["run"] == kept["live"] and kept["run"] != [6, 16, 120, 84, 10]
     with pytest.raises(SplitLBIError, match="give the epoch"):
         PathImportance(lenet_run)

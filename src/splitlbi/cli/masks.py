@@ -10,6 +10,7 @@ from typing import Mapping
 from torch import Tensor
 
 from splitlbi.cli.argtypes import non_negative_int
+from splitlbi.prune.budget import AGGREGATIONS, DEFAULT_NORMALIZE, NORMALIZATIONS
 from splitlbi.errors import SplitLBIError
 
 __all__ = ["add_parser", "run", "format_sparsity"]
@@ -44,10 +45,11 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--ranking", choices=("global", "uniform"), default="global",
                         help="with --macs/--params: one score threshold across layers (global, default) or the "
                              "same share of filters removed in every layer (uniform)")
-    parser.add_argument("--normalize", choices=("none", "mean", "max", "sqrt_size"), default=None,
+    parser.add_argument("--normalize", choices=NORMALIZATIONS, default=None,
                         help="with --macs/--params: per-layer normalization of the scores before layers are "
-                             "compared (default: mean, each layer's scores divided by their mean)")
-    parser.add_argument("--aggregate", choices=("max", "mean", "sum"), default="max",
+                             f"compared (default: {DEFAULT_NORMALIZE}; mean: each layer's scores divided by their "
+                             "mean; sqrt_size: by the square root of the weights per filter)")
+    parser.add_argument("--aggregate", choices=AGGREGATIONS, default="max",
                         help="with --macs/--params: how the filters of residual-coupled channels combine "
                              "(default: max)")
     parser.add_argument("--out", metavar="FILE", help="where to write the mask file (default: masks.pt; "
@@ -114,7 +116,7 @@ def _run_budget(arguments: argparse.Namespace, info: dict, flag: str, fraction: 
     from splitlbi.cli.compact import _input_shape
     from splitlbi.models import create_model
     from splitlbi.prune import save_mask_file
-    from splitlbi.prune.budget import DEFAULT_NORMALIZE, budget_masks, path_scores
+    from splitlbi.prune.budget import budget_masks, path_scores
 
     if arguments.like is not None:
         raise SplitLBIError(f"{flag} chooses filters by the path scores of RUN_DIR; it does not combine with --like")

@@ -60,15 +60,20 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     optim.add_argument("--lr", type=float, **option,
                        help=f"learning rate (default: {_default('lr')}; adaptive methods want ~1e-3)")
     optim.add_argument("--kappa", type=float, **option, help=f"SplitLBI damping factor κ (default: {_default('kappa')})")
-    optim.add_argument("--nu", type=float, **option, help=f"SplitLBI coupling strength ν (default: {_default('nu')})")
+    optim.add_argument("--nu", type=float, **option,
+                       help="SplitLBI coupling strength ν. It sets when filters enter Γ: a filter of norm |W_g| "
+                            "enters after about λν/(lr·|W_g|) steps, so the right ν grows with the number of "
+                            "steps: the default suits a few hundred steps (the default run); raise ν in "
+                            "proportion for longer runs, e.g. 20-100 for tens of thousands of steps "
+                            f"(default: {_default('nu')})")
     optim.add_argument("--lam", type=float, **option, help=f"SplitLBI penalty weight λ (default: {_default('lam')})")
     optim.add_argument("--penalty", **option,
                        help="SplitLBI penalty: auto (group lasso on conv filters, lasso on linear weights), "
                             "group, neuron, l1 (weight sparsity) or none (default: auto)")
     optim.add_argument("--linear-penalty", choices=("auto", "l1", "neuron", "none"), **option,
                        help="SplitLBI penalty of the 2-D (linear) weights only, overriding --penalty for them: "
-                            "none leaves the classifier uncoupled, so it is never cut from the sparse model "
-                            "(default: auto, i.e. as --penalty)")
+                            "none (the default) leaves the classifier uncoupled, so it is never cut from the "
+                            "sparse model; auto follows --penalty (lasso on linear weights under auto)")
     optim.add_argument("--momentum", type=float, **option,
                        help=f"momentum of splitlbi and sgd (default: {_default('momentum')})")
     optim.add_argument("--nesterov", action="store_true", **option, help="Nesterov momentum (splitlbi, sgd)")

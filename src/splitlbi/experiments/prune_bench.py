@@ -130,7 +130,7 @@ def bench_settings(recipe: Recipe) -> BenchSettings:
             raise SplitLBIError(f"{where} variant_budgets must be among budgets {budgets}, got {given!r}")
         variant_budgets[name] = [float(b) for b in values]
     k = numbers("k", int, 0, epochs)
-    from splitlbi.prune.importance import NORMALIZATIONS
+    from splitlbi.prune.budget import NORMALIZATIONS
 
     normalize = bench["normalize"]
     if not isinstance(normalize, list) or not normalize or set(normalize) - set(NORMALIZATIONS):
@@ -480,9 +480,14 @@ class _Bench:
                 for method, mode in (("splitlbi_finetune", "finetune"), ("splitlbi_lottery", "lottery")):
                     if method not in self.s.methods or (mode == "lottery" and not default):
                         continue  # lottery retraining: default variant only (it costs E + F - K epochs each)
-                    run = self.retrain(f"{label}-{mode}", lbi, mode, k, mask, E + F - k, schedule)
-                    self.record(method, target, run, mask, before=before if mode == "finetune" else None, k=k,
-                                normalize=norm, default=default, dense_epochs=k)
+
+                    def train(method: str = method, mode: str = mode, k: int = k, norm: str = norm,
+                              mask: Path = mask, label: str = label, before: float = before,
+                              default: bool = default, schedule: Dict[str, Any] = schedule) -> None:
+                        run = self.retrain(f"{label}-{mode}", lbi, mode, k, mask, E + F - k, schedule)
+                        self.record(method, target, run, mask, before=before if mode == "finetune" else None, k=k,
+                                    normalize=norm, default=default, dense_epochs=k)
+                    _unless_unfinished(train, self.say)
 
     def baseline(self, name: str, label: str, config: TrainConfig, *, keep: Optional[float] = None,
                  masks: Optional[Path] = None) -> Path:

@@ -84,7 +84,7 @@ class SplitLBI(Optimizer):
         params: ParamsT,
         lr: float,
         kappa: float = 1.0,
-        nu: float = 100.0,
+        nu: float = 3.0,
         lam: float = 1.0,
         momentum: float = 0.9,
         dampening: float = 0.0,

@@ -23,7 +23,7 @@ _LAZY = {
     "budget_masks": "splitlbi.prune.budget", "channel_groups": "splitlbi.prune.budget",
     "path_scores": "splitlbi.prune.budget",
     "PathImportance": "splitlbi.prune.importance", "IndexShortcutPruner": "splitlbi.prune.importance",
-    "prepare_torch_pruning": "splitlbi.prune.importance", "normalize_scores": "splitlbi.prune.importance",
+    "prepare_torch_pruning": "splitlbi.prune.importance", "normalize_scores": "splitlbi.prune.budget",
     "IndexShortcut": "splitlbi.prune.compact", "compact_model": "splitlbi.prune.compact",
 }
 

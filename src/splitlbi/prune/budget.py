@@ -26,9 +26,10 @@ most the target and within :data:`TOLERANCE` (2 points) of it. How:
 3. The groups are put in removal order: ``ranking="global"`` by score (one threshold
    across layers); ``"uniform"`` by rank within the layer (each layer loses the same
    fraction). Every conv keeps at least ``min_channels`` filters.
-4. The longest prefix of that order meeting the target is found by bisection with an
-   exact cost model of the compacted network (MACs and parameters as functions of the
-   channels kept); where the next group in order would overshoot the 2-point window
+4. The longest prefix of that order meeting the target is found by bisection with a
+   cost model of the compacted network (MACs and parameters as functions of the
+   channels kept; exact for Conv2d, Linear and BatchNorm, parameter-free modules such
+   as ReLU and pooling modules counted at their dense cost); where the next group in order would overshoot the 2-point window
    (coarse layers such as LeNet-5's ``conv1``: one filter is 14% of its MACs), it is
    skipped and the following groups fill the budget. The result is compacted for real
    and measured; if the measurement misses the window the model's error is corrected
@@ -49,10 +50,9 @@ import torch
 from torch import Tensor, nn
 
 from splitlbi.errors import SplitLBIError
-from splitlbi.prune.importance import AGGREGATIONS, NORMALIZATIONS, aggregate_scores, normalize_scores
 
-__all__ = ["BudgetResult", "ChannelGroup", "DEFAULT_NORMALIZE", "RANKINGS", "TOLERANCE", "budget_masks",
-           "channel_groups", "path_scores"]
+__all__ = ["AGGREGATIONS", "BudgetResult", "ChannelGroup", "DEFAULT_NORMALIZE", "NORMALIZATIONS", "RANKINGS",
+           "TOLERANCE", "aggregate_scores", "budget_masks", "channel_groups", "normalize_scores", "path_scores"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -61,6 +61,46 @@ TOLERANCE = 0.02
 RANKINGS = ("global", "uniform")
 #: Per-layer normalization used unless one is given (see the benchmark, docs/subnetworks.md).
 DEFAULT_NORMALIZE = "mean"
+
+#: Per-layer normalizations of scores before they are compared across layers.
+NORMALIZATIONS = ("none", "mean", "max", "sqrt_size")
+#: How the scores of the filters of one channel group (coupled by residual adds) combine.
+AGGREGATIONS = ("max", "mean", "sum")
+
+
+def normalize_scores(scores: Tensor, how: str, filter_size: int = 1) -> Tensor:
+    """One layer's scores, normalized so that layers can share one threshold.
+
+    ``"none"``: as they are; ``"mean"``: divided by the layer's mean (a layer of average
+    filters scores 1 whatever its width and depth); ``"max"``: by the layer's largest;
+    ``"sqrt_size"``: by ``sqrt(filter_size)``, the number of weights in one filter (an
+    ℓ2 norm of ``n`` entries of equal size grows like ``sqrt(n)``). A layer of zeros stays
+    zero under ``"mean"`` and ``"max"``.
+    """
+    scores = scores.detach().to(torch.float64)
+    if how == "none":
+        return scores
+    if how == "mean":
+        mean = scores.mean()
+        return scores / mean if mean > 0 else scores
+    if how == "max":
+        top = scores.max()
+        return scores / top if top > 0 else scores
+    if how == "sqrt_size":
+        return scores / float(filter_size) ** 0.5
+    raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {how!r}")
+
+
+def aggregate_scores(stacked: Sequence[Tensor], how: str) -> Tensor:
+    """Combine the scores of the member layers of a channel group, channel by channel."""
+    values = torch.stack([s.to(torch.float64) for s in stacked])
+    if how == "max":
+        return values.max(dim=0).values
+    if how == "mean":
+        return values.mean(dim=0)
+    if how == "sum":
+        return values.sum(dim=0)
+    raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, got {how!r}")
 
 
 # --------------------------------------------------------------------------- path scores
@@ -481,8 +521,9 @@ def _select(structure: _Structure, sequence, kind: str, low: float, high: float)
             removed = trial
             chosen.append(g)
             if value <= high:
-                break
-    return chosen
+                return chosen
+    # No filling lands in the window: stay under the target, further below it than asked.
+    return [g for g, _ in sequence[:hi_n]]
 
 
 def _masks_for(model: nn.Module, structure: _Structure, chosen: Sequence[int]) -> Dict[str, Tensor]:

@@ -343,6 +343,8 @@ def compact_model(
             # Identity coupling: channel i of every member conv is the same channel. It is
             # zero in the masked model when unselected in every member and, where an
             # option-A shortcut places a channel of an earlier stage into it, that one is zero too.
+            # Torch-Pruning prunes whatever indices it is given and knows nothing of the masked
+            # model's zeros, so this rule (the one piece of the old option-A stream code) stays here.
             zero = set(range(n))
             for member in members:
                 zero &= unselected.get(member, set())

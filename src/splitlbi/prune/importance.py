@@ -33,53 +33,12 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
+from splitlbi.prune.budget import AGGREGATIONS, NORMALIZATIONS, aggregate_scores, normalize_scores, path_scores
 from splitlbi.prune.compact import IndexShortcut
 
-__all__ = ["IndexShortcutPruner", "PathImportance", "prepare_torch_pruning", "normalize_scores",
-           "NORMALIZATIONS", "AGGREGATIONS"]
+__all__ = ["IndexShortcutPruner", "PathImportance", "prepare_torch_pruning"]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-#: Per-layer normalizations of scores before they are compared across layers.
-NORMALIZATIONS = ("none", "mean", "max", "sqrt_size")
-#: How the scores of the filters of one channel group (coupled by residual adds) combine.
-AGGREGATIONS = ("max", "mean", "sum")
-
-
-def normalize_scores(scores: Tensor, how: str, filter_size: int = 1) -> Tensor:
-    """One layer's scores, normalized so that layers can share one threshold.
-
-    ``"none"``: as they are; ``"mean"``: divided by the layer's mean (a layer of average
-    filters scores 1 whatever its width and depth); ``"max"``: by the layer's largest;
-    ``"sqrt_size"``: by ``sqrt(filter_size)``, the number of weights in one filter (an
-    ℓ2 norm of ``n`` entries of equal size grows like ``sqrt(n)``). A layer of zeros stays
-    zero under ``"mean"`` and ``"max"``.
-    """
-    scores = scores.detach().to(torch.float64)
-    if how == "none":
-        return scores
-    if how == "mean":
-        mean = scores.mean()
-        return scores / mean if mean > 0 else scores
-    if how == "max":
-        top = scores.max()
-        return scores / top if top > 0 else scores
-    if how == "sqrt_size":
-        return scores / float(filter_size) ** 0.5
-    raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {how!r}")
-
-
-def aggregate_scores(stacked: Sequence[Tensor], how: str) -> Tensor:
-    """Combine the scores of the member layers of a channel group, channel by channel."""
-    values = torch.stack([s.to(torch.float64) for s in stacked])
-    if how == "max":
-        return values.max(dim=0).values
-    if how == "mean":
-        return values.mean(dim=0)
-    if how == "sum":
-        return values.sum(dim=0)
-    raise ValueError(f"aggregate must be one of {', '.join(AGGREGATIONS)}, got {how!r}")
-
 
 # --------------------------------------------------------------------------- the option-A shortcut
 
@@ -171,7 +130,6 @@ class PathImportance(tp.importance.Importance):
     def __init__(self, source: Union["torch.optim.Optimizer", PathLike, Mapping[str, Tensor]],
                  epoch: Optional[int] = None, normalize: str = "mean", aggregate: str = "max") -> None:
         from splitlbi.optim import SplitLBI
-        from splitlbi.prune.budget import path_scores
 
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
@@ -208,7 +166,8 @@ class PathImportance(tp.importance.Importance):
         for i, (dep, idxs) in enumerate(group):
             if dep.pruning_fn not in out_fns:
                 continue
-            values = self._layer_scores(dep.layer, getattr(dep.target, "name", None))
+            # Node._name is the module's name in the traced model (Node.name adds its repr).
+            values = self._layer_scores(dep.layer, getattr(dep.target, "_name", None))
             if values is None:
                 continue
             root = group[i].root_idxs

@@ -66,12 +66,13 @@ class TrainConfig:
     # On-device training augmentation, one of AUGMENTATIONS ("crop-flip": pad 4, random crop, flip).
     augment: str = "none"
     optimizer: str = "splitlbi"
-    lr: float = 0.1
+    # lr, nu and linear_penalty: chosen so that every default gives a useful path (docs/defaults.md).
+    lr: float = 0.05
     kappa: float = 1.0
-    nu: float = 100.0
+    nu: float = 3.0
     lam: float = 1.0
     penalty: str = "auto"
-    linear_penalty: str = "auto"
+    linear_penalty: str = "none"
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0

@@ -101,9 +101,13 @@ def read_train_config(run_dir: PathLike) -> TrainConfig:
     return _train_config_from_info(read_run_config(run_dir))
 
 
+# Settings whose default changed after runs were written without them: such runs used these values.
+_DEFAULTS_OF_OLDER_RUNS = {"linear_penalty": "auto"}
+
+
 def _train_config_from_info(info: Dict[str, Any]) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig.from_dict({key: value for key, value in info.items() if key in names})
+    return TrainConfig.from_dict({**_DEFAULTS_OF_OLDER_RUNS, **{key: value for key, value in info.items() if key in names}})
 
 
 def list_checkpoints(run_dir: PathLike) -> Dict[int, Path]:
