@@ -703,8 +703,10 @@ def _plot(rows: Sequence[Dict[str, Any]], out: Path, note: str) -> List[Path]:
             panel.series.append(Series(NAMES[method], x, y, y_std=std if n > 1 else None, n=n,
                                        marker=markers[method], style="-" if method.startswith("splitlbi") else "--"))
         dense = [r["test_acc"] for r in mine if r["method"] == "sgd_dense"]
-        if dense:
-            panel.hlines.append(Series("SGD (dense)", [100.0], [statistics.fmean(dense)], color="black"))
+        if dense:  # a point at 100% of the MACs (it also spans the x axis from the budgets to the dense network)
+            mean, deviation = _mean_std(dense)
+            panel.series.append(Series("SGD (dense)", [100.0], [mean], y_std=[deviation] if len(dense) > 1 else None,
+                                       n=len(dense), color="black", marker="o", scatter=True))
         panels.append(panel)
     return draw_panels(panels, out, columns=len(panels), title="Accuracy at a MACs budget (prune-bench)", note=note)
 
