@@ -4,10 +4,12 @@ In one process, on the parameter sets of ResNet-56 (CIFAR), VGG-16-BN (CIFAR),
 ResNet-18 and ResNet-50 (ImageNet): plain tensors of the real shapes, conv and linear
 weights plus BatchNorm scales/shifts and the classifier bias. Prints the median step
 time of each optimizer, its ratio to ``torch.optim.SGD(momentum=0.9, foreach=True)``
-and the optimizer-state memory.
+and the optimizer-state memory. Ratios are taken within each interleaved round; the
+table gives their median and range over the rounds.
 
     python benchmarks/bench_optimizer.py                  # CPU (and CUDA when present)
     python benchmarks/bench_optimizer.py --device cpu --repeats 30 --markdown
+    python benchmarks/bench_optimizer.py --device cpu --sets resnet56 resnet18 --penalties auto group l1 none
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Callable
 import torch
 
 from splitlbi import SplitLBI
+from splitlbi.optim.fused import fused_supported
 
 Shapes = list[tuple[int, ...]]
 
@@ -107,56 +110,97 @@ def state_megabytes(optimizer: torch.optim.Optimizer) -> float:
     return total / 2**20
 
 
-def median_step_ms(optimizer: torch.optim.Optimizer, device: torch.device, repeats: int, warmup: int = 3) -> float:
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def median_step_ms(optimizer: torch.optim.Optimizer, device: torch.device, repeats: int, warmup: int = 3,
+                   clock: str = "wall") -> float:
+    """Median time of one step. ``clock="cpu"`` counts the CPU time of this process
+    (with one thread: the step's own work, unaffected by other jobs on a shared machine)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    now = CLOCKS[clock]
     for _ in range(warmup):
         optimizer.step()
     sync()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         optimizer.step()
         sync()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return statistics.median(times) * 1e3
 
 
-OPTIMIZERS: dict[str, Callable[[list], torch.optim.Optimizer]] = {
-    "SGD (momentum, foreach)": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
-    "SplitLBI (multi-tensor)": lambda p: SplitLBI(p, lr=0.1, kappa=1.0, nu=100.0, foreach=True),
-    "SplitLBI (per-tensor)": lambda p: SplitLBI(p, lr=0.1, kappa=1.0, nu=100.0, foreach=False),
-}
+def penalty_groups(params: list, penalty: str) -> list[dict]:
+    """Parameter groups for one penalty setting: ``auto`` (conv: group, linear: l1,
+    vectors: none), ``group`` (conv: group, linear: neuron, vectors: none), ``l1``
+    (every tensor) or ``none`` (plain SGD-momentum with step κα)."""
+    by_rank = {"auto": {4: "group", 2: "l1"}, "group": {4: "group", 2: "neuron"}, "l1": {4: "l1", 2: "l1", 1: "l1"},
+               "none": {}}[penalty]
+    groups: dict[str, list] = {}
+    for p in params:
+        groups.setdefault(by_rank.get(p.dim(), "none"), []).append(p)
+    return [dict(params=ps, penalty=pen) for pen, ps in groups.items()]
 
 
-def run(devices: list[str], sets: list[str], repeats: int) -> list[dict]:
+def splitlbi(penalty: str = "auto", **kwargs) -> Callable[[list], torch.optim.Optimizer]:
+    return lambda p: SplitLBI(penalty_groups(p, penalty), lr=0.1, kappa=1.0, nu=100.0, **kwargs)
+
+
+BASELINE = "SGD (momentum, foreach)"
+
+
+def optimizers_for(device: torch.device, penalties: list[str], per_tensor: bool) -> dict[str, Callable]:
+    """The optimizers timed on ``device``: SGD (foreach, fused), and for each penalty
+    SplitLBI's default step (fused where the kernel is available), its multi-tensor
+    ``_foreach`` path and (for the first penalty) the per-tensor reference path."""
+    optimizers: dict[str, Callable] = {
+        BASELINE: lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
+        "SGD (momentum, fused)": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True),
+    }
+    probe = [torch.zeros(2, 2, device=device)]
+    fused = fused_supported(probe) is None
+    for k, penalty in enumerate(penalties):
+        tag = "" if penalty == "auto" else f", {penalty}"
+        if fused:
+            optimizers[f"SplitLBI (fused, default{tag})"] = splitlbi(penalty, fused=True)
+        optimizers[f"SplitLBI (multi-tensor{tag})"] = splitlbi(penalty, fused=False)
+        if per_tensor and k == 0:
+            optimizers[f"SplitLBI (per-tensor{tag})"] = splitlbi(penalty, foreach=False)
+    return optimizers
+
+
+def run(devices: list[str], sets: list[str], repeats: int, rounds: int = 3, penalties: tuple[str, ...] = ("auto",),
+        per_tensor: bool = True, clock: str = "wall") -> list[dict]:
+    """Median step time of each optimizer, interleaved over ``rounds`` rounds so that
+    drifts in machine load hit all alike; the ratio to SGD is taken within each round
+    and reported as the median and the range over the rounds."""
     rows = []
     for device_name in devices:
         device = torch.device(device_name)
+        makers = optimizers_for(device, list(penalties), per_tensor)
         for set_name in sets:
             shapes = PARAMETER_SETS[set_name]()
             numel = sum(torch.Size(s).numel() for s in shapes)
-            results = {}
-            # interleave the optimizers over rounds so drifts in machine load hit all alike
-            timings: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
-            optimizers = {name: make(make_params(shapes, device)) for name, make in OPTIMIZERS.items()}
-            for _ in range(3):
+            optimizers = {name: make(make_params(shapes, device)) for name, make in makers.items()}
+            timings: dict[str, list[float]] = {name: [] for name in optimizers}
+            for _ in range(rounds):
                 for name, optimizer in optimizers.items():
-                    timings[name].append(median_step_ms(optimizer, device, max(1, repeats // 3)))
+                    timings[name].append(median_step_ms(optimizer, device, max(1, repeats // rounds), clock=clock))
             for name, optimizer in optimizers.items():
-                results[name] = (statistics.median(timings[name]), state_megabytes(optimizer))
-            baseline = results["SGD (momentum, foreach)"][0]
-            for name, (ms, megabytes) in results.items():
+                ratios = [t / b for t, b in zip(timings[name], timings[BASELINE])]
                 rows.append(dict(device=device_name, set=set_name, params_m=numel / 1e6, optimizer=name,
-                                 ms=ms, ratio=ms / baseline, state_mb=megabytes))
+                                 ms=statistics.median(timings[name]), ratio=statistics.median(ratios),
+                                 low=min(ratios), high=max(ratios), state_mb=state_megabytes(optimizer)))
     return rows
 
 
 def format_table(rows: list[dict], markdown: bool) -> str:
-    header = ["device", "parameter set", "params (M)", "optimizer", "step (ms)", "× SGD", "state (MB)"]
+    header = ["device", "parameter set", "params (M)", "optimizer", "step (ms)", "× SGD", "range", "state (MB)"]
     lines = []
     for r in rows:
         lines.append([r["device"], r["set"], f"{r['params_m']:.2f}", r["optimizer"], f"{r['ms']:.2f}",
-                      f"{r['ratio']:.2f}", f"{r['state_mb']:.1f}"])
+                      f"{r['ratio']:.2f}", f"{r['low']:.2f}–{r['high']:.2f}", f"{r['state_mb']:.1f}"])
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(line) + " |" for line in lines]
@@ -171,16 +215,28 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
     parser.add_argument("--sets", nargs="+", choices=list(PARAMETER_SETS), default=list(PARAMETER_SETS))
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per optimizer (after warm-up)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (ratios: median and range)")
+    parser.add_argument("--penalties", nargs="+", choices=["auto", "group", "l1", "none"], default=["auto"],
+                        help="SplitLBI penalty settings to time (default: auto)")
+    parser.add_argument("--no-per-tensor", action="store_true", help="skip the slow per-tensor reference path")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall time (default) or this process's CPU time (use with --threads 1)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     devices = ["cpu"] if args.device == "cpu" else ["cuda"] if args.device == "cuda" else ["cpu"]
     if args.device == "all" and torch.cuda.is_available():
         devices.append("cuda")
     if "cuda" in devices and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads" + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
-    print(format_table(run(devices, args.sets, args.repeats), args.markdown))
+          f"{torch.get_num_threads()} threads, {args.clock} clock"
+          + (f", {torch.cuda.get_device_name()}" if "cuda" in devices else ""))
+    rows = run(devices, args.sets, args.repeats, args.rounds, tuple(args.penalties), not args.no_per_tensor,
+               args.clock)
+    print(format_table(rows, args.markdown))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main() -> None:
     shapes = PARAMETER_SETS[args.set]()
     cpu = torch.device("cpu")
     sgd = torch.optim.SGD(make_params(shapes, cpu), lr=0.1, momentum=0.9, foreach=True)
-    lbi = SplitLBI(make_params(shapes, cpu), lr=0.1)
+    lbi = SplitLBI(make_params(shapes, cpu), lr=0.1, fused=False)  # the multi-tensor step these parts make up
 
     params = [p.detach() for p in make_params(shapes, cpu)]
     grads = [torch.randn_like(p) for p in params]

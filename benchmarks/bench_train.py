@@ -85,17 +85,21 @@ class TextbookDataset(torch.utils.data.Dataset):
 
 
 def textbook_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader, device: torch.device,
-                   max_batches: Optional[int] = None) -> float:
+                   max_batches: Optional[int] = None, autocast_dtype: Optional[torch.dtype] = None,
+                   memory_format: Optional[torch.memory_format] = None) -> float:
     model.train()
     running_loss, correct, seen = 0.0, 0, 0
     for batch, (inputs, targets) in enumerate(loader):
         if max_batches is not None and batch >= max_batches:
             break
         inputs = inputs.to(device, non_blocking=True)
+        if memory_format is not None:
+            inputs = inputs.contiguous(memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         optimizer.zero_grad()
-        outputs = model(inputs)
-        loss = F.cross_entropy(outputs, targets)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            outputs = model(inputs)
+            loss = F.cross_entropy(outputs, targets)
         loss.backward()
         optimizer.step()
         running_loss += loss.item() * targets.shape[0]
@@ -112,22 +116,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _model(name: str, num_classes: int, in_channels: int, device: torch.device) -> nn.Module:
+def _model(name: str, num_classes: int, in_channels: int, device: torch.device,
+           memory_format: Optional[torch.memory_format] = None) -> nn.Module:
     torch.manual_seed(0)  # every method starts from the same weights
-    return create_model(name, num_classes=num_classes, in_channels=in_channels).to(device)
+    model = create_model(name, num_classes=num_classes, in_channels=in_channels).to(device)
+    return model if memory_format is None else model.to(memory_format=memory_format)
 
 
 def bench_model(model_name: str, splits, images: Tensor, labels: Tensor, device: torch.device,
-                epochs: int, workers: int) -> Dict[str, List[float]]:
-    """Seconds per epoch of each method, ``epochs`` interleaved rounds after a warm-up."""
+                epochs: int, workers: int, amp: bool = False, channels_last: bool = False,
+                methods: Sequence[str] = METHODS) -> Dict[str, List[float]]:
+    """Seconds per epoch of each method, ``epochs`` interleaved rounds after a warm-up.
+    ``amp``: forward and loss under bfloat16 autocast; ``channels_last``: model and
+    batches in channels-last memory format (both as ``splitlbi train --amp
+    --channels-last``)."""
+    autocast_dtype = torch.bfloat16 if amp else None
+    memory_format = torch.channels_last if channels_last else None
     num_classes, in_channels = len(splits.classes), images.shape[1]
     mean, std = splits.mean, splits.std
     device_images, device_labels = images.to(device), labels.to(device)
     runners: Dict[str, Callable[[Optional[int]], None]] = {}
 
     for method in METHODS[:2]:
+        if method not in methods:
+            continue
         config = TrainConfig(optimizer="splitlbi" if method.startswith("SplitLBI") else "sgd", **SETTINGS)
-        model = _model(model_name, num_classes, in_channels, device)
+        model = _model(model_name, num_classes, in_channels, device, memory_format)
         optimizer = build_optimizer(config, model)
         state = {"epoch": 0}
 
@@ -137,23 +151,24 @@ def bench_model(model_name: str, splits, images: Tensor, labels: Tensor, device:
             transform = train_transform("crop-flip", mean, std, augment_generator(0, state["epoch"]))
             train_one_epoch(model, optimizer, device_images[:count], device_labels[:count], batch_size=BATCH_SIZE,
                             mean=mean, std=std, generator=epoch_generator(0, state["epoch"]), transform=transform,
-                            progress=False)
+                            progress=False, autocast_dtype=autocast_dtype, memory_format=memory_format)
         runners[method] = on_device
 
-    model = _model(model_name, num_classes, in_channels, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=SETTINGS["lr"], momentum=SETTINGS["momentum"],
-                                weight_decay=SETTINGS["weight_decay"])
-    loader = torch.utils.data.DataLoader(TextbookDataset(images, labels, mean, std), batch_size=BATCH_SIZE,
-                                         shuffle=True, num_workers=workers, pin_memory=device.type == "cuda")
+    if METHODS[2] in methods:
+        model = _model(model_name, num_classes, in_channels, device, memory_format)
+        optimizer = torch.optim.SGD(model.parameters(), lr=SETTINGS["lr"], momentum=SETTINGS["momentum"],
+                                    weight_decay=SETTINGS["weight_decay"])
+        loader = torch.utils.data.DataLoader(TextbookDataset(images, labels, mean, std), batch_size=BATCH_SIZE,
+                                             shuffle=True, num_workers=workers, pin_memory=device.type == "cuda")
 
-    def textbook(max_batches: Optional[int]) -> None:
-        textbook_epoch(model, optimizer, loader, device, max_batches)
-    runners[METHODS[2]] = textbook
+        def textbook(max_batches: Optional[int], model=model, optimizer=optimizer, loader=loader) -> None:
+            textbook_epoch(model, optimizer, loader, device, max_batches, autocast_dtype, memory_format)
+        runners[METHODS[2]] = textbook
 
     for run in runners.values():
         run(WARMUP_BATCHES)
     _sync(device)
-    seconds: Dict[str, List[float]] = {method: [] for method in METHODS}
+    seconds: Dict[str, List[float]] = {method: [] for method in runners}
     for _ in range(epochs):
         for method, run in runners.items():
             _sync(device)
@@ -189,7 +204,7 @@ def _load_average() -> str:
 
 
 def format_table(rows: List[dict]) -> str:
-    header = ["device", "model", "method", "epoch (s)", "images/s", "× SGD on-device"]
+    header = ["device", "model", "method", "epoch (s)", "images/s", "× first method"]
     out = ["| " + " | ".join(header) + " |", "|---|---|---|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['device']} | {r['model']} | {r['method']} | {r['seconds']:.2f} | "
@@ -210,6 +225,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers of the textbook loop (default: 0 on the CPU, 2 on CUDA)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast for forward and loss (as train --amp)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last model and batches")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="methods to time (default: all three; the first is the ratio's baseline)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -238,15 +257,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         images, labels = splits.train.images[:subset], splits.train.labels[:subset]
         workers = args.workers if args.workers is not None else (0 if device.type == "cpu" else 2)
         for model_name in args.models:
-            seconds = bench_model(model_name, splits, images, labels, device, args.epochs, workers)
+            seconds = bench_model(model_name, splits, images, labels, device, args.epochs, workers,
+                                  args.amp, args.channels_last, args.methods)
             medians = {method: statistics.median(values) for method, values in seconds.items()}
-            for method in METHODS:
-                rows.append(dict(device=f"{device.type} ({images.shape[0]} img)", model=model_name, method=method,
-                                 seconds=medians[method], images_per_s=images.shape[0] / medians[method],
-                                 ratio=medians[method] / medians[METHODS[0]]))
-            sgd, lbi, textbook = (medians[method] for method in METHODS)
-            print(f"{device.type} {model_name}: SplitLBI/SGD epoch time {lbi / sgd:.2f}, "
-                  f"textbook/on-device (SGD) {textbook / sgd:.2f}; "
+            baseline = medians[args.methods[0]]
+            options = "".join(f", {flag}" for flag, on in (("amp", args.amp), ("channels-last", args.channels_last))
+                              if on)
+            for method in medians:
+                rows.append(dict(device=f"{device.type} ({images.shape[0]} img{options})", model=model_name,
+                                 method=method, seconds=medians[method],
+                                 images_per_s=images.shape[0] / medians[method], ratio=medians[method] / baseline))
+            sgd, lbi, textbook = (medians.get(method) for method in METHODS)
+            ratios = ", ".join(([f"SplitLBI/SGD epoch time {lbi / sgd:.2f}"] if sgd and lbi else [])
+                               + ([f"textbook/on-device (SGD) {textbook / sgd:.2f}"] if sgd and textbook else []))
+            print(f"{device.type} {model_name}{options}: {ratios}; "
                   f"workers {workers}; all epochs (s): "
                   + "; ".join(f"{m}: {', '.join(f'{s:.2f}' for s in v)}" for m, v in seconds.items()), flush=True)
     print(f"load average at end {_load_average()}")

@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors through Triton's interpreter (tests/test_fused.py).
+# Triton reads this when it is imported, so it is set before any test can import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -34,10 +34,11 @@ from helpers import read_rows
 # chaotic, and even at 0.01 a max-pool near-tie flipping mid-run can lift the difference
 # to ~1e-5. nu 10, lam 0.001 give a partial support (sparsity ~0.88).
 ARGS = ["--dataset", "digits", "--model", "lenet5", "--optimizer", "splitlbi", "--momentum", "0.9",
-        "--lr", "0.005", "--nu", "10", "--lam", "0.001", "--limit-train", "511", "--limit-test", "200",
+        "--lr", "0.005", "--nu", "10", "--lam", "0.001", "--linear-penalty", "auto", "--limit-train", "511",
+        "--limit-test", "200",
         "--device", "cpu", "--no-progress"]
 SINGLE = TrainConfig(dataset="digits", model="lenet5", optimizer="splitlbi", momentum=0.9, lr=0.005, nu=10.0,
-                     lam=0.001, limit_train=511, limit_test=200, device="cpu", progress=False, epochs=2,
+                     lam=0.001, linear_penalty="auto", limit_train=511, limit_test=200, device="cpu", progress=False, epochs=2,
                      batch_size=32)
 
 

@@ -292,16 +292,17 @@ def test_non_empty_directory_is_refused(tmp_path: Path) -> None:
         run_training(SMALL, tmp_path, log=None)
 
 
-def test_resume_needs_a_checkpoint(straight_run: Path, tmp_path: Path) -> None:
+def test_resume_needs_a_run_and_restarts_one_without_checkpoint(straight_run: Path, tmp_path: Path) -> None:
     with pytest.raises(SplitLBIError, match="no such directory"):
         run_training(None, tmp_path / "missing", resume=True, log=None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(SplitLBIError, match="config.json"):
         run_training(None, tmp_path / "empty", resume=True, log=None)
+    # Killed after config.json, before its first checkpoint: --resume starts it again (issue 11).
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text((straight_run / "config.json").read_text())
-    with pytest.raises(SplitLBIError, match="no checkpoint"):
-        run_training(None, tmp_path / "half", resume=True, log=None)
+    run_training(None, tmp_path / "half", resume=True, log=None)
+    assert_same_state(straight_run, tmp_path / "half")
 
 
 def test_resume_refuses_changed_settings(straight_run: Path) -> None:

@@ -36,6 +36,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                         help="slimming: share of BN channels kept (global); sfp: share of filters kept per "
                              "conv layer (default: 0.5)")
     parser.add_argument("--masks", metavar="FILE", help="scratch-e/b: mask file of the pruned architecture")
+    parser.add_argument("--allow-empty-mask", action="store_true",
+                        help="scratch-e/b: accept a mask that keeps no weight at all (refused by default)")
     parser.add_argument("--sparsity-lambda", type=float, default=1e-4,
                         help="slimming: L1 penalty on the BN scales (default: 1e-4)")
     parser.add_argument("--finetune-epochs", type=positive_int, help="slimming: fine-tuning epochs (default: --epochs)")
@@ -88,5 +90,6 @@ def run(arguments: argparse.Namespace) -> int:
         baselines.soft_filter_pruning(config, arguments.out, keep=arguments.keep)
     else:
         baselines.scratch(config, arguments.out, masks=arguments.masks,
-                          budget="E" if arguments.method == "scratch-e" else "B")
+                          budget="E" if arguments.method == "scratch-e" else "B",
+                          allow_empty_mask=arguments.allow_empty_mask)
     return 0

@@ -36,6 +36,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--masks", metavar="FILE",
                         help="a mask file ({'masks': {param name: bool tensor}}) instead of the run's "
                              "masks/epoch_K.pt")
+    parser.add_argument("--allow-empty-mask", action="store_true",
+                        help="accept a mask that keeps no weight at all (refused by default)")
     parser.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                         help="batch size of the latency measurement (default: 16)")
     parser.add_argument("--repeats", type=positive_int, default=20, metavar="N",
@@ -52,7 +54,7 @@ def _input_shape(info: Dict[str, Any]) -> tuple:
 
 def run(args: argparse.Namespace) -> int:
     from splitlbi.prune.compact import compact_model
-    from splitlbi.prune.masks import load_run_masks, read_mask_file
+    from splitlbi.prune.masks import check_not_empty, load_run_masks, read_mask_file
     from splitlbi.train.run import list_checkpoints, load_model_from_run, read_run_config
     from splitlbi.utils.io import atomic_torch_save
 
@@ -66,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         masks = read_mask_file(args.masks)["masks"]
     else:
         masks = load_run_masks(run_dir, args.epoch)
+    check_not_empty(masks, f"the masks ({args.masks or f'{run_dir} epoch {args.epoch}'})", args.allow_empty_mask)
     model = load_model_from_run(run_dir, weights=args.epoch).eval()
 
     shape = _input_shape(info)

@@ -95,6 +95,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SplitLBIError as error:
         report_error(error)
         return 2
+    except OSError as error:  # a folder that cannot be written, a full disk, ...: the user's to fix
+        report_error(error)
+        return 2
+    except UnicodeDecodeError as error:  # a text file (CSV, JSON, TOML) that is not UTF-8
+        report_error(f"a file is not UTF-8 text: {error}")
+        return 2
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted", file=sys.stderr)
         return 130

@@ -37,6 +37,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--seed", type=non_negative_int, default=0, help="(default: 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--save-every", type=positive_int, help="keep a checkpoint every N epochs (default: last)")
+    parser.add_argument("--allow-empty-mask", action="store_true",
+                        help="accept a mask that keeps no weight at all (refused by default)")
     parser.set_defaults(func=run)
     return parser
 
@@ -48,5 +50,6 @@ def run(arguments: argparse.Namespace) -> int:
     retrain(arguments.run_dir, arguments.out, mode=arguments.mode, epoch=arguments.epoch, masks=arguments.masks,
             epochs=arguments.epochs, lr=arguments.lr, lr_milestones=milestones, lr_gamma=arguments.lr_gamma,
             batch_size=arguments.batch_size, momentum=arguments.momentum, weight_decay=arguments.weight_decay,
-            seed=arguments.seed, device=arguments.device, save_every=arguments.save_every, progress=True)
+            seed=arguments.seed, device=arguments.device, save_every=arguments.save_every, progress=True,
+            allow_empty_mask=arguments.allow_empty_mask)
     return 0

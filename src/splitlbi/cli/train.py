@@ -10,7 +10,9 @@ from typing import Any, Dict
 
 from splitlbi.cli.argtypes import epoch_list
 from splitlbi.errors import SplitLBIError
-from splitlbi.train.config import AUGMENTATIONS, OPTIMIZER_NAMES, SCHEDULES, TrainConfig, apply_schedule_preset
+from splitlbi.train.config import (
+    AUGMENTATIONS, NONFINITE_CHOICES, OPTIMIZER_NAMES, SCHEDULES, TrainConfig, apply_schedule_preset,
+)
 from splitlbi.train.distributed import is_main_process
 from splitlbi.train.run import read_train_config, run_training
 
@@ -107,6 +109,10 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     run_group.add_argument("--eval-batch-size", type=int, **option,
                            help=f"(default: {_default('eval_batch_size')})")
     run_group.add_argument("--no-progress", action="store_true", **option, help="no progress bar")
+    run_group.add_argument("--nonfinite", choices=NONFINITE_CHOICES, **option,
+                           help="a batch whose loss is nan or inf: stop the run with an error (the last good "
+                                "checkpoint stays last.pt) or skip that batch, as AMP's GradScaler does; may "
+                                "change on --resume (default: stop)")
 
     speed = parser.add_argument_group("speed and scale",
                                       "multi-GPU and multi-node: launch with torchrun --nproc-per-node N -m splitlbi "

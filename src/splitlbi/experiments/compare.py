@@ -72,6 +72,7 @@ from splitlbi.train.run import (
     read_train_config,
     run_training,
 )
+from splitlbi.train.rundir import LOCK_FILE
 from splitlbi.utils.io import atomic_write_text
 
 __all__ = [
@@ -172,7 +173,7 @@ def _read_metrics(run_dir: Path) -> List[Dict[str, str]]:
     try:
         with path.open(newline="", encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise SplitLBIError(f"cannot read {path}: {error}") from None
 
 
@@ -211,7 +212,7 @@ def _check_same_settings(run_dir: Path, requested: TrainConfig) -> None:
 
 
 # Files that run_training writes when it creates a run, before the epoch-0 checkpoint.
-_RUN_FILES = {CONFIG_FILE, METRICS_FILE, "path.csv", "init.pt", CHECKPOINT_DIR, "masks"}
+_RUN_FILES = {CONFIG_FILE, METRICS_FILE, "path.csv", "init.pt", CHECKPOINT_DIR, "masks", LOCK_FILE}
 
 
 def _remove_unstarted_run(run_dir: Path) -> bool:
@@ -220,7 +221,7 @@ def _remove_unstarted_run(run_dir: Path) -> bool:
     Returns whether it did; a directory holding anything else is left alone.
     """
     entries = list(run_dir.iterdir())
-    if any(entry.name not in _RUN_FILES for entry in entries):
+    if any(entry.name not in _RUN_FILES and not entry.name.endswith(".tmp") for entry in entries):
         return False
     if (run_dir / METRICS_FILE).is_file() and len(_read_metrics(run_dir)) > 0:
         return False

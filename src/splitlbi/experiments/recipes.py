@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 from splitlbi.errors import SplitLBIError
-from splitlbi.train.config import TrainConfig, validate_config
+from splitlbi.train.config import TrainConfig, check_setting_types, validate_config
 
-__all__ = ["FIGURES", "BENCHMARKS", "EXPERIMENTS", "RECIPE_DIR", "Recipe", "load_recipe", "recipe_path", "parse_override"]
+__all__ = ["FIGURES", "BENCHMARKS", "EXPERIMENTS", "RECIPE_DIR", "RECIPE_TABLES", "Recipe", "load_recipe",
+           "recipe_path", "parse_override"]
 
 #: The experiments ``splitlbi reproduce`` knows, in paper order.
 FIGURES = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "table1")
@@ -28,6 +29,77 @@ EXPERIMENTS = FIGURES + BENCHMARKS
 #: Bundled recipes (``recipes/`` at the repository root links here).
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+#: The tables a recipe scale may hold besides ``train`` (every TrainConfig field), the keys
+#: each may hold and their kind: a typo or a stray ``--set`` is an error, not ignored.
+RECIPE_TABLES: Dict[str, Dict[str, str]] = {
+    "run": {"seeds": "integers"},
+    "sweep": {"kappa": "numbers", "nu": "numbers"},
+    "subnet": {"epochs": "integers", "finetune_from": "integers", "finetune_epochs": "integer",
+               "finetune_lr": "number", "finetune_milestones": "integers", "retrain_epochs": "integer",
+               "retrain_lr": "number", "retrain_milestones": "integers", "penalties": "strings",
+               "l1_lam": "number", "baselines": "strings"},
+    "table": {"variants": "strings", "weight_decay": "number"},
+    "fig1": {"layer": "string", "steps": "integer"},
+    "fig2": {"kappa": "numbers", "epochs": "integers", "images": "integer", "filters": "integer"},
+    # prune-bench (experiments/prune_bench.py checks the "any" ones: a value or a per-model table).
+    "bench": {"models": "strings", "budgets": "numbers", "train_epochs": "integer", "finetune_epochs": "integer",
+              "k": "integers", "normalize": "strings", "variant_budgets": "any", "methods": "strings",
+              "ranking": "string", "taylor_batches": "integer", "slimming_lambda": "number",
+              "group_norm_reg": "number", "group_norm_every": "any", "report_only": "boolean"},
+}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "any":
+        return True
+    if kind == "boolean":
+        return isinstance(value, bool)
+    def one(item: Any, singular: str) -> bool:
+        if singular == "string":
+            return isinstance(item, str)
+        if isinstance(item, bool):
+            return False
+        return isinstance(item, int) if singular == "integer" else isinstance(item, (int, float))
+
+    if kind.endswith("s"):
+        return isinstance(value, list) and all(one(item, kind[:-1]) for item in value)
+    return one(value, kind)
+
+
+def _check_tables(file: Path, scale: str, sections: Mapping[str, Mapping[str, Any]], overridden: set) -> None:
+    """Every table and key known, every value of its kind; ``overridden``: (table, key) set by --set."""
+    for table, values in sections.items():
+        def where(key: str) -> str:
+            return f"--set {table}.{key}" if (table, key) in overridden else f"recipe {file} [{scale}.{table}]"
+        if table == "model":  # prune-bench: [scale.model.NAME] tables of training settings
+            for name, settings in values.items():
+                if not isinstance(settings, Mapping):
+                    raise SplitLBIError(f"{where(name)}: model.{name} must be a table of training settings")
+                _check_tables(file, scale, {"train": settings}, overridden)
+            continue
+        if table == "train":
+            unknown = sorted(set(values) - _TRAIN_FIELDS)
+            if unknown:
+                raise SplitLBIError(f"{where(unknown[0])}: unknown training setting {unknown[0]!r}")
+            for key in values:
+                try:
+                    check_setting_types({key: values[key]})
+                except SplitLBIError as error:
+                    raise SplitLBIError(f"{where(key)}: {error}") from None
+            continue
+        if table not in RECIPE_TABLES:
+            first = next(iter(values), "")
+            raise SplitLBIError(f"{where(first)}: unknown table {table!r} (known: train, "
+                                f"{', '.join(RECIPE_TABLES)})")
+        for key, value in values.items():
+            kind = RECIPE_TABLES[table].get(key)
+            if kind is None:
+                raise SplitLBIError(f"{where(key)}: unknown key {key!r} (known in [{table}]: "
+                                    f"{', '.join(RECIPE_TABLES[table])})")
+            if not _is_kind(value, kind):
+                expected = f"a list of {kind}" if kind.endswith("s") else ("an " if kind[0] == "i" else "a ") + kind
+                raise SplitLBIError(f"{where(key)}: {key} must be {expected}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -103,8 +175,8 @@ def load_recipe(figure: str, scale: str, *, path: Optional[Path] = None,
     if not file.is_file():
         raise SplitLBIError(f"recipe file {file} does not exist")
     try:
-        document = tomllib.loads(file.read_text())
-    except tomllib.TOMLDecodeError as error:
+        document = tomllib.loads(file.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise SplitLBIError(f"recipe {file} is not valid TOML: {error}") from None
     scales = {name: value for name, value in document.items() if isinstance(value, dict)}
     if scale not in scales:
@@ -114,9 +186,12 @@ def load_recipe(figure: str, scale: str, *, path: Optional[Path] = None,
         if not isinstance(value, dict):
             raise SplitLBIError(f"recipe {file}: {scale}.{name} must be a table ([{scale}.{name}])")
         sections[name] = dict(value)
+    overridden = set()
     for text in overrides:
         section, name, value = parse_override(text)
         sections.setdefault(section, {})[name] = value
+        overridden.add((section, name))
+    _check_tables(file, scale, sections, overridden)
     declared = document.get("figure", figure)
     if path is None and declared != figure:
         raise SplitLBIError(f"recipe {file} is for {declared!r}, not {figure!r}")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import operator
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
@@ -13,6 +14,7 @@ from torch.optim import Optimizer
 
 from . import penalties as _penalties
 from .functional import StepPlan, default_wave_numel, multi_tensor_splitlbi, plan_step, splitlbi_update
+from .fused import NormCache, fused_splitlbi, fused_supported
 
 ParamsT = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]], Iterable[dict[str, Any]]]
 
@@ -64,7 +66,14 @@ class SplitLBI(Optimizer):
             ``"neuron"`` (one group per output row of a linear weight), ``"l1"``
             (elementwise), ``"none"`` (no Γ: plain SGD(-momentum) with step ``κα``), or
             ``"auto"``: 4-D → group, 2-D → l1, otherwise none.
-        foreach: use the multi-tensor path (default) or the per-tensor reference path.
+        foreach: ``True`` selects the multi-tensor ``_foreach`` path, ``False`` the
+            per-tensor reference path; ``None`` (default): the fused step where it
+            runs, else the multi-tensor path.
+        fused: the whole step in one kernel (:mod:`splitlbi.optim.fused`): a C++
+            kernel on CPU (float32; compiled on first use, once per machine) and a
+            Triton kernel on CUDA (when Triton is installed). ``None`` (default) uses it
+            when ``foreach`` is not given and it can run, falling back silently;
+            ``True`` raises where it cannot run; ``False`` never uses it.
 
     State per parameter (``self.state[p]``): ``"momentum_buffer"`` and, for coupled
     parameters, ``"v"``. ``Γ = κ·prox(V)`` is a function of ``V`` and is formed on
@@ -92,28 +101,50 @@ class SplitLBI(Optimizer):
         weight_decay: float = 0.0,
         penalty: str = "auto",
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
+        if fused and foreach:
+            raise ValueError("Invalid fused: `foreach` and `fused` cannot both be True")
         defaults = dict(
             lr=lr, kappa=kappa, nu=nu, lam=lam, momentum=momentum, dampening=dampening,
-            nesterov=nesterov, weight_decay=weight_decay, penalty=penalty, foreach=foreach,
+            nesterov=nesterov, weight_decay=weight_decay, penalty=penalty, foreach=foreach, fused=fused,
         )
         _validate(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        param_group = dict(param_group)
+        params = param_group.get("params")
+        # Materialized once: a generator must not be consumed by the duplicate check.
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params or [])
+        _check_unique(param_group["params"], sum(len(g["params"]) for g in self.param_groups))
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _validate(group)
-        names = group.get("param_names")
-        offset = sum(len(g["params"]) for g in self.param_groups[:-1])
-        for k, p in enumerate(group["params"]):
-            name = names[k] if names else f"param{offset + k}"
-            _penalties.resolve_penalty(group["penalty"], p.shape, name)
+        try:
+            _validate(group)
+            names = group.get("param_names")
+            offset = sum(len(g["params"]) for g in self.param_groups[:-1])
+            for k, p in enumerate(group["params"]):
+                name = names[k] if names else f"param{offset + k}"
+                _penalties.resolve_penalty(group["penalty"], p.shape, name)
+        except ValueError:
+            self.param_groups.pop()  # an invalid group must not stay half-added
+            raise
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state from :meth:`state_dict`, after checking that it is a SplitLBI state
+        for these parameters: the group layout, valid hyperparameters in every group, and
+        per parameter the state the step needs (``v`` for a coupled parameter that has
+        state) with the parameter's shape. Raises ``ValueError`` naming the parameter;
+        nothing is changed then."""
+        _check_state_dict(self, state_dict)
+        super().load_state_dict(state_dict)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -133,7 +164,9 @@ class SplitLBI(Optimizer):
                 momentum=group["momentum"], dampening=group["dampening"],
                 nesterov=group["nesterov"], weight_decay=group["weight_decay"],
             )
-            if group["foreach"] is False or torch.jit.is_scripting():
+            if self._fused_step(group, params, grads, buffers, vs, penalties, hyper):
+                pass
+            elif group["foreach"] is False or torch.jit.is_scripting():
                 for i, p in enumerate(params):
                     buffers[i] = splitlbi_update(p, grads[i], buffers[i], vs[i], penalty=penalties[i], **hyper)
             else:
@@ -156,6 +189,41 @@ class SplitLBI(Optimizer):
                     if state.get("momentum_buffer") is None:  # created by this first step
                         state["momentum_buffer"] = buf
         return loss
+
+    def _fused_step(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], buffers: list,
+                    vs: list, penalties: list[str], hyper: dict[str, Any]) -> bool:
+        """Run the fused kernel on a group when ``fused`` allows it and it can (True), else
+        change nothing and return False. ``fused=True`` raises where it cannot run."""
+        fused = group.get("fused")
+        # as torch.optim: an explicit foreach (True or False) without fused=True picks that path
+        if fused is False or (fused is None and group["foreach"] is not None) or torch.jit.is_scripting():
+            return False
+        reason = self._fused_reason(params)
+        if reason is None:
+            caches = self.__dict__.setdefault("_norm_caches", {})
+            cache = caches.get(id(group["params"]))
+            if cache is None:  # a new group, or load_state_dict made new ones: drop the old caches
+                live = {id(g["params"]) for g in self.param_groups}
+                caches = self.__dict__["_norm_caches"] = {k: c for k, c in caches.items() if k in live}
+                cache = caches[id(group["params"])] = NormCache()
+            if fused_splitlbi(params, grads, buffers, vs, penalties, cache, **hyper):
+                return True
+            reason = "a tensor's layout or dtype does not suit the kernel (see splitlbi.optim.fused)"
+        if fused:
+            raise RuntimeError(f"SplitLBI(fused=True) cannot run the fused step: {reason}")
+        return False
+
+    def _fused_reason(self, params: list[Tensor]) -> Optional[str]:
+        """:func:`fused_supported` of a group's parameters, cached by the identity of the
+        parameters (the kernels check dtypes, devices and layouts again on every call)."""
+        checked = self.__dict__.setdefault("_fused_checked", {})
+        key = (id(params[0]), len(params), params[0].device, params[0].dtype)
+        cached = checked.get(key)
+        if cached is not None and all(map(operator.is_, cached[0], params)):
+            return cached[1]
+        reason = fused_supported(params)
+        checked[key] = (list(params), reason)
+        return reason
 
     def _step_plan(self, params: list[Tensor], penalties: list[str]) -> Optional[StepPlan]:
         """The multi-tensor :class:`StepPlan` of a group's parameters with gradients, or
@@ -284,10 +352,14 @@ class SplitLBI(Optimizer):
                     param.copy_(original)
 
 
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _validate(hyper: dict[str, Any]) -> None:
     """Raise ``ValueError`` naming the first invalid hyperparameter and its value."""
     checks = [
-        ("lr", lambda x: isinstance(x, (int, float)) and x > 0, "a number > 0"),
+        ("lr", lambda x: x > 0, "> 0"),
         ("kappa", lambda x: x > 0, "> 0"),
         ("nu", lambda x: x > 0, "> 0"),
         ("lam", lambda x: x >= 0, ">= 0"),
@@ -297,12 +369,80 @@ def _validate(hyper: dict[str, Any]) -> None:
     ]
     for key, ok, expected in checks:
         value = hyper[key]
-        if isinstance(value, Tensor) or not ok(value):
-            raise ValueError(f"Invalid {key}: {value!r} (expected {expected})")
+        if not _is_real(value) or not ok(value):
+            raise ValueError(f"Invalid {key}: {value!r} (expected a finite number {expected})")
+    if not isinstance(hyper["nesterov"], bool):
+        raise ValueError(f"Invalid nesterov: {hyper['nesterov']!r} (expected True or False)")
+    if hyper.get("foreach") is not None and not isinstance(hyper["foreach"], bool):
+        raise ValueError(f"Invalid foreach: {hyper['foreach']!r} (expected None, True or False)")
     if hyper["nesterov"] and (hyper["momentum"] <= 0 or hyper["dampening"] != 0):
         raise ValueError(
             f"Invalid nesterov: True needs momentum > 0 and dampening = 0 "
             f"(got momentum={hyper['momentum']!r}, dampening={hyper['dampening']!r})"
         )
-    if hyper["penalty"] not in _penalties.PENALTIES:
+    if not isinstance(hyper["penalty"], str) or hyper["penalty"] not in _penalties.PENALTIES:
         raise ValueError(f"Invalid penalty: {hyper['penalty']!r} (expected one of {_penalties.PENALTIES})")
+
+
+def _check_unique(params: list[Any], offset: int) -> None:
+    """Raise ``ValueError`` naming a parameter listed twice in one group (it would be stepped twice)."""
+    seen: dict[int, int] = {}
+    for k, item in enumerate(params):
+        tensor = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+        if not isinstance(tensor, Tensor):
+            continue  # torch.optim reports what is not a tensor
+        if id(tensor) in seen:
+            name = item[0] if isinstance(item, tuple) else f"param{offset + k}"
+            raise ValueError(f"parameter {name} appears twice in one parameter group (it would be updated twice)")
+        seen[id(tensor)] = k
+
+
+_GROUP_KEYS = ("lr", "kappa", "nu", "lam", "momentum", "dampening", "nesterov", "weight_decay", "penalty")
+_STATE_TENSORS = ("momentum_buffer", "v")
+
+
+def _check_state_dict(optimizer: SplitLBI, state_dict: Any) -> None:
+    """Raise ``ValueError`` (naming the group or parameter) unless ``state_dict`` is a
+    SplitLBI state that fits ``optimizer``'s parameters."""
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        keys = sorted(map(str, state_dict)) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+        raise ValueError(f"not an optimizer state_dict: expected the keys 'state' and 'param_groups', got {keys}")
+    saved_groups, state = state_dict["param_groups"], state_dict["state"]
+    if not isinstance(saved_groups, (list, tuple)) or not isinstance(state, Mapping):
+        raise ValueError("not an optimizer state_dict: 'param_groups' must be a list and 'state' a dict")
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"the state_dict has {len(saved_groups)} parameter group(s), this optimizer "
+                         f"{len(optimizer.param_groups)}")
+    position = 0
+    for index, (group, saved) in enumerate(zip(optimizer.param_groups, saved_groups)):
+        if not isinstance(saved, Mapping) or "params" not in saved:
+            raise ValueError(f"parameter group {index} of the state_dict is not a parameter group")
+        missing = [key for key in _GROUP_KEYS if key not in saved]
+        if missing:
+            raise ValueError(f"parameter group {index} of the state_dict has no {', '.join(map(repr, missing))}: "
+                             f"not a SplitLBI state (from another optimizer?)")
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(f"parameter group {index} of the state_dict has {len(saved['params'])} parameters, "
+                             f"this optimizer's {len(group['params'])}")
+        _validate({"foreach": None, **saved})
+        names = group.get("param_names")
+        for k, (p, key) in enumerate(zip(group["params"], saved["params"])):
+            name = names[k] if names else f"param{position + k}"
+            penalty = _penalties.resolve_penalty(saved["penalty"], p.shape, name)
+            entry = state.get(key)
+            if entry is None:
+                continue
+            if not isinstance(entry, Mapping):
+                raise ValueError(f"the state of parameter {name} is not a dict")
+            for tensor_key in _STATE_TENSORS:
+                value = entry.get(tensor_key)
+                if value is None:
+                    continue
+                if not isinstance(value, Tensor) or tuple(value.shape) != tuple(p.shape):
+                    shape = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                    raise ValueError(f"the state of parameter {name}: {tensor_key} has shape {shape}, the "
+                                     f"parameter {list(p.shape)}")
+            if penalty != "none" and entry and entry.get("v") is None:
+                raise ValueError(f"the state of parameter {name} has no 'v' (V of its path), which its penalty "
+                                 f"{penalty!r} needs")
+        position += len(group["params"])

@@ -34,11 +34,14 @@ def read_metrics(run_dir: Path) -> Dict[str, List[float]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise SplitLBIError(f"{run_dir} has no {METRICS_FILE} (not a run directory?)")
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise SplitLBIError(f"{path} has no epochs yet")
-    return {column: [_float(row.get(column)) for row in rows] for column in rows[0]}
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows:
+            raise SplitLBIError(f"{path} has no epochs yet")
+        return {column: [_float(row.get(column)) for row in rows] for column in rows[0]}
+    except (UnicodeDecodeError, ValueError) as error:  # not UTF-8, or a cell that is not a number
+        raise SplitLBIError(f"cannot read {path}: {' '.join(str(error).split())}") from None
 
 
 def layer_filter_share(run_dir: Path) -> Dict[str, Dict[int, float]]:

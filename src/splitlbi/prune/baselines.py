@@ -50,12 +50,13 @@ from splitlbi.data import canonical_dataset_name
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model
 from splitlbi.prune.compact import _bn_after, apply_filter_masks, compact_model, count_macs_params
-from splitlbi.prune.masks import Masks, apply_masks_, load_mask_file, mask_sparsity, save_mask_file
+from splitlbi.prune.masks import Masks, apply_masks_, check_not_empty, load_mask_file, mask_sparsity, save_mask_file
 from splitlbi.prune.retrain import MASK_FILE, MaskedSGD, retrain, start_run_dir, train_epochs
 from splitlbi.train import run as run_module
 from splitlbi.train.config import TrainConfig, resolve_device, validate_config
 from splitlbi.train.optimizers import build_scheduler
 from splitlbi.train.run import CONFIG_FILE
+from splitlbi.train.rundir import holds_run_dirs, lock_run_dir
 
 __all__ = ["BASELINES", "slimming", "soft_filter_pruning", "sparsity_training", "scratch", "scratch_b_epochs",
            "slimming_masks", "smallest_filter_masks", "architecture_masks"]
@@ -225,6 +226,7 @@ def _say(log: Optional[Say]) -> Say:
     return log if log is not None else (lambda line: None)
 
 
+@holds_run_dirs
 def slimming(config: TrainConfig, out_dir: PathLike, *, keep: float, sparsity_lambda: float = 1e-4,
              finetune_epochs: Optional[int] = None, finetune_lr: Optional[float] = None,
              sparse_out: Optional[PathLike] = None, log: Optional[Say] = print) -> Path:
@@ -234,6 +236,7 @@ def slimming(config: TrainConfig, out_dir: PathLike, *, keep: float, sparsity_la
     out = Path(out_dir)
     sparse = Path(sparse_out) if sparse_out is not None else out.with_name(out.name + "_sparse")
     config = _prepare(dataclasses.replace(config, save_every=config.epochs), [out, sparse])
+    lock_run_dir(out)  # for the whole job: the fine-tuning below writes it, then its config.json is amended
     probe = create_model(config.model, num_classes=10, in_channels=3)
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules()):
         raise SplitLBIError(f"network slimming needs BatchNorm layers; model {config.model} has none")
@@ -261,6 +264,7 @@ def slimming(config: TrainConfig, out_dir: PathLike, *, keep: float, sparsity_la
     return out
 
 
+@holds_run_dirs
 def sparsity_training(config: TrainConfig, out_dir: PathLike, *, bn_l1: float = 0.0,
                       regularizer: Optional[Regularizer] = None, name: str = "sparsity",
                       log: Optional[Say] = print) -> Path:
@@ -282,6 +286,7 @@ def sparsity_training(config: TrainConfig, out_dir: PathLike, *, bn_l1: float = 
     return out
 
 
+@holds_run_dirs
 def soft_filter_pruning(config: TrainConfig, out_dir: PathLike, *, keep: float,
                         log: Optional[Say] = print) -> Path:
     """Soft Filter Pruning; returns the run directory (see the module doc)."""
@@ -315,8 +320,9 @@ def scratch_b_epochs(model: nn.Module, masks: Mapping[str, Tensor], epochs: int,
     return max(1, round(epochs * dense / max(pruned, 1))), dense, pruned
 
 
+@holds_run_dirs
 def scratch(config: TrainConfig, out_dir: PathLike, *, masks: Optional[PathLike], budget: str = "E",
-            log: Optional[Say] = print) -> Path:
+            log: Optional[Say] = print, allow_empty_mask: bool = False) -> Path:
     """Scratch-E (``budget="E"``) or Scratch-B (``"B"``); returns the run directory (see the module doc)."""
     say = _say(log)
     if masks is None:
@@ -330,6 +336,7 @@ def scratch(config: TrainConfig, out_dir: PathLike, *, masks: Optional[PathLike]
     data = run_module._load_data(dataclasses.replace(config, limit_train=1, limit_test=1), torch.device("cpu"))
     probe = create_model(config.model, num_classes=data.facts["num_classes"], in_channels=data.facts["in_channels"])
     mask_dict = load_mask_file(masks, probe)
+    check_not_empty(mask_dict, f"the masks in {masks}", allow_empty_mask)
     if budget == "B":
         example = data.train_images[:1].float()
         conv_masks = {n: m for n, m in mask_dict.items() if m.dim() == 4}

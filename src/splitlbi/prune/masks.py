@@ -23,7 +23,7 @@ from splitlbi.utils.io import atomic_torch_save
 __all__ = [
     "Masks", "MaskSparsity", "available_mask_epochs", "load_run_masks", "save_mask_file", "load_mask_file",
     "read_mask_file", "validate_masks", "apply_masks_", "mask_sparsity", "is_filter_structured",
-    "magnitude_masks_like",
+    "magnitude_masks_like", "check_not_empty",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -153,6 +153,14 @@ def mask_sparsity(masks: Mapping[str, Tensor]) -> MaskSparsity:
         kept_filters[name] = int(rows.any(dim=1).sum())
         total_filters[name] = int(rows.shape[0])
     return MaskSparsity(kept / total if total else 0.0, layers, kept_filters, total_filters)
+
+
+def check_not_empty(masks: Mapping[str, Tensor], where: str, allow_empty: bool = False) -> None:
+    """Refuse masks that keep no weight at all (a network whose output ignores its input):
+    :class:`SplitLBIError` unless ``allow_empty``. ``where`` names the masks in the message."""
+    if not allow_empty and masks and mask_sparsity(masks).overall == 0.0:
+        raise SplitLBIError(f"{where} keep no weight at all (an empty support: the network's output would not "
+                            f"depend on its input); choose a later epoch or pass --allow-empty-mask")
 
 
 def is_filter_structured(mask: Tensor) -> bool:

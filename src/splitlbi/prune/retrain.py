@@ -33,12 +33,14 @@ from splitlbi.data.augment import augment_generator, train_transform
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model
 from splitlbi.prune.masks import (
-    Masks, apply_masks_, load_mask_file, load_run_masks, mask_sparsity, save_mask_file, validate_masks,
+    Masks, apply_masks_, check_not_empty, load_mask_file, load_run_masks, mask_sparsity, save_mask_file,
+    validate_masks,
 )
 from splitlbi.train import run as run_module
 from splitlbi.train.config import TrainConfig, resolve_device, validate_config
 from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
 from splitlbi.train.optimizers import build_scheduler
+from splitlbi.train.rundir import holds_run_dirs
 from splitlbi.train.run import (
     CHECKPOINT_DIR, CONFIG_FILE, INIT_FILE, METRICS_COLUMNS, METRICS_FILE, PATH_COLUMNS, PATH_FILE,
     filter_path_rows, list_checkpoints, load_checkpoint, read_run_config,
@@ -84,8 +86,10 @@ def _checkpoint_epochs_text(run_dir: Path) -> str:
 
 def start_run_dir(out: Path, run_info: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Write a new SGD run directory's fixed files: ``config.json``, ``init.pt``, the
-    ``metrics.csv`` / ``path.csv`` headers and ``path.csv``'s epoch-0 rows."""
-    out.mkdir(parents=True, exist_ok=True)
+    ``metrics.csv`` / ``path.csv`` headers and ``path.csv``'s epoch-0 rows.
+
+    Takes ``out``'s run-directory lock first (held until the enclosing command returns)."""
+    run_module.open_run_dir(out, new=True, say=lambda line: None)
     run_module._write_json(out / CONFIG_FILE, run_info)
     atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, out / INIT_FILE)
     atomic_write_text(out / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
@@ -128,7 +132,8 @@ def train_epochs(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
                                 transform=train_transform(config.augment, data.mean, data.std,
                                                           augment_generator(config.seed, current)),
                                 progress=None if config.progress else False,
-                                description=f"{description} epoch {current}/{config.epochs}")
+                                description=f"{description} epoch {current}/{config.epochs}",
+                                nonfinite=config.nonfinite)
         if after_epoch is not None:
             masks = after_epoch(model, current)
             kept = mask_sparsity(masks).overall if masks else None
@@ -145,6 +150,7 @@ def train_epochs(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     return masks
 
 
+@holds_run_dirs
 def retrain(
     run_dir: PathLike,
     out_dir: PathLike,
@@ -163,6 +169,7 @@ def retrain(
     device: str = "auto",
     save_every: Optional[int] = None,
     progress: bool = False,
+    allow_empty_mask: bool = False,
     log: Optional[Callable[[str], None]] = print,
 ) -> Path:
     """Evaluate (``mode="prune"``) or retrain (``"finetune"``, ``"lottery"``) a masked
@@ -176,6 +183,7 @@ def retrain(
         epochs, lr, ...: the SGD retraining settings (``prune`` ignores them); the data
             settings (dataset, limits, split, padding, augmentation) are the run's.
         batch_size: default: the run's.
+        allow_empty_mask: accept a mask that keeps no weight (refused by default).
 
     Returns:
         ``out_dir`` as a Path.
@@ -202,6 +210,8 @@ def retrain(
     else:
         mask_dict = load_mask_file(masks, model)
         mask_source = str(masks)
+
+    check_not_empty(mask_dict, f"the masks ({mask_source})", allow_empty_mask)
 
     # The starting weights.
     if mode in ("prune", "finetune"):

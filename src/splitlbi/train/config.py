@@ -12,14 +12,17 @@ import torch
 
 from splitlbi.data.augment import AUGMENTATIONS
 from splitlbi.errors import SplitLBIError
+from splitlbi.optim.penalties import PENALTIES
 
 __all__ = [
     "AUGMENTATIONS",
+    "NONFINITE_CHOICES",
     "OPTIMIZER_NAMES",
     "PAPER_SCHEDULE",
     "RESUME_OVERRIDABLE_FIELDS",
     "SCHEDULES",
     "apply_schedule_preset",
+    "check_setting_types",
     "TrainConfig",
     "validate_config",
     "resolve_device",
@@ -33,7 +36,12 @@ OPTIMIZER_NAMES: Tuple[str, ...] = ("splitlbi", "sgd", "adam", "adamw", "adagrad
 #: ``device`` can change them in the last bits, but moving a run to another machine is a
 #: legitimate reason to resume, so it is allowed.
 RESUME_OVERRIDABLE_FIELDS = frozenset({"epochs", "progress", "device", "eval_batch_size", "save_every", "data_dir",
-                                       "channels_last", "compile"})
+                                       "channels_last", "compile", "nonfinite"})
+
+#: ``--nonfinite``: a batch whose loss is nan or inf stops the run (``stop``; the last
+#: good checkpoint stays last.pt) or is left out (``skip``, as torch.amp.GradScaler does).
+#: May change on resume: it changes nothing while every loss is finite.
+NONFINITE_CHOICES: Tuple[str, ...] = ("stop", "skip")
 
 #: Learning-rate schedules of ``--schedule``: ``step`` (MultiStepLR at --lr-milestones),
 #: ``paper`` (the paper's preset, PAPER_SCHEDULE, then stepped like ``step``) and
@@ -96,6 +104,8 @@ class TrainConfig:
     # Subsample the data (first N images); meant for tests and quick trials.
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
+    # What a non-finite training loss does: one of NONFINITE_CHOICES.
+    nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep one canonical type so configs compare equal.
@@ -114,7 +124,46 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise SplitLBIError(f"unknown training setting(s): {', '.join(unknown)}")
+        check_setting_types(values)
         return cls(**dict(values))
+
+
+def _kind(default: Any) -> Tuple[type, ...]:
+    if isinstance(default, bool):
+        return (bool,)
+    if isinstance(default, float):
+        return (int, float)
+    if isinstance(default, tuple):
+        return (list, tuple)
+    return (type(default),)
+
+
+#: Settings whose default is None, and the type of their value otherwise.
+_OPTIONAL_TYPES = {"data_dir": (str,), "train_split": (int,), "pad_to": (int,), "limit_train": (int,),
+                   "limit_test": (int,)}
+
+
+def check_setting_types(values: Mapping[str, Any]) -> None:
+    """Raise :class:`SplitLBIError` naming the first setting whose value has the wrong type
+    (``"epochs": "6"`` in a config.json or recipe); unknown names are left to the caller."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in fields(TrainConfig)}
+    for name, value in values.items():
+        if name not in defaults:
+            continue
+        if name in _OPTIONAL_TYPES:
+            kinds: Tuple[type, ...] = _OPTIONAL_TYPES[name]
+            ok = value is None or (isinstance(value, kinds) and not isinstance(value, bool))
+        else:
+            kinds = _kind(defaults[name])
+            ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+            if ok and name == "lr_milestones":
+                ok = all(isinstance(m, int) and not isinstance(m, bool) for m in value)
+        if not ok:
+            expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                        list: "a list of integers"}[kinds[-1] if kinds != (int, float) else float]
+            raise SplitLBIError(f"setting {name} must be {expected}"
+                                f"{' or none' if name in _OPTIONAL_TYPES else ''}, got {value!r}")
 
 
 def _require(condition: bool, message: str) -> None:
@@ -146,6 +195,13 @@ def validate_config(config: TrainConfig) -> None:
     Model and dataset names are checked where they are used (model creation, dataset
     loading) so that the lists of names stay in one place.
     """
+    check_setting_types(dataclasses.asdict(config))
+    _require(config.penalty in PENALTIES,
+             f"unknown --penalty {config.penalty!r} (choose from {', '.join(PENALTIES)})")
+    _require(config.linear_penalty in ("auto", "l1", "neuron", "none"),
+             f"unknown --linear-penalty {config.linear_penalty!r} (choose from auto, l1, neuron, none)")
+    _require(config.nonfinite in NONFINITE_CHOICES,
+             f"unknown --nonfinite {config.nonfinite!r} (choose from {', '.join(NONFINITE_CHOICES)})")
     _require(config.augment in AUGMENTATIONS,
              f"unknown augmentation {config.augment!r} (choose from {', '.join(AUGMENTATIONS)})")
     _require(config.optimizer in OPTIMIZER_NAMES,

@@ -8,6 +8,7 @@ involved and an epoch is fully determined by the permutation generator.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
@@ -19,17 +20,34 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from splitlbi.data import normalize
+from splitlbi.errors import SplitLBIError
 
-__all__ = ["Evaluation", "epoch_generator", "train_one_epoch", "evaluate"]
+__all__ = ["Evaluation", "NONFINITE_POLICIES", "NonFiniteError", "epoch_generator", "train_one_epoch", "evaluate"]
+
+#: What :func:`train_one_epoch` does about a batch whose loss is nan or inf: ``stop``
+#: (raise :class:`NonFiniteError` at the end of the epoch: one synchronisation, as
+#: now), ``skip`` (leave that batch out, no step, as ``torch.amp.GradScaler`` does: one
+#: synchronisation per batch) or ``ignore`` (no check at all).
+NONFINITE_POLICIES = ("stop", "skip", "ignore")
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 
 
 class Evaluation(NamedTuple):
-    """Mean loss per sample and accuracy in percent."""
+    """Mean loss per sample and accuracy in percent (training: and batches skipped as non-finite)."""
 
     loss: float
     accuracy: float
+    skipped: int = 0
+
+
+class NonFiniteError(SplitLBIError):
+    """Training produced a non-finite loss or non-finite weights; ``step`` is the first bad
+    step of the epoch (1-based; ``None`` when only the weights were found non-finite)."""
+
+    def __init__(self, message: str, step: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.step = step
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -65,6 +83,7 @@ def train_one_epoch(
     shard: Optional[Tuple[int, int]] = None,
     autocast_dtype: Optional[torch.dtype] = None,
     memory_format: Optional[torch.memory_format] = None,
+    nonfinite: str = "stop",
 ) -> Evaluation:
     """Train ``model`` for one pass over ``images`` (uint8 ``[N, C, H, W]``) in shuffled batches.
 
@@ -87,11 +106,20 @@ def train_one_epoch(
         autocast_dtype: run forward and loss under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` for ``--amp``); ``None``: full precision.
         memory_format: convert each input batch (e.g. ``torch.channels_last``).
+        nonfinite: one of NONFINITE_POLICIES. ``stop`` and ``skip`` also check, once at
+            the end of the epoch, that the parameters are finite.
 
     Returns:
         The sample-weighted mean training loss and accuracy (percent) over the epoch's
-        batches, measured on the fly (before each step).
+        batches, measured on the fly (before each step), and the number of batches
+        skipped (``nonfinite="skip"``).
+
+    Raises:
+        NonFiniteError: (``stop``) a batch's loss was nan or inf, naming the first such
+            step; (``stop``, ``skip``) the parameters are not finite after the epoch.
     """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     model.train()
     count = images.shape[0]
     rank, world_size = shard if shard is not None else (0, 1)
@@ -101,8 +129,11 @@ def train_one_epoch(
     loss_sum = torch.zeros((), dtype=torch.float64, device=images.device)
     correct = torch.zeros((), dtype=torch.int64, device=images.device)
     seen = 0
+    # The first step (1-based) with a non-finite loss, kept on the device: no sync per step.
+    first_bad_step = torch.zeros((), dtype=torch.int64, device=images.device)
+    skipped = skipped_images = 0
     with _progress_bar((count + global_batch - 1) // global_batch, description, progress) as bar:
-        for start in range(0, count, global_batch):
+        for step, start in enumerate(range(0, count, global_batch), start=1):
             batch = order[start:start + global_batch]
             size = batch.shape[0]
             low, high = _shard_bounds(size, rank, world_size)
@@ -120,6 +151,14 @@ def train_one_epoch(
             with _autocast(inputs.device, autocast_dtype):
                 logits = model(inputs)
                 loss = loss_function(logits, targets)
+            if nonfinite == "skip" and not _finite_everywhere(loss, world_size):
+                skipped += 1
+                skipped_images += size
+                bar.update(1)
+                continue
+            if nonfinite == "stop":
+                bad = (first_bad_step == 0) & ~torch.isfinite(loss.detach())
+                first_bad_step = torch.where(bad, step, first_bad_step)
             (loss if weight == 1.0 else loss * weight).backward()
             optimizer.step()
             if weight != 0.0:
@@ -130,7 +169,35 @@ def train_one_epoch(
             if not bar.disable and (bar.n % 20 == 0 or bar.n == bar.total) and seen:
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", acc=f"{100.0 * correct.item() / seen:.2f}%")
     loss_sum, correct = _sum_over_ranks(loss_sum, correct, world_size)
-    return Evaluation(loss_sum / count, 100.0 * correct / count)
+    if nonfinite != "ignore":
+        _check_finite(model, int(first_bad_step), loss_sum, step if count else 0, description)
+    trained = count - skipped_images
+    if trained <= 0:
+        return Evaluation(float("nan"), float("nan"), skipped)
+    return Evaluation(loss_sum / trained, 100.0 * correct / trained, skipped)
+
+
+def _finite_everywhere(loss: Tensor, world_size: int) -> bool:
+    """Whether the loss is finite on every rank (one synchronisation; an all-reduce under DDP,
+    so that every rank skips the same batches and the gradient all-reduce stays in step)."""
+    finite = torch.isfinite(loss.detach()).to(torch.int32)
+    if world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite)
+
+
+def _check_finite(model: nn.Module, first_bad_step: int, loss_sum: float, steps: int,
+                  description: Optional[str]) -> None:
+    where = f"{description}, " if description else ""
+    if first_bad_step > 0:
+        raise NonFiniteError(f"{where}step {first_bad_step} of {steps}: the training loss is not finite (nan or inf)",
+                             first_bad_step)
+    if not math.isfinite(loss_sum):  # another rank's loss (DDP): the summed loss is not finite
+        raise NonFiniteError(f"{where}the training loss is not finite (nan or inf) on another process")
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if not bool(torch.isfinite(parameter).all()):
+                raise NonFiniteError(f"{where}after step {steps}: parameter {name} is not finite (nan or inf)")
 
 
 def _shard_bounds(count: int, rank: int, world_size: int) -> Tuple[int, int]:

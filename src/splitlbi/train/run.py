@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import random
@@ -24,7 +25,7 @@ import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -37,7 +38,11 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model, is_model, list_models
 from splitlbi.train import distributed
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig, resolve_device, validate_config
-from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
+from splitlbi.train.loop import NonFiniteError, epoch_generator, evaluate, train_one_epoch
+from splitlbi.train.rundir import (
+    LOCK_FILE, RunHistory, check_not_busy, holds_run_dirs, is_empty_run_dir, lock_run_dir, csv_epochs, epoch_from_name, newest_valid_checkpoint, remove_stale_temporaries,
+    restore_table, set_aside, validate_checkpoint,
+)
 from splitlbi.optim import SplitLBI
 from splitlbi.optim import penalties as _penalties
 from splitlbi.train.optimizers import build_optimizer, build_scheduler
@@ -91,9 +96,12 @@ def read_run_config(run_dir: PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise SplitLBIError(f"{run_dir} is not a splitlbi run directory (no {CONFIG_FILE})")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or not UTF-8
         raise SplitLBIError(f"cannot read {path}: {error}") from None
+    if not isinstance(info, dict):
+        raise SplitLBIError(f"{path} is not a run's config (a JSON {type(info).__name__}, not an object)")
+    return info
 
 
 def read_train_config(run_dir: PathLike) -> TrainConfig:
@@ -127,7 +135,8 @@ def _torch_load(path: Path, map_location: Any) -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for a damaged file
-        raise SplitLBIError(f"cannot read {path}: {error}") from None
+        raise SplitLBIError(f"cannot read {path}: {str(error) or type(error).__name__} "
+                            f"(a damaged or truncated file?)") from None
 
 
 def load_checkpoint(run_dir: PathLike, epoch: Optional[int] = None, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -137,7 +146,11 @@ def load_checkpoint(run_dir: PathLike, epoch: Optional[int] = None, map_location
     (only epochs kept by ``--save-every``, plus the final one, exist).
     """
     name = LAST_CHECKPOINT if epoch is None else epoch_file_name(epoch)
-    return _torch_load(Path(run_dir) / CHECKPOINT_DIR / name, map_location)
+    path = Path(run_dir) / CHECKPOINT_DIR / name
+    checkpoint = _torch_load(path, map_location)
+    if not isinstance(checkpoint, dict) or not {"epoch", "model"} <= checkpoint.keys():
+        raise SplitLBIError(f"{path} is not a training checkpoint (no 'epoch' and 'model' entries)")
+    return checkpoint
 
 
 def load_masks(run_dir: PathLike, epoch: int) -> Dict[str, Tensor]:
@@ -162,7 +175,11 @@ def load_model_from_run(run_dir: PathLike, weights: Union[int, str] = "last", ma
         state = load_checkpoint(run_dir, weights, map_location)["model"]
     else:
         raise SplitLBIError(f"weights must be 'last', 'init' or an epoch number, got {weights!r}")
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise SplitLBIError(f"the weights ({weights}) in {run_dir} do not fit its {info['model']}: "
+                            f"{' '.join(str(error).split())[:300]}") from None
     return model.to(map_location) if map_location is not None else model
 
 
@@ -300,13 +317,15 @@ def _metrics_row(metrics: Dict[str, Any]) -> List[str]:
             _number(metrics["epoch_seconds"], ".3f")]
 
 
-def _append_rows(path: Path, rows: Iterable[Sequence[str]]) -> None:
+def _append_rows(path: Path, rows: Iterable[Sequence[str]]) -> str:
+    """Append ``rows`` to the CSV file at ``path`` (fsynced); return the text appended."""
     # Values never contain commas or quotes (numbers, module names), so plain joins are valid CSV.
     text = "".join(",".join(row) + "\n" for row in rows)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    return text
 
 
 def _file_columns(path: Path, default: Sequence[str]) -> Sequence[str]:
@@ -314,7 +333,7 @@ def _file_columns(path: Path, default: Sequence[str]) -> Sequence[str]:
     try:
         with open(path, encoding="utf-8") as handle:
             first = handle.readline().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, UnicodeDecodeError):  # missing or damaged: rebuilt or refused by the caller
         return default
     return tuple(first.split(",")) if first else default
 
@@ -322,7 +341,10 @@ def _file_columns(path: Path, default: Sequence[str]) -> Sequence[str]:
 def _truncate_rows_after(path: Path, epoch: int, columns: Sequence[str]) -> None:
     """Keep the header and the complete rows of epochs <= ``epoch``: undo a crash's half-epoch."""
     header = ",".join(columns)
-    lines = path.read_text(encoding="utf-8").split("\n") if path.exists() else [""]
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n") if path.exists() else [""]
+    except UnicodeDecodeError:
+        raise SplitLBIError(f"{path} is not UTF-8 text; restore it or start a new run") from None
     # The piece after the last newline is empty, or a row cut short by a crash: dropped.
     complete = lines[:-1]
     kept = [header]
@@ -336,17 +358,76 @@ def _truncate_rows_after(path: Path, epoch: int, columns: Sequence[str]) -> None
     atomic_write_text(path, "\n".join(kept) + "\n")
 
 
+def _restore_rows(path: Path, saved: Optional[str], first: int, last: int, columns: Sequence[str],
+                  say: Callable[[str], None]) -> str:
+    """Bring the CSV file at ``path`` back to epoch ``last`` on resume; return its text.
+
+    From the checkpoint's copy ``saved`` (rebuilding lost rows) unless there is none
+    (older checkpoints) or the file keeps an older, narrower header (a run written before
+    a column was added, e.g. path.csv's v_norm): then the file's own rows after ``last``
+    are dropped and its rows ``first..last`` must all be there.
+    """
+    if saved is not None:
+        saved_columns = saved.split("\n", 1)[0].split(",")
+        on_disk = list(_file_columns(path, saved_columns))
+        older = on_disk != saved_columns and on_disk == saved_columns[:len(on_disk)]
+        if not older:
+            restore_table(path, saved, say)
+            return saved
+    # A run written before path.csv had v_norm keeps its six columns.
+    _truncate_rows_after(path, last, _file_columns(path, columns))
+    return _require_rows(path, first, last)
+
+
+def _require_rows(path: Path, first: int, last: int) -> str:
+    """The text of ``path`` if it has rows for every epoch ``first..last``; else refuse.
+
+    For checkpoints of older versions, which hold no history to rebuild the file from.
+    """
+    text = path.read_text(encoding="utf-8")
+    missing = sorted(set(range(first, last + 1)) - set(csv_epochs(text)))
+    if missing:
+        raise SplitLBIError(f"{path} lacks the rows of epoch(s) {', '.join(map(str, missing[:5]))}"
+                            f"{' ...' if len(missing) > 5 else ''} and the checkpoint (from an older splitlbi) holds "
+                            f"no copy to rebuild it from; restore the file or start a new run")
+    return text
+
+
 # --------------------------------------------------------------------------- run directory
 
 
 def _check_new_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise SplitLBIError(f"--out {run_dir} exists and is not a directory")
+    if distributed.is_main_process():  # under torchrun the other ranks would see rank 0's own lock
+        check_not_busy(run_dir)  # a writer at work there: name it rather than what it has written so far
     if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
         raise SplitLBIError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
                             f"or choose another --out")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and not is_empty_run_dir(run_dir):
         raise SplitLBIError(f"--out {run_dir} exists and is not empty; choose a new or empty directory")
+
+
+def open_run_dir(run_dir: Path, *, new: bool, say: Callable[[str], None]) -> None:
+    """Take ``run_dir`` for writing: its lock (:func:`~splitlbi.train.rundir.lock_run_dir`,
+    held until the enclosing command returns), the stale temporaries of killed writes
+    removed, and for a new run the check that it is empty. Under torchrun only rank 0
+    (the writer) does this."""
+    if not distributed.is_main_process():
+        return
+    had_lock_file = (run_dir / LOCK_FILE).exists()
+    # The lock first: a second writer learns who holds the directory, not what is in it.
+    lock_run_dir(run_dir, create=new)
+    removed = remove_stale_temporaries(run_dir)
+    if removed:
+        say(f"removed {len(removed)} temporary file(s) left by an interrupted write in {run_dir}")
+    if new:
+        try:
+            _check_new_run_dir(run_dir)
+        except SplitLBIError:
+            if not had_lock_file:  # leave someone else's folder as it was
+                (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            raise
 
 
 def _merge_resume_config(run_dir: Path, stored: TrainConfig, requested: Optional[TrainConfig]) -> TrainConfig:
@@ -498,6 +579,7 @@ def _check_same_world(run_dir: Path, stored: Dict[str, Any], config: TrainConfig
                             f"{config.epochs}): the learning rate anneals over the planned epochs")
 
 
+@holds_run_dirs  # the run directory's lock is held until training returns or fails
 def _run_training(
     config: Optional[TrainConfig],
     out_dir: PathLike,
@@ -511,15 +593,13 @@ def _run_training(
     if resume:
         if not run_dir.is_dir():
             raise SplitLBIError(f"--resume {run_dir}: no such directory")
+        open_run_dir(run_dir, new=False, say=say)
         info = read_run_config(run_dir)
         for command in ("retrain", "baseline"):  # masks/penalties outside TrainConfig: a resume would drop them
             if command in info:
                 raise SplitLBIError(f"--resume {run_dir}: this run was written by 'splitlbi {command}', which "
                                     f"cannot be resumed; run 'splitlbi {command}' again")
         config = _merge_resume_config(run_dir, _train_config_from_info(info), config)
-        if not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
-            raise SplitLBIError(f"--resume {run_dir}: no checkpoint to resume from "
-                                f"({CHECKPOINT_DIR}/{LAST_CHECKPOINT} is missing); delete the directory and start again")
     else:
         if config is None:
             raise SplitLBIError("a new run needs a TrainConfig")
@@ -527,6 +607,8 @@ def _run_training(
     validate_config(config)
     _check_model_name(config.model)
     canonical_dataset_name(config.dataset)  # unknown names fail before any file is written
+    if not resume:
+        open_run_dir(run_dir, new=True, say=say)
     # Under torchrun: join the process group (every rank has passed the checks above
     # before any rank writes: the first collective below waits for all of them).
     context, device = distributed.setup(config.device, resolve_device)
@@ -562,54 +644,67 @@ def _run_training(
     # The structure parameter Γ exists only under SplitLBI; baselines leave its columns empty.
     lbi = optimizer if isinstance(optimizer, SplitLBI) else None
 
+    # The text of metrics.csv and path.csv so far (rank 0), saved in each checkpoint.
+    history: Optional[RunHistory] = None
+    restart = False
     if resume:
         _check_same_dataset(run_dir, info, data.facts)
         _check_same_world(run_dir, info, config, context)
-        checkpoint = load_checkpoint(run_dir)
-        start_epoch = int(checkpoint["epoch"])
-        if config.epochs < start_epoch:
-            raise SplitLBIError(f"--epochs {config.epochs} is below the {start_epoch} epochs {run_dir} already has")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        # Each rank continues its own RNG stream (older and one-process checkpoints: "rng").
-        _restore_rng_state(checkpoint.get("rng_ranks", [checkpoint["rng"]] * context.world_size)[context.rank])
-        del checkpoint
-        with distributed.agreement(context):
-            if context.is_main:
-                # Rows, masks and epoch checkpoints written after last.pt belong to an
-                # epoch that will be redone.
-                _truncate_rows_after(run_dir / METRICS_FILE, start_epoch, METRICS_COLUMNS)
-                # A run written before path.csv had v_norm keeps its six columns.
-                _truncate_rows_after(run_dir / PATH_FILE, start_epoch, _file_columns(run_dir / PATH_FILE,
-                                                                                    PATH_COLUMNS))
-                _remove_epoch_files_after(run_dir / MASK_DIR, start_epoch)
-                _remove_epoch_files_after(run_dir / CHECKPOINT_DIR, start_epoch)
-                info.update(config.to_dict())
-                info.setdefault("resumed", []).append({"from_epoch": start_epoch, "at": _now(),
-                                                       "versions": _versions()})
-                _write_json(run_dir / CONFIG_FILE, info)
-        say(f"resuming {run_dir} from epoch {start_epoch}/{config.epochs}")
-    else:
+        resumed, rejected = _load_newest_valid_checkpoint(run_dir, config, model, context, say)
+        if resumed is None:
+            restart = True
+        else:
+            optimizer, scheduler, start_epoch, history = resumed
+            if config.epochs < start_epoch:
+                raise SplitLBIError(f"--epochs {config.epochs} is below the {start_epoch} epochs {run_dir} already has")
+            lbi = optimizer if isinstance(optimizer, SplitLBI) else None
+            with distributed.agreement(context):
+                if context.is_main:
+                    set_aside(rejected)
+                    # Rows, masks and epoch checkpoints written after the checkpoint belong
+                    # to an epoch that will be redone; rows before it must all be there.
+                    history = RunHistory(
+                        _restore_rows(run_dir / METRICS_FILE, history.metrics if history else None, 1, start_epoch,
+                                      METRICS_COLUMNS, say),
+                        _restore_rows(run_dir / PATH_FILE, history.path if history else None, 0, start_epoch,
+                                      PATH_COLUMNS, say))
+                    _remove_epoch_files_after(run_dir / MASK_DIR, start_epoch)
+                    _remove_epoch_files_after(run_dir / CHECKPOINT_DIR, start_epoch)
+                    info.update(config.to_dict())
+                    info.setdefault("resumed", []).append({"from_epoch": start_epoch, "at": _now(),
+                                                           "versions": _versions()})
+                    _write_json(run_dir / CONFIG_FILE, info)
+            say(f"resuming {run_dir} from epoch {start_epoch}/{config.epochs}")
+    if not resume or restart:
         rng_states = distributed.all_gather_objects(context, _rng_state())
         with distributed.agreement(context):
             if context.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                _write_json(run_dir / CONFIG_FILE, {**_run_info(config, data.facts),
-                                                    "world_size": context.world_size})
+                if restart:  # killed before its first checkpoint: the same run again from its config.json
+                    set_aside(rejected)
+                    _remove_epoch_files_after(run_dir / MASK_DIR, 0)
+                    _remove_epoch_files_after(run_dir / CHECKPOINT_DIR, 0)
+                    info.update(config.to_dict())
+                    info.setdefault("resumed", []).append({"from_epoch": 0, "at": _now(), "versions": _versions()})
+                    _write_json(run_dir / CONFIG_FILE, info)
+                else:
+                    _write_json(run_dir / CONFIG_FILE, {**_run_info(config, data.facts),
+                                                        "world_size": context.world_size})
                 atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
                                   run_dir / INIT_FILE)
-                atomic_write_text(run_dir / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
-                atomic_write_text(run_dir / PATH_FILE, ",".join(PATH_COLUMNS) + "\n")
-                _append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, 0))
+                history = RunHistory(",".join(METRICS_COLUMNS) + "\n", ",".join(PATH_COLUMNS) + "\n")
+                atomic_write_text(run_dir / METRICS_FILE, history.metrics)
+                atomic_write_text(run_dir / PATH_FILE, history.path)
+                history.path += _append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, 0))
                 (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
                 if lbi is not None:
                     (run_dir / MASK_DIR).mkdir(exist_ok=True)
                 # An epoch-0 checkpoint makes a run killed during its first epoch resumable.
-                _save_checkpoint(run_dir, _checkpoint_state(0, model, optimizer, scheduler, rng_states),
+                _save_checkpoint(run_dir, _checkpoint_state(0, model, optimizer, scheduler, rng_states, history),
                                  keep_epoch_file=False)
         start_epoch = 0
-        say(f"run directory: {run_dir}")
+        say(f"run directory: {run_dir}" if not restart else
+            f"no usable checkpoint in {run_dir}: restarting it from epoch 0 (its config.json and initial weights)")
 
     train_model = distributed.wrap_model(model, context)
     eval_model = model
@@ -629,19 +724,33 @@ def _run_training(
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(train_model, optimizer, data.train_images, data.train_labels,
+        try:
+            train = train_one_epoch(train_model, optimizer, data.train_images, data.train_labels,
                                 batch_size=config.batch_size, mean=data.mean, std=data.std,
                                 generator=epoch_generator(config.seed, epoch),
                                 transform=train_transform(config.augment, data.mean, data.std,
                                                           augment_generator(config.seed, epoch)),
                                 progress=None if config.progress and context.is_main else False,
                                 description=f"epoch {epoch}/{config.epochs}", shard=context.shard,
-                                autocast_dtype=autocast_dtype, memory_format=memory_format)
+                                autocast_dtype=autocast_dtype, memory_format=memory_format,
+                                nonfinite=config.nonfinite)
+        except NonFiniteError as error:
+            # Nothing of this epoch was written: last.pt still holds the last good epoch.
+            raise SplitLBIError(f"training stopped at {error}; {CHECKPOINT_DIR}/{LAST_CHECKPOINT} keeps epoch "
+                                f"{epoch - 1}, the last good one (lower --lr or --kappa, or resume with "
+                                f"--nonfinite skip to leave such batches out)") from None
+        if train.skipped:
+            say(f"warning: epoch {epoch}: skipped {train.skipped} batch(es) whose loss was not finite")
         distributed.broadcast_buffers(context, model)
         # Every rank evaluates its share of the test set; the results are summed over ranks.
         evaluation = dict(batch_size=config.eval_batch_size, mean=data.mean, std=data.std, shard=context.shard,
                           autocast_dtype=autocast_dtype, memory_format=memory_format)
         test = evaluate(eval_model, data.test_images, data.test_labels, **evaluation)
+        if not math.isfinite(test.loss) and data.test_images.shape[0] > 0:
+            # Finite weights whose outputs overflow: the run has diverged all the same.
+            raise SplitLBIError(f"training stopped at epoch {epoch}/{config.epochs}, after its last step: the test "
+                                f"loss is not finite (nan or inf); {CHECKPOINT_DIR}/{LAST_CHECKPOINT} keeps epoch "
+                                f"{epoch - 1}, the last good one (lower --lr or --kappa)")
         sparse_accuracy = sparsity = None
         if lbi is not None:
             with lbi.sparse_model():
@@ -664,14 +773,15 @@ def _run_training(
 
         with distributed.agreement(context):
             if context.is_main:
-                _append_rows(run_dir / METRICS_FILE, [_metrics_row(metrics)])
+                history.metrics += _append_rows(run_dir / METRICS_FILE, [_metrics_row(metrics)])
                 path_width = len(_file_columns(run_dir / PATH_FILE, PATH_COLUMNS))
-                _append_rows(run_dir / PATH_FILE, [row[:path_width] for row in filter_path_rows(model, optimizer, epoch)])
+                history.path += _append_rows(run_dir / PATH_FILE,
+                                             [row[:path_width] for row in filter_path_rows(model, optimizer, epoch)])
                 if lbi is not None:
                     atomic_torch_save(lbi.masks(), run_dir / MASK_DIR / epoch_file_name(epoch))
                 # The checkpoint comes last: once it exists, everything of this epoch is on disk.
                 keep = epoch % config.save_every == 0 or epoch == config.epochs
-                _save_checkpoint(run_dir, _checkpoint_state(epoch, model, optimizer, scheduler, rng_states),
+                _save_checkpoint(run_dir, _checkpoint_state(epoch, model, optimizer, scheduler, rng_states, history),
                                  keep_epoch_file=keep)
                 say(_summary_line(metrics, config.epochs))
                 if on_epoch_end is not None:
@@ -679,12 +789,54 @@ def _run_training(
     return run_dir
 
 
+def _load_newest_valid_checkpoint(
+    run_dir: Path, config: TrainConfig, model: nn.Module, context: distributed.DistributedContext,
+    say: Callable[[str], None],
+) -> Tuple[Optional[Tuple[torch.optim.Optimizer, Any, int, Optional[RunHistory]]], List[Path]]:
+    """Load the newest checkpoint of ``run_dir`` that passes validation into ``model``, new
+    optimizer and scheduler and the RNGs: ``((optimizer, scheduler, epoch, history),
+    rejected files)``. With none usable: ``(None, rejected)``, the model and RNGs as they
+    were (a freshly seeded run), ready to restart from epoch 0."""
+    pristine = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    rng_before = _rng_state()
+    chosen: Dict[str, Any] = {}
+
+    def accept(checkpoint: Dict[str, Any], path: Path) -> None:
+        epoch = validate_checkpoint(checkpoint, pristine,
+                                    epoch=None if path.name == LAST_CHECKPOINT else epoch_from_name(path))
+        if not isinstance(checkpoint["scheduler"], dict) or "last_epoch" not in checkpoint["scheduler"]:
+            raise ValueError("its 'scheduler' is not a scheduler state_dict")
+        # Fresh optimizer and scheduler per try: a rejected file leaves nothing half-loaded behind.
+        optimizer = build_optimizer(config, model)
+        scheduler = build_scheduler(config, optimizer)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        model.load_state_dict(checkpoint["model"])
+        # Each rank continues its own RNG stream (older and one-process checkpoints: "rng").
+        _restore_rng_state(checkpoint.get("rng_ranks", [checkpoint["rng"]] * context.world_size)[context.rank])
+        chosen.update(optimizer=optimizer, scheduler=scheduler, epoch=epoch)
+
+    found, rejected = newest_valid_checkpoint(run_dir, accept, say=say if context.is_main else _silent)
+    if found is None:
+        model.load_state_dict(pristine)
+        _restore_rng_state(rng_before)
+        return None, rejected
+    path, checkpoint = found
+    if rejected:
+        say(f"resuming from {CHECKPOINT_DIR}/{path.name}, the newest valid checkpoint")
+    history = RunHistory.from_state(checkpoint.get("history"))
+    return (chosen["optimizer"], chosen["scheduler"], chosen["epoch"], history), rejected
+
+
 def _checkpoint_state(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                       scheduler: torch.optim.lr_scheduler.LRScheduler, rng_states: List[Dict[str, Any]],
-                      ) -> Dict[str, Any]:
-    """``rng_states``: each rank's :func:`_rng_state` (one entry in one process)."""
+                      history: Optional[RunHistory] = None) -> Dict[str, Any]:
+    """``rng_states``: each rank's :func:`_rng_state` (one entry in one process);
+    ``history``: metrics.csv and path.csv up to ``epoch``, for a resume to rebuild them."""
     state = {"format": RUN_FORMAT, "epoch": epoch, "model": model.state_dict(),
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states[0]}
     if len(rng_states) > 1:
         state["rng_ranks"] = rng_states
+    if history is not None:
+        state["history"] = history.state()
     return state
