@@ -18,10 +18,14 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import TrainConfig, check_setting_types, validate_config
 
-__all__ = ["FIGURES", "RECIPE_DIR", "RECIPE_TABLES", "Recipe", "load_recipe", "recipe_path", "parse_override"]
+__all__ = ["FIGURES", "BENCHMARKS", "EXPERIMENTS", "RECIPE_DIR", "RECIPE_TABLES", "Recipe", "load_recipe",
+           "recipe_path", "parse_override"]
 
 #: The experiments ``splitlbi reproduce`` knows, in paper order.
 FIGURES = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "table1")
+#: Benchmarks beyond the paper (not part of ``reproduce all``).
+BENCHMARKS = ("prune-bench",)
+EXPERIMENTS = FIGURES + BENCHMARKS
 #: Bundled recipes (``recipes/`` at the repository root links here).
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -38,10 +42,19 @@ RECIPE_TABLES: Dict[str, Dict[str, str]] = {
     "table": {"variants": "strings", "weight_decay": "number"},
     "fig1": {"layer": "string", "steps": "integer"},
     "fig2": {"kappa": "numbers", "epochs": "integers", "images": "integer", "filters": "integer"},
+    # prune-bench (experiments/prune_bench.py checks the "any" ones: a value or a per-model table).
+    "bench": {"models": "strings", "budgets": "numbers", "train_epochs": "integer", "finetune_epochs": "integer",
+              "k": "integers", "normalize": "strings", "variant_budgets": "any", "methods": "strings",
+              "ranking": "string", "taylor_batches": "integer", "slimming_lambda": "number",
+              "group_norm_reg": "number", "group_norm_every": "any", "report_only": "boolean"},
 }
 
 
 def _is_kind(value: Any, kind: str) -> bool:
+    if kind == "any":
+        return True
+    if kind == "boolean":
+        return isinstance(value, bool)
     def one(item: Any, singular: str) -> bool:
         if singular == "string":
             return isinstance(item, str)
@@ -59,6 +72,12 @@ def _check_tables(file: Path, scale: str, sections: Mapping[str, Mapping[str, An
     for table, values in sections.items():
         def where(key: str) -> str:
             return f"--set {table}.{key}" if (table, key) in overridden else f"recipe {file} [{scale}.{table}]"
+        if table == "model":  # prune-bench: [scale.model.NAME] tables of training settings
+            for name, settings in values.items():
+                if not isinstance(settings, Mapping):
+                    raise SplitLBIError(f"{where(name)}: model.{name} must be a table of training settings")
+                _check_tables(file, scale, {"train": settings}, overridden)
+            continue
         if table == "train":
             unknown = sorted(set(values) - _TRAIN_FIELDS)
             if unknown:
@@ -131,8 +150,8 @@ class Recipe:
 
 def recipe_path(figure: str, recipe_dir: Optional[Path] = None) -> Path:
     """The bundled recipe file of ``figure``."""
-    if figure not in FIGURES:
-        raise SplitLBIError(f"unknown figure {figure!r} (choose from {', '.join(FIGURES)})")
+    if figure not in EXPERIMENTS:
+        raise SplitLBIError(f"unknown figure {figure!r} (choose from {', '.join(EXPERIMENTS)})")
     return Path(recipe_dir or RECIPE_DIR) / f"{figure}.toml"
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from splitlbi.errors import SplitLBIError
-from splitlbi.experiments.recipes import FIGURES, Recipe, load_recipe
+from splitlbi.experiments.recipes import EXPERIMENTS, FIGURES, Recipe, load_recipe
 from splitlbi.experiments.workspace import Workspace, config_settings
 from splitlbi.train.config import TrainConfig
 from splitlbi.utils.io import atomic_write_csv, atomic_write_text
@@ -553,9 +553,16 @@ def table1(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     return paths
 
 
+def prune_bench(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
+    """The pruning benchmark at a MACs budget (:mod:`splitlbi.experiments.prune_bench`)."""
+    from splitlbi.experiments.prune_bench import prune_bench as run_bench
+
+    return run_bench(ws, recipe, out)
+
+
 FIGURE_FUNCTIONS: Dict[str, Callable[[Workspace, Recipe, Path], List[Path]]] = {
     "fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
-    "fig8": fig8, "table1": table1,
+    "fig8": fig8, "table1": table1, "prune-bench": prune_bench,
 }
 
 
@@ -583,7 +590,7 @@ def reproduce(figures: Sequence[str], scale: str = "smoke", out_dir: Optional[Pa
     unknown = [name for name in names if name not in FIGURE_FUNCTIONS]
     if unknown or not names:
         raise SplitLBIError(f"unknown figure {', '.join(unknown) or '(none)'} (choose from "
-                            f"{', '.join(FIGURES)} or all)")
+                            f"{', '.join(EXPERIMENTS)} or all)")
     if recipe_file is not None and len(names) != 1:
         raise SplitLBIError("--recipe takes one figure")
     recipes = [load_recipe(name, scale, path=recipe_file, overrides=overrides) for name in names]
@@ -613,7 +620,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
         description="Run what a figure or table of the paper needs, as its recipe (recipes/<fig>.toml) says at "
                     "--scale, skipping finished runs and resuming interrupted ones, then draw it into "
                     "OUT/figures/<fig>.png (+ .pdf and the .csv of the plotted numbers).")
-    parser.add_argument("figures", nargs="+", metavar="FIG", help=f"{', '.join(FIGURES)} or all")
+    parser.add_argument("figures", nargs="+", metavar="FIG", help=f"{', '.join(EXPERIMENTS)}, or all (the "
+                        "figures and table of the paper; prune-bench, the pruning benchmark at a MACs budget, "
+                        "runs only when named)")
     parser.add_argument("--scale", default="smoke", help="recipe scale: smoke (minutes on a CPU), cpu (the runs "
                         "of docs/results.md), paper (the paper's setting) (default: smoke)")
     parser.add_argument("--out", metavar="DIR", help="reproduction folder (default: reproduce-<scale>)")

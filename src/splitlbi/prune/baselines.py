@@ -58,25 +58,33 @@ from splitlbi.train.optimizers import build_scheduler
 from splitlbi.train.run import CONFIG_FILE
 from splitlbi.train.rundir import holds_run_dirs, lock_run_dir
 
-__all__ = ["BASELINES", "slimming", "soft_filter_pruning", "scratch", "scratch_b_epochs", "slimming_masks",
-           "smallest_filter_masks", "architecture_masks"]
+__all__ = ["BASELINES", "slimming", "soft_filter_pruning", "sparsity_training", "scratch", "scratch_b_epochs",
+           "slimming_masks", "smallest_filter_masks", "architecture_masks"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 BASELINES: Tuple[str, ...] = ("slimming", "sfp", "scratch-e", "scratch-b")
 Say = Callable[[str], None]
+#: ``regularizer(model, example_input)`` -> a function called before every optimizer step.
+Regularizer = Callable[[nn.Module, Tensor], Callable[[], None]]
 
 
 class _PenalizedMaskedSGD(MaskedSGD):
-    """:class:`MaskedSGD` that first adds ``lam·sign(p)`` to the gradients of ``l1_params`` (L1 penalty)."""
+    """:class:`MaskedSGD` that first adds ``lam·sign(p)`` to the gradients of ``l1_params`` (L1 penalty)
+    and calls ``regularize()`` (which may add any penalty's gradient, e.g. Torch-Pruning's
+    ``GroupNormPruner.regularize``)."""
 
     def __init__(self, params: Iterable[nn.Parameter], masks: Mapping[nn.Parameter, Tensor],
-                 l1_params: Iterable[nn.Parameter] = (), lam: float = 0.0, **kwargs: Any) -> None:
+                 l1_params: Iterable[nn.Parameter] = (), lam: float = 0.0,
+                 regularize: Optional[Callable[[], None]] = None, **kwargs: Any) -> None:
         super().__init__(params, masks, **kwargs)
         self._l1 = list(l1_params)
         self._lam = float(lam)
+        self._regularize = regularize
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        if self._regularize is not None:
+            self._regularize()
         if self._lam:
             for parameter in self._l1:
                 if parameter.grad is not None:
@@ -158,14 +166,16 @@ def smallest_filter_masks(model: nn.Module, keep: float) -> Masks:
 
 
 def _new_run(config: TrainConfig, out: Path, info: Dict[str, Any], *, init_seed: int, masks: Optional[Masks],
-             l1_bn: float = 0.0,
+             l1_bn: float = 0.0, regularizer: Optional[Regularizer] = None,
              after_epoch: Optional[Callable[[nn.Module, int], Optional[Masks]]] = None, say: Say,
              ) -> Tuple[Path, nn.Module, Optional[Masks]]:
     """Train ``config.epochs`` epochs of SGD into a new run directory (the shared loop of the baselines).
 
     ``masks`` are held fixed (MaskedSGD; widened by :func:`architecture_masks`); ``l1_bn``:
-    L1 penalty on the BatchNorm scales; ``after_epoch(model, epoch)`` may change the weights
-    after each epoch (before evaluation) and returns the epoch's masks for the metrics.
+    L1 penalty on the BatchNorm scales; ``regularizer(model, example)`` returns a function
+    called after each backward pass, before the step (it adds a penalty's gradient);
+    ``after_epoch(model, epoch)`` may change the weights after each epoch (before evaluation)
+    and returns the epoch's masks for the metrics.
     Returns ``(out, model, last masks)``.
     """
     dev = resolve_device(config.device)
@@ -185,7 +195,8 @@ def _new_run(config: TrainConfig, out: Path, info: Dict[str, Any], *, init_seed:
     parameters = dict(model.named_parameters())
     optimizer = _PenalizedMaskedSGD(
         model.parameters(), {parameters[n]: m.to(device=dev, dtype=parameters[n].dtype) for n, m in arch.items()},
-        l1_params=bn_scales, lam=l1_bn, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+        l1_params=bn_scales, lam=l1_bn, regularize=regularizer(model, example) if regularizer else None,
+        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
         nesterov=config.nesterov)
     scheduler = build_scheduler(config, optimizer)
     kept = mask_sparsity(masks).overall if masks else None
@@ -250,6 +261,28 @@ def slimming(config: TrainConfig, out_dir: PathLike, *, keep: float, sparsity_la
     stored = json.loads((out / CONFIG_FILE).read_text())
     stored["baseline"] = {**info, "stage": "fine-tuned", "sparse_run": str(sparse)}
     run_module._write_json(out / CONFIG_FILE, stored)
+    return out
+
+
+@holds_run_dirs
+def sparsity_training(config: TrainConfig, out_dir: PathLike, *, bn_l1: float = 0.0,
+                      regularizer: Optional[Regularizer] = None, name: str = "sparsity",
+                      log: Optional[Say] = print) -> Path:
+    """Train ``config.epochs`` epochs of SGD from the model's init (seeded by ``config.seed``, as
+    ``splitlbi train`` draws it) with a sparsity penalty; return the run directory.
+
+    ``bn_l1``: Network Slimming's ``λ·Σ|γ|`` on the BatchNorm scales (what :func:`slimming`
+    trains with); ``regularizer(model, example)``: any other penalty, returning a function
+    that adds its gradient before each step (e.g. DepGraph's group-norm regularization,
+    ``torch_pruning.pruner.GroupNormPruner(...).regularize``). Pruning and fine-tuning are
+    left to the caller (e.g. a budget mask and :func:`splitlbi.prune.retrain`).
+    """
+    say = _say(log)
+    out = Path(out_dir)
+    config = _prepare(config, [out])
+    info = {"name": name, "bn_l1": bn_l1, "regularizer": getattr(regularizer, "__name__", None),
+            "stage": "sparsity training"}
+    _new_run(config, out, info, init_seed=config.seed, masks=None, l1_bn=bn_l1, regularizer=regularizer, say=say)
     return out
 
 
