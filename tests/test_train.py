@@ -99,8 +99,9 @@ def test_train_one_epoch_and_evaluate_average_over_samples() -> None:
 
 
 def test_mnist_run_writes_all_files(shared_data_dir: Path, tmp_path: Path) -> None:
+    # linear_penalty auto: the linear layers carry Γ too, so path.csv has rows for every layer.
     config = TrainConfig(dataset="mnist", data_dir=str(shared_data_dir), train_split=8000, epochs=2,
-                         limit_train=512, limit_test=256, progress=False)
+                         limit_train=512, limit_test=256, progress=False, linear_penalty="auto")
     run_dir = run_training(config, tmp_path / "run", log=None)
 
     info = read_run_config(run_dir)
@@ -176,7 +177,8 @@ def test_a_chosen_penalty_couples_the_weights_only() -> None:
     from splitlbi.train.optimizers import build_optimizer
 
     model = create_model("resnet20", num_classes=10, in_channels=1)
-    optimizer = build_optimizer(dataclasses.replace(SMALL, model="resnet20", penalty="l1"), model)
+    optimizer = build_optimizer(dataclasses.replace(SMALL, model="resnet20", penalty="l1", linear_penalty="auto"),
+                                model)
     coupled = {c.name for c in optimizer.named_coupled()}
     assert coupled == {n for n, p in model.named_parameters() if p.dim() >= 2}
     assert [g["penalty"] for g in optimizer.param_groups] == ["l1", "l1", "none"]
