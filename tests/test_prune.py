@@ -41,7 +41,7 @@ from helpers import assert_one_line_error, read_rows
 # Tiny SplitLBI run whose support at epoch 3 keeps all conv filters and a few linear weights
 # (fc1 ~4%, fc2 ~20%); checkpoints of epochs 2 and 3 are kept, not epoch 1.
 LBI = TrainConfig(dataset="digits", epochs=3, batch_size=64, limit_train=256, limit_test=128, lr=0.1, kappa=1.0,
-                  nu=10.0, lam=0.01, save_every=2, progress=False)
+                  nu=10.0, lam=0.01, save_every=2, progress=False, linear_penalty="auto")  # fc layers carry Γ too
 SGD = dataclasses.replace(LBI, optimizer="sgd", lr=0.05, epochs=2)
 RETRAIN = dict(epochs=2, lr=0.05, momentum=0.9, weight_decay=1e-3, log=None)
 
