@@ -37,3 +37,16 @@ def shared_data_dir() -> Path:
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test downloads anything: a missing file must fail fast, not hang on the network."""
     monkeypatch.setenv("SPLITLBI_OFFLINE", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after): the CPU is shared, and OpenMP
+    spinning under contention makes small forwards slow. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

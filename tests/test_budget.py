@@ -36,12 +36,7 @@ RESNET = TrainConfig(model="resnet20", dataset="digits", pad_to=32, epochs=1, ba
                      limit_test=32, lr=0.1, kappa=1.0, nu=10.0, lam=0.01, progress=False, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(config: TrainConfig, directory: Path) -> Path:

@@ -21,12 +21,7 @@ from splitlbi.prune.compact import apply_filter_masks, compact_model, unselected
 from helpers import assert_one_line_error
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize_bn(model: nn.Module, generator: torch.Generator) -> None:

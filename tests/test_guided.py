@@ -18,13 +18,7 @@ from splitlbi.models import create_model
 from splitlbi.plots.guided import first_conv_block, guided_backprop_responses, plot_guided_backprop
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the CPU is shared, and OpenMP spinning under contention is slow."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def resnet20() -> nn.Module:

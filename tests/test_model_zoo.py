@@ -36,14 +36,7 @@ IMAGENET_MODELS = {
 ALL_MODELS = {**CIFAR_MODELS, **IMAGENET_MODELS}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Keep CPU use small on shared machines; restore the thread count afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @functools.lru_cache(maxsize=None)
