@@ -252,6 +252,23 @@ def test_budget_masks_accept_a_torch_pruning_importance():
     assert result.reached and 0.48 <= result.params_fraction <= 0.50
 
 
+def test_budget_masks_score_gradient_importances_with_the_model_gradients():
+    # budget_masks works on a copy of the model; Taylor importance (|weight x gradient|) needs the
+    # gradients to travel with it: a filter given a huge gradient is kept, whichever filter it is.
+    torch.manual_seed(0)
+    model = create_model("lenet5", num_classes=10, in_channels=1)
+    x = torch.randn(16, 1, 28, 28)
+    conv_name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    for boosted in (0, conv.out_channels - 1):
+        model.zero_grad()
+        F.cross_entropy(model(x), torch.randint(0, 10, (16,))).backward()
+        conv.weight.grad[boosted] = 1e6 * conv.weight[boosted].sign()
+        result = budget_masks(model, x, tp.importance.TaylorImportance(), macs=0.5, ranking="uniform")
+        kept = result.masks[f"{conv_name}.weight"].flatten(1).any(1)
+        assert result.reached and 0 < int(kept.sum()) < conv.out_channels
+        assert bool(kept[boosted])
+
+
 def test_budget_and_cli_errors(lenet_run: Path, tmp_path: Path, capsys):
     model = create_model("lenet5", num_classes=10, in_channels=1)
     x = torch.randn(1, 1, 28, 28)

@@ -135,6 +135,9 @@ def test_recipe_scales_validate() -> None:
         if scale != "smoke":
             assert len(recipe.seeds) >= 3
             assert {0.5, 0.3333333} <= set(settings.budgets)
+    cpu = bench_settings(load_recipe("prune-bench", "cpu"))  # budgets per model: a table
+    assert cpu.model_budgets["lenet5"] == [0.6666667, 0.5, 0.3333333, 0.25]
+    assert cpu.model_budgets["resnet20"] == [0.5, 0.3333333] and cpu.budgets == cpu.model_budgets["lenet5"]
     paper = bench_settings(load_recipe("prune-bench", "paper"))
     assert paper.models == ["resnet56", "vgg16_bn"]
     assert set(load_recipe("prune-bench", "cpu").sections["model"]) == {"resnet20", "lenet5"}
@@ -144,7 +147,9 @@ def test_bad_bench_settings_are_one_line_errors() -> None:
     for override, message in (("bench.budgets=[1.5]", "budgets"), ("bench.k=[9]", "k must"),
                               ("bench.normalize=['median']", "normalize"), ("bench.models=['vgg']", "models"),
                               ("bench.methods=['magic']", "unknown methods"),
-                              ("bench.variant_budgets=[0.25]", "variant_budgets")):
+                              ("bench.variant_budgets=[0.25]", "variant_budgets"),
+                              ("bench.budgets={lenet5=[0.5]}", "must name every model"),
+                              ("bench.budgets={lenet5=[0.5],resnet20=[0]}", "budgets must be")):
         with pytest.raises(SplitLBIError, match=message):
             bench_settings(load_recipe("prune-bench", "smoke", overrides=[override]))
 

@@ -82,12 +82,13 @@ class BenchSettings:
     """The ``[scale.bench]`` table, checked."""
 
     models: List[str]
-    budgets: List[float]
+    budgets: List[float]         #: every budget of any model, in recipe order
     train_epochs: int            #: E
     finetune_epochs: int         #: F
     k: List[int]                 #: SplitLBI epochs K (first: default)
     normalize: List[str]         #: path-score normalizations of budget_masks (first: default)
     variant_budgets: Dict[str, List[float]]  #: model -> budgets where variants are trained
+    model_budgets: Dict[str, List[float]]    #: model -> its budgets (fractions of the dense MACs kept)
     methods: List[str]
     ranking: str = "global"
     taylor_batches: int = 4
@@ -101,8 +102,8 @@ def bench_settings(recipe: Recipe) -> BenchSettings:
     bench = recipe.section("bench", ["models", "budgets", "train_epochs", "finetune_epochs", "k", "normalize"])
     where = f"recipe {recipe.path}: [{recipe.scale}.bench]"
 
-    def numbers(key: str, kind: type, low: float, high: float) -> list:
-        values = bench.get(key)
+    def numbers(key: str, kind: type, low: float, high: float, values: Any = None) -> list:
+        values = bench.get(key) if values is None else values
         if not isinstance(values, list) or not values or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and low < v <= high for v in values) \
                 or (kind is int and not all(isinstance(v, int) for v in values)):
@@ -119,15 +120,25 @@ def bench_settings(recipe: Recipe) -> BenchSettings:
         if not isinstance(bench[key], int) or bench[key] < 1:
             raise SplitLBIError(f"{where} {key} must be an integer >= 1, got {bench[key]!r}")
     epochs = int(bench["train_epochs"])
-    budgets = numbers("budgets", float, 0.0, 1.0)
-    # A list for every model, or a table {model = [...]} (a model not named: none).
+    # budgets: a list for every model, or a table {model = [...]} (every model named).
+    given_budgets = bench["budgets"]
+    if isinstance(given_budgets, dict):
+        if set(models) - set(given_budgets):
+            raise SplitLBIError(f"{where} budgets as a table must name every model of models {models}, "
+                                f"got {sorted(given_budgets)}")
+        model_budgets = {name: numbers("budgets", float, 0.0, 1.0, given_budgets[name]) for name in models}
+    else:
+        model_budgets = {name: numbers("budgets", float, 0.0, 1.0) for name in models}
+    budgets = list(dict.fromkeys(b for name in models for b in model_budgets[name]))
+    # variant_budgets: a list for every model, or a table {model = [...]} (a model not named: none).
     given = bench.get("variant_budgets", budgets[:1])
     table = given if isinstance(given, dict) else {name: given for name in models}
     variant_budgets: Dict[str, List[float]] = {}
     for name in models:
         values = table.get(name, [])
-        if not isinstance(values, list) or not set(values) <= set(budgets):
-            raise SplitLBIError(f"{where} variant_budgets must be among budgets {budgets}, got {given!r}")
+        if not isinstance(values, list) or not set(values) <= set(model_budgets[name]):
+            raise SplitLBIError(f"{where} variant_budgets must be among the budgets of {name} "
+                                f"{model_budgets[name]}, got {given!r}")
         variant_budgets[name] = [float(b) for b in values]
     k = numbers("k", int, 0, epochs)
     from splitlbi.prune.budget import NORMALIZATIONS
@@ -144,7 +155,7 @@ def bench_settings(recipe: Recipe) -> BenchSettings:
         raise SplitLBIError(f"{where} ranking must be global or uniform, got {ranking!r}")
     settings = BenchSettings(models=list(models), budgets=budgets, train_epochs=epochs,
                              finetune_epochs=int(bench["finetune_epochs"]), k=k, normalize=list(normalize),
-                             variant_budgets=variant_budgets, methods=methods, ranking=ranking,
+                             variant_budgets=variant_budgets, model_budgets=model_budgets, methods=methods, ranking=ranking,
                              taylor_batches=int(bench.get("taylor_batches", 4)),
                              slimming_lambda=float(bench.get("slimming_lambda", 1e-4)),
                              group_norm_reg=float(bench.get("group_norm_reg", 1e-4)),
@@ -415,8 +426,8 @@ class _Bench:
             torch.manual_seed(self.seed)
             return tp.importance.RandomImportance()
         if method == "taylor":
-            self.taylor_gradients(model, run)
-            return taylor_scores(model, self.example())
+            self.taylor_gradients(model, run)  # budget_masks scores a copy; the copy keeps the gradients
+            return tp.importance.TaylorImportance()
         raise AssertionError(method)
 
     def taylor_gradients(self, model: nn.Module, run: Path) -> None:
@@ -501,31 +512,6 @@ class _Bench:
         config = dataclasses.replace(self.base, epochs=E + F, lr_milestones=tuple(self.base.lr_milestones) + (E,))
         run = self.baseline("sfp", f"{self.info['model']}-sfp-keep{keep:.4g}-seed{self.seed}", config, keep=keep)
         self.record("sfp", target, run, run / "mask.pt", dense_epochs=E + F)
-
-
-def taylor_scores(model: nn.Module, example: Tensor) -> Dict[str, Tensor]:
-    """Torch-Pruning's ``TaylorImportance`` of every conv's channel group, as a score dict.
-
-    ``model`` holds the loss gradients. The scores are taken here, on ``model`` itself,
-    because ``budget_masks`` scores a copy of the model (and a copy has no ``.grad``); the
-    value of a group is given to each of its convs (``budget_masks`` combines them by max:
-    the same value back).
-    """
-    import torch_pruning as tp
-
-    from splitlbi.prune.importance import prepare_torch_pruning
-
-    pruners = prepare_torch_pruning(model)  # option-A shortcuts: the right groups (same outputs)
-    graph = tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=pruners)
-    importance = tp.importance.TaylorImportance()
-    scores: Dict[str, Tensor] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d):
-            group = graph.get_pruning_group(module, tp.prune_conv_out_channels, idxs=list(range(module.out_channels)))
-            value = importance(group)
-            if value is not None:
-                scores[f"{name}.weight"] = value.detach().cpu()
-    return scores
 
 
 def sfp_keep(model: nn.Module, example: Tensor, target: float, steps: int = 14) -> float:
@@ -760,10 +746,10 @@ def prune_bench(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
         benches = [_Bench(ws, recipe, settings, model, seed) for seed in recipe.seeds]
         benches = [bench for bench in benches if _unless_unfinished(bench.setup, ws.say)]
         # Budget by budget, every seed: a run stopped early leaves whole budgets (the first is the goal's).
-        for target in settings.budgets:
+        for target in settings.model_budgets[model]:
             for bench in benches:
                 bench.at(target)
-        for target in settings.budgets:  # then the trained SplitLBI variants (item 6 of issue 10)
+        for target in settings.model_budgets[model]:  # then the trained SplitLBI variants (item 6 of issue 10)
             for bench in benches:
                 if bench.lbi is not None:
                     _unless_unfinished(lambda b=bench: b.splitlbi(b.lbi, target, variants=True), ws.say)

@@ -43,7 +43,7 @@ RECIPE_TABLES: Dict[str, Dict[str, str]] = {
     "fig1": {"layer": "string", "steps": "integer"},
     "fig2": {"kappa": "numbers", "epochs": "integers", "images": "integer", "filters": "integer"},
     # prune-bench (experiments/prune_bench.py checks the "any" ones: a value or a per-model table).
-    "bench": {"models": "strings", "budgets": "numbers", "train_epochs": "integer", "finetune_epochs": "integer",
+    "bench": {"models": "strings", "budgets": "any", "train_epochs": "integer", "finetune_epochs": "integer",
               "k": "integers", "normalize": "strings", "variant_budgets": "any", "methods": "strings",
               "ranking": "string", "taylor_batches": "integer", "slimming_lambda": "number",
               "group_norm_reg": "number", "group_norm_every": "any", "report_only": "boolean"},

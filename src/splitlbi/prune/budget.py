@@ -318,6 +318,10 @@ def _analyze(model: nn.Module, example_input: Tensor) -> _Structure:
     from splitlbi.prune.compact import trace_conv_groups
 
     work = copy.deepcopy(model).cpu().eval()
+    # A deep-copied Parameter loses its .grad; gradient-based importances (Taylor) score the copy.
+    for source, copied in zip(model.parameters(), work.parameters()):
+        if source.grad is not None:
+            copied.grad = source.grad.detach().cpu().clone()
     example_input = example_input.detach()[:1].cpu()
     _, traced = trace_conv_groups(work, example_input)
     units = [unit for unit in traced if unit.problem is None]
