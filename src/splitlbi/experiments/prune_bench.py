@@ -687,14 +687,16 @@ def _plot(rows: Sequence[Dict[str, Any]], out: Path, note: str) -> List[Path]:
                 std.append(deviation)
                 n = len(chosen)
             panel.series.append(Series(NAMES[method], x, y, y_std=std if n > 1 else None, n=n,
-                                       marker=markers[method], style="-" if method.startswith("splitlbi") else "--"))
+                                       marker=markers[method], style="-" if method.startswith("splitlbi") else "--",
+                                       band=False))
         dense = [r["test_acc"] for r in mine if r["method"] == "sgd_dense"]
-        if dense:  # a point at 100% of the MACs (it also spans the x axis from the budgets to the dense network)
-            mean, deviation = _mean_std(dense)
-            panel.series.append(Series("SGD (dense)", [100.0], [mean], y_std=[deviation] if len(dense) > 1 else None,
-                                       n=len(dense), color="black", marker="o", scatter=True))
+        if dense:  # a line across the budgets: a point at 100% would squeeze them into a corner of the axis
+            mean, _ = _mean_std(dense)
+            panel.hlines.append(Series("SGD (dense, 100% MACs)", [100.0], [mean], n=len(dense), color="black",
+                                       style=":"))
         panels.append(panel)
-    return draw_panels(panels, out, columns=len(panels), title="Accuracy at a MACs budget (prune-bench)", note=note)
+    return draw_panels(panels, out, columns=len(panels), title="Accuracy at a MACs budget (prune-bench)", note=note,
+                       shared_legend=True)
 
 
 class _Unfinished(Exception):

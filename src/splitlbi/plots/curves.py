@@ -72,6 +72,7 @@ class Series:
     style: str = "-"
     marker: Optional[str] = None
     scatter: bool = False
+    band: bool = True  #: y_std as a shaded band (True) or as error bars (many overlapping curves)
 
 
 @dataclass
@@ -132,8 +133,12 @@ def _draw_heatmap(figure, ax, cells: Heatmap) -> None:
 
 
 def draw_panels(panels: Sequence[Panel], out: Path, *, columns: int = 2, title: Optional[str] = None,
-                note: Optional[str] = None) -> List[Path]:
-    """Draw ``panels`` on a grid, write ``out`` (.png), the PDF and the CSV beside it; return the paths."""
+                note: Optional[str] = None, shared_legend: bool = False) -> List[Path]:
+    """Draw ``panels`` on a grid, write ``out`` (.png), the PDF and the CSV beside it; return the paths.
+
+    ``shared_legend``: one legend below the whole figure (every label once) instead of one below each
+    panel, for panels that draw the same methods: the panels keep their full height.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +164,10 @@ def draw_panels(panels: Sequence[Panel], out: Path, *, columns: int = 2, title: 
                     continue
                 ax.plot(series.x, series.y, series.style, label=series.label, color=series.color,
                         marker=series.marker, markersize=3)
-                if series.y_std is not None:
+                if series.y_std is not None and not series.band:
+                    ax.errorbar(series.x, series.y, yerr=series.y_std, fmt="none", ecolor=ax.lines[-1].get_color(),
+                                capsize=2, linewidth=0.6)
+                elif series.y_std is not None:
                     low = [m - s for m, s in zip(series.y, series.y_std)]
                     high = [m + s for m, s in zip(series.y, series.y_std)]
                     ax.fill_between(series.x, low, high, color=ax.lines[-1].get_color(), alpha=0.2, linewidth=0)
@@ -173,11 +181,21 @@ def draw_panels(panels: Sequence[Panel], out: Path, *, columns: int = 2, title: 
             ax.set_ylabel(panel.ylabel)
             if panel.ylim is not None:
                 ax.set_ylim(*panel.ylim)
-            if panel.series or panel.hlines:
+            if (panel.series or panel.hlines) and not shared_legend:
                 # Below the axes: with many curves there is no free corner inside.
                 ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=2, fontsize=6.5)
         for ax in list(axes.flat)[len(panels):]:
             ax.set_visible(False)
+        if shared_legend:
+            handles = {}
+            for ax in axes.flat:
+                for handle, label in zip(*ax.get_legend_handles_labels()):
+                    handles.setdefault(label, handle)
+            if handles:  # the note goes in the legend's title: below the panels, never over an entry
+                figure.legend(list(handles.values()), list(handles), loc="outside lower center",
+                              ncol=min(len(handles), 2 * columns), fontsize=6.5, title_fontsize=6.5,
+                              title=textwrap.fill(note, 60 * columns) if note else None)
+                note = None
         if title:
             figure.suptitle(title)
         if note:
