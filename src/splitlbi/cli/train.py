@@ -10,6 +10,7 @@ from typing import Any, Dict
 
 from splitlbi.cli.argtypes import epoch_list
 from splitlbi.errors import SplitLBIError
+from splitlbi.optim.functional import UPDATES
 from splitlbi.train.config import (
     AUGMENTATIONS, DEFAULT_LR, NONFINITE_CHOICES, OPTIMIZER_NAMES, SCHEDULES, TrainConfig, apply_schedule_preset,
 )
@@ -79,6 +80,11 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                        help="SplitLBI penalty of the 2-D (linear) weights only, overriding --penalty for them: "
                             "none (the default) leaves the classifier uncoupled, so it is never cut from the "
                             "sparse model; auto follows --penalty (lasso on linear weights under auto)")
+    optim.add_argument("--update", choices=UPDATES, **option,
+                       help="SplitLBI update: paper (the paper's equations, the reference) or release (the variant "
+                            "of the paper's release code: V step x min(1 - share of non-zeros of the layer's Γ, "
+                            "0.01) / max(|W|, 1), Γ = κ max(|W|, 1) prox(V); its script uses it with --nu 500 "
+                            "--lam 3e-4 --penalty l1; docs/results.md) (default: paper)")
     optim.add_argument("--momentum", type=float, **option,
                        help=f"momentum of splitlbi and sgd (default: {_default('momentum')})")
     optim.add_argument("--nesterov", action="store_true", **option, help="Nesterov momentum (splitlbi, sgd)")

@@ -54,6 +54,7 @@ def _label(config: TrainConfig) -> str:
     if config.optimizer != "splitlbi":
         return f"{config.model}-{config.optimizer}-seed{config.seed}"
     penalty = "" if config.penalty == "auto" else f"-{config.penalty}"
+    penalty += "" if config.update == "paper" else f"-{config.update}"
     return f"{config.model}-splitlbi{penalty}-k{config.kappa:g}-nu{config.nu:g}-seed{config.seed}"
 
 

@@ -38,7 +38,9 @@ MASKS_DIR = "masks"
 # Settings that do not change what a run computes (the hash ignores them).
 _NOT_HASHED = frozenset(RESUME_OVERRIDABLE_FIELDS - {"epochs"})
 # Settings that only SplitLBI reads: an SGD run is the same run whatever they say.
-_SPLITLBI_ONLY = frozenset({"kappa", "nu", "lam", "penalty", "linear_penalty"})
+_SPLITLBI_ONLY = frozenset({"kappa", "nu", "lam", "penalty", "linear_penalty", "update"})
+# Settings added after runs were hashed: left out at these values (their defaults) so those runs keep their names.
+_HASHED_UNLESS = {"update": "paper"}
 
 Log = Optional[Callable[[str], None]]
 PathLike = Union[str, Path]
@@ -48,7 +50,8 @@ def config_settings(config: TrainConfig) -> Dict[str, Any]:
     """The fields of ``config`` that define a run's result (JSON-ready)."""
     values = config.to_dict()
     ignored = _NOT_HASHED if config.optimizer == "splitlbi" else _NOT_HASHED | _SPLITLBI_ONLY
-    return {name: values[name] for name in sorted(values) if name not in ignored}
+    return {name: values[name] for name in sorted(values)
+            if name not in ignored and not (name in _HASHED_UNLESS and values[name] == _HASHED_UNLESS[name])}
 
 
 def job_hash(spec: Mapping[str, Any]) -> str:

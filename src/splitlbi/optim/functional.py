@@ -9,6 +9,9 @@ With ``α`` the learning rate, ``g`` the gradient after weight decay and momentu
     V &\leftarrow V + (α/ν)\,(W_{old} - Γ) \\
     Γ &\leftarrow κ\,\mathrm{prox}_Ω(V)
 
+``update="release"`` (:func:`splitlbi_update` only) is the variant of the paper's release
+code (see :data:`UPDATES` and :func:`release_coupled_step`).
+
 Two implementations, as in ``torch.optim``: :func:`splitlbi_update` is the per-tensor
 reference that reads like the equations; the multi-tensor path applies the same
 arithmetic with ``torch._foreach_*`` ops. On CPU it walks the parameters in *waves*
@@ -26,6 +29,14 @@ import torch
 from torch import Tensor
 
 from .penalties import GROUPED, gamma_from_v, shrink_factor
+
+#: The updates of the coupled parameters: ``"paper"`` (the equations above, the reference)
+#: and ``"release"`` (the CIFAR pruning example of the paper's release code,
+#: :func:`release_coupled_step`; per-tensor path only).
+UPDATES = ("paper", "release")
+
+#: Largest factor of the release update's V step, ``min(1 − share of non-zeros of Γ, 0.01)``.
+RELEASE_V_STEP_CAP = 0.01
 
 # Elements per wave on CPU: chosen with benchmarks/bench_optimizer.py (a wave's
 # tensors, about 5 arrays of this size, stay within the L2/L3 caches).
@@ -73,11 +84,13 @@ def splitlbi_update(
     nesterov: bool,
     weight_decay: float,
     penalty: str,
+    update: str = "paper",
 ) -> Optional[Tensor]:
     """One SplitLBI step on one tensor (the reference path). Updates ``weight`` and
     ``v`` in place and returns the momentum buffer (new on the first step).
 
     ``v`` is ``None`` for penalty ``"none"``: plain SGD(-momentum) with step ``κ·α``.
+    ``update`` is one of :data:`UPDATES`; ``"release"`` runs :func:`release_coupled_step`.
     """
     g, momentum_buffer = momentum_direction(
         grad, weight, momentum_buffer,
@@ -86,11 +99,59 @@ def splitlbi_update(
     if v is None:
         weight.add_(g, alpha=-kappa * lr)
         return momentum_buffer
+    if update == "release":
+        release_coupled_step(weight, g, v, lr=lr, kappa=kappa, nu=nu, lam=lam, penalty=penalty)
+        return momentum_buffer
     gamma = gamma_from_v(v, kappa, lam, penalty)
     coupling = weight - gamma  # W_old − Γ: drives both updates
     v.add_(coupling, alpha=lr / nu)
     weight.sub_(kappa * lr * (g + coupling / nu))
     return momentum_buffer
+
+
+def release_scale(weight: Tensor) -> Tensor:
+    """``max(|W|, 1)`` elementwise: the release update's normalization (never below 1, so
+    it only shrinks the V step and never empties the support of Γ)."""
+    return weight.abs().clamp_min(1.0)
+
+
+def release_gamma(v: Tensor, weight: Tensor, kappa: float, lam: float, penalty: str) -> Tensor:
+    """Γ of the release update, ``κ·max(|W|, 1)·prox_Ω(V)``, with ``W`` the current weight.
+
+    The release code computes Γ right after each step from the new ``W``; the weight does
+    not change until the next step, so Γ is the same function of ``V`` and ``W`` at any
+    time in between and need not be stored (its support is that of ``prox_Ω(V)``).
+    """
+    return gamma_from_v(v, kappa, lam, penalty).mul_(release_scale(weight))
+
+
+def release_coupled_step(weight: Tensor, g: Tensor, v: Tensor, *, lr: float, kappa: float, nu: float, lam: float,
+                         penalty: str) -> None:
+    r"""The coupled step of ``update="release"``, in place on ``weight`` and ``v``.
+
+    With ``s(W) = max(|W|, 1)`` elementwise and ``ρ`` the share of non-zeros of the
+    layer's ``Γ_old`` (this tensor's, before the step):
+
+    .. math::
+
+        Γ_{old} &= κ\,s(W_{old})\,\mathrm{prox}_Ω(V_{old}) \\
+        W &\leftarrow W_{old} - κα\,(g + (W_{old} - Γ_{old})/ν) \\
+        V &\leftarrow V_{old} + (α/ν)\,\min(1 - ρ, 0.01)\,(W_{old} - Γ_{old}) / s(W) \\
+        Γ &= κ\,s(W)\,\mathrm{prox}_Ω(V)
+
+    (the division by ``s(W)`` uses the new ``W``). This is the update of
+    ``slbi_noconv_with_normalize.py`` in the paper's release code with its ``lr`` = ``κα``
+    (for ``κ = 1``, the setting of its script, the two are the same).
+    """
+    gamma = release_gamma(v, weight, kappa, lam, penalty)
+    # 1 − ρ stays on the device (no host sync), in float32 at least (a count in bfloat16 would round);
+    # min(1 − ρ, cap) slows V down, and stops it once Γ is full
+    dtype = torch.promote_types(v.dtype, torch.float32)
+    zero_share = (gamma.numel() - torch.count_nonzero(gamma)).to(dtype) / gamma.numel()
+    v_step = zero_share.clamp(max=RELEASE_V_STEP_CAP).to(v.dtype)
+    coupling = weight - gamma  # W_old − Γ_old
+    weight.sub_(kappa * lr * (g + coupling / nu))
+    v.add_(coupling.mul_(v_step).div_(release_scale(weight)), alpha=lr / nu)
 
 
 Piece = tuple[int, Optional[slice]]  # (parameter index, its rows along dim 0; None = whole)

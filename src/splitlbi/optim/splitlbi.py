@@ -14,7 +14,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from . import penalties as _penalties
-from .functional import StepPlan, default_wave_numel, multi_tensor_splitlbi, plan_step, splitlbi_update
+from .functional import (
+    UPDATES, StepPlan, default_wave_numel, multi_tensor_splitlbi, plan_step, release_gamma, splitlbi_update,
+)
 from .fused import NormCache, fused_splitlbi, fused_supported
 
 ParamsT = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]], Iterable[dict[str, Any]]]
@@ -40,6 +42,7 @@ class Coupled(NamedTuple):
     penalty: str
     kappa: float
     lam: float
+    update: str = "paper"
 
 
 class SplitLBI(Optimizer):
@@ -58,6 +61,20 @@ class SplitLBI(Optimizer):
     :class:`torch.optim.SGD` does. The support of ``Γ`` grows from empty to full along
     training (an inverse scale space): important filters and weights enter first.
 
+    ``update="release"`` is the variant of the paper's release code (its CIFAR pruning
+    example, ``slbi_noconv_with_normalize.py``): with ``s(W) = max(|W|, 1)`` elementwise
+    and ``ρ`` the share of non-zeros of the layer's ``Γ`` before the step,
+
+    .. math::
+
+        Γ = κ\,s(W)\,\mathrm{prox}_Ω(V), \qquad
+        W \leftarrow W - κα\,(g + (W - Γ)/ν), \qquad
+        V \leftarrow V + (α/ν)\,\min(1 - ρ, 0.01)\,(W_{old} - Γ)/s(W_{new})
+
+    (the release script uses it with ``penalty="l1"`` on every weight, ``λ = 3·10⁻⁴``,
+    ``ν = 500``, ``κ = 1``). The support of ``Γ`` is that of ``prox_Ω(V)`` under both
+    updates, so :meth:`support`, :meth:`path_scores` and the masks read the same way.
+
     Args:
         params: parameters, ``model.named_parameters()`` (names are used by
             :meth:`support` and friends), or parameter groups (dicts). Every
@@ -67,6 +84,9 @@ class SplitLBI(Optimizer):
         nu: coupling strength ``ν``.
         lam: penalty weight ``λ`` inside ``Ω``.
         momentum, dampening, nesterov, weight_decay: as in :class:`torch.optim.SGD`.
+        update: ``"paper"`` (the equations above; the default and the reference) or
+            ``"release"`` (the release code's variant above). ``"release"`` runs on the
+            per-tensor path only: ``foreach=True`` or ``fused=True`` with it is an error.
         penalty: ``"group"`` (one group per output filter of a conv weight),
             ``"neuron"`` (one group per output row of a linear weight), ``"l1"``
             (elementwise), ``"none"`` (no Γ: plain SGD(-momentum) with step ``κα``), or
@@ -81,8 +101,9 @@ class SplitLBI(Optimizer):
             ``True`` raises where it cannot run; ``False`` never uses it.
 
     State per parameter (``self.state[p]``): ``"momentum_buffer"`` and, for coupled
-    parameters, ``"v"``. ``Γ = κ·prox(V)`` is a function of ``V`` and is formed on
-    demand (:meth:`gamma`), which saves memory and passes over it.
+    parameters, ``"v"``. ``Γ = κ·prox(V)`` is a function of ``V`` (with ``update="release"``:
+    of ``V`` and the current ``W``) and is formed on demand (:meth:`gamma`), which saves
+    memory and passes over it.
 
     Example::
 
@@ -107,12 +128,14 @@ class SplitLBI(Optimizer):
         penalty: str = "auto",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        update: str = "paper",
     ) -> None:
         if fused and foreach:
             raise ValueError("Invalid fused: `foreach` and `fused` cannot both be True")
         defaults = dict(
             lr=lr, kappa=kappa, nu=nu, lam=lam, momentum=momentum, dampening=dampening,
             nesterov=nesterov, weight_decay=weight_decay, penalty=penalty, foreach=foreach, fused=fused,
+            update=update,
         )
         _validate(defaults)
         super().__init__(params, defaults)
@@ -150,6 +173,7 @@ class SplitLBI(Optimizer):
         for group in self.param_groups:
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
+            group.setdefault("update", "paper")  # states saved before the option existed
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -169,7 +193,11 @@ class SplitLBI(Optimizer):
                 momentum=group["momentum"], dampening=group["dampening"],
                 nesterov=group["nesterov"], weight_decay=group["weight_decay"],
             )
-            if self._fused_step(group, params, grads, buffers, vs, penalties, hyper):
+            if group["update"] != "paper":  # the variant runs on the per-tensor path only
+                for i, p in enumerate(params):
+                    buffers[i] = splitlbi_update(p, grads[i], buffers[i], vs[i], penalty=penalties[i],
+                                                 update=group["update"], **hyper)
+            elif self._fused_step(group, params, grads, buffers, vs, penalties, hyper):
                 pass
             elif group["foreach"] is False or torch.jit.is_scripting():
                 for i, p in enumerate(params):
@@ -290,11 +318,13 @@ class SplitLBI(Optimizer):
                 v = self.state[p].get("v") if p in self.state else None
                 if v is None:
                     v = torch.zeros_like(p)
-                yield Coupled(name, p, v, penalty, group["kappa"], group["lam"])
+                yield Coupled(name, p, v, penalty, group["kappa"], group["lam"], group["update"])
 
     def gamma(self) -> dict[str, Tensor]:
-        """``{name: Γ = κ·prox(V)}`` for every coupled parameter (new tensors)."""
-        return {c.name: _penalties.gamma_from_v(c.v, c.kappa, c.lam, c.penalty) for c in self.named_coupled()}
+        """``{name: Γ}`` for every coupled parameter (new tensors): ``κ·prox(V)``, or with
+        ``update="release"`` ``κ·max(|W|, 1)·prox(V)`` with the current ``W``."""
+        return {c.name: release_gamma(c.v, c.param.detach(), c.kappa, c.lam, c.penalty) if c.update == "release"
+                else _penalties.gamma_from_v(c.v, c.kappa, c.lam, c.penalty) for c in self.named_coupled()}
 
     def support(self) -> dict[str, Tensor]:
         """``{name: bool mask of Γ ≠ 0}``, each of the weight's shape."""
@@ -400,6 +430,12 @@ def _validate(hyper: dict[str, Any]) -> None:
         raise ValueError(f"Invalid penalty: {hyper['penalty']!r} (expected one of {_penalties.PENALTIES})")
     if hyper.get("foreach") not in (None, True, False):  # "yes" would silently mean True
         raise ValueError(f"Invalid foreach: {hyper['foreach']!r} (expected None, True or False)")
+    update = hyper.get("update", "paper")  # absent from states saved before the option existed
+    if not isinstance(update, str) or update not in UPDATES:
+        raise ValueError(f"Invalid update: {update!r} (expected one of {UPDATES})")
+    if update != "paper" and (hyper.get("foreach") or hyper.get("fused")):
+        raise ValueError(f"Invalid update: {update!r} runs on the per-tensor path only "
+                         f"(got foreach={hyper.get('foreach')!r}, fused={hyper.get('fused')!r}; leave them None)")
 
 
 def _check_unique(params: list[Any], offset: int) -> None:

@@ -12,6 +12,7 @@ import torch
 
 from splitlbi.data.augment import AUGMENTATIONS
 from splitlbi.errors import SplitLBIError
+from splitlbi.optim.functional import UPDATES
 from splitlbi.optim.penalties import PENALTIES
 
 __all__ = [
@@ -69,7 +70,7 @@ class TrainConfig:
     """Everything that defines a training run; ``splitlbi train`` parses its arguments into this.
 
     The defaults are those of the command line. SplitLBI-only settings (``kappa``, ``nu``,
-    ``lam``, ``penalty``) are ignored by the baseline optimizers; ``momentum`` and
+    ``lam``, ``penalty``, ``linear_penalty``, ``update``) are ignored by the baseline optimizers; ``momentum`` and
     ``nesterov`` apply to ``splitlbi`` and ``sgd`` only.
     """
 
@@ -89,6 +90,9 @@ class TrainConfig:
     lam: float = 1.0
     penalty: str = "auto"
     linear_penalty: str = "none"
+    # SplitLBI's update, one of UPDATES: "paper" (the reference) or "release" (the release code's
+    # variant, SplitLBI(update="release")). Runs written before the field existed used "paper".
+    update: str = "paper"
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -217,6 +221,7 @@ def validate_config(config: TrainConfig) -> None:
              f"unknown --penalty {config.penalty!r} (choose from {', '.join(PENALTIES)})")
     _require(config.linear_penalty in ("auto", "l1", "neuron", "none"),
              f"unknown --linear-penalty {config.linear_penalty!r} (choose from auto, l1, neuron, none)")
+    _require(config.update in UPDATES, f"unknown --update {config.update!r} (choose from {', '.join(UPDATES)})")
     _require(config.nonfinite in NONFINITE_CHOICES,
              f"unknown --nonfinite {config.nonfinite!r} (choose from {', '.join(NONFINITE_CHOICES)})")
     _require(config.augment in AUGMENTATIONS,

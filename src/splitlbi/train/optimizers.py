@@ -43,7 +43,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
                 params = [group for group in groups if group["params"]]
             return SplitLBI(params, lr=config.lr, kappa=config.kappa, nu=config.nu,
                             lam=config.lam, momentum=config.momentum, nesterov=config.nesterov,
-                            weight_decay=config.weight_decay, penalty=config.penalty)
+                            weight_decay=config.weight_decay, penalty=config.penalty, update=config.update)
         parameters: List[nn.Parameter] = list(model.parameters())
         if name == "sgd":
             return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
