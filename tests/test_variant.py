@@ -332,3 +332,23 @@ def test_release_with_lambda_zero_and_float32_runs():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert opt.nonzero_share().overall > 0.9
 
+
+
+def test_training_run_with_the_release_update_records_it_and_resumes_bitwise(tmp_path):
+    """``splitlbi train --update release``: config.json and the checkpoint's optimizer carry the update, and
+    a run stopped after one epoch and resumed ends with the weights of the run trained straight."""
+    from splitlbi.train import TrainConfig, load_checkpoint, read_run_config, run_training
+    from splitlbi.train.run import load_model_from_run
+
+    config = TrainConfig(dataset="digits", epochs=2, batch_size=64, limit_train=256, limit_test=128, lr=0.05,
+                         nu=0.5, lam=1e-3, update="release", progress=False)
+    straight = run_training(config, tmp_path / "straight", log=None)
+    assert read_run_config(straight)["update"] == "release"
+    groups = load_checkpoint(straight)["optimizer"]["param_groups"]
+    assert {g["update"] for g in groups} == {"release"}
+
+    stopped = run_training(dataclasses.replace(config, epochs=1), tmp_path / "resumed", log=None)
+    run_training(config, stopped, resume=True, log=None)
+    first, second = load_model_from_run(straight), load_model_from_run(stopped)
+    for (name, p), q in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(p, q), name
