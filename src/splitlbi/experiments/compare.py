@@ -72,6 +72,7 @@ from splitlbi.train.run import (
 )
 from splitlbi.train.rundir import LOCK_FILE
 from splitlbi.utils.io import atomic_write_text
+from splitlbi.train.runfiles import read_metrics
 
 __all__ = [
     "VARIANTS", "VARIANT_NAMES", "DEFAULT_WEIGHT_DECAY", "TABLE_COLUMNS", "Variant",
@@ -166,13 +167,7 @@ def run_dir_for(out_dir: PathLike, name: str, seed: int) -> Path:
 # --------------------------------------------------------------------------- one run
 
 
-def _read_metrics(run_dir: Path) -> List[Dict[str, str]]:
-    path = run_dir / METRICS_FILE
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [upgrade_metrics_row(row) for row in csv.DictReader(handle)]
-    except (OSError, UnicodeDecodeError) as error:
-        raise SplitLBIError(f"cannot read {path}: {error}") from None
+_read_metrics = read_metrics  # metrics.csv rows as dicts, through the one reader of run files
 
 
 def _float(text: Optional[str]) -> Optional[float]:

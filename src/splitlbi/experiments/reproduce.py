@@ -38,6 +38,7 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.experiments.recipes import EXPERIMENTS, FIGURES, Recipe, load_recipe
 from splitlbi.experiments.workspace import Workspace, config_settings
 from splitlbi.train.config import TrainConfig
+from splitlbi.train.runfiles import read_metric_columns
 from splitlbi.utils.io import atomic_write_csv, atomic_write_text
 
 __all__ = ["reproduce", "FIGURE_FUNCTIONS", "sweep_settings", "mask_facts"]
@@ -92,7 +93,7 @@ def _sweep_runs(ws: Workspace, recipe: Recipe) -> Dict[Tuple[float, float], List
 
 def _sweep_figure(ws: Workspace, recipe: Recipe, columns: Sequence[Tuple[str, str, float]], out: Path,
                   title: str, note: str) -> List[Path]:
-    from splitlbi.plots.curves import Panel, mean_curve, read_metrics
+    from splitlbi.plots.curves import Panel, mean_curve
 
     runs = _sweep_runs(ws, recipe)
     settings = sweep_settings(recipe)
@@ -102,7 +103,7 @@ def _sweep_figure(ws: Workspace, recipe: Recipe, columns: Sequence[Tuple[str, st
         for column, axis, scale in columns:
             panel = Panel(f"{axis.split(' (')[0]}, several {symbol}", "epoch", axis)
             for kappa, nu in settings[group]:
-                metrics = [read_metrics(run) for run in runs[(kappa, nu)]]
+                metrics = [read_metric_columns(run) for run in runs[(kappa, nu)]]
                 value = kappa if group == "kappa" else nu
                 other = nu if group == "kappa" else kappa
                 panel.series.append(mean_curve(
@@ -157,11 +158,11 @@ def fig6(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
 
 def fig8(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     """Sparsity over training of the SplitLBI runs that give the lottery masks, mean ± std over seeds."""
-    from splitlbi.plots.curves import Heatmap, Panel, layer_filter_share, mean_curve, read_metrics
+    from splitlbi.plots.curves import Heatmap, Panel, layer_filter_share, mean_curve
     from splitlbi.plots.style import method_color
 
     runs = [_train(ws, recipe.train_config(optimizer="splitlbi", seed=seed)) for seed in recipe.seeds]
-    metrics = [read_metrics(run) for run in runs]
+    metrics = [read_metric_columns(run) for run in runs]
     overall = Panel("Non-zeros of Γ", "epoch", "non-zeros of Γ (% of coupled weights)")
     overall.series.append(mean_curve("SplitLBI", [[100.0 * v for v in m["gamma_nonzero_share"]] for m in metrics],
                                      metrics[0]["epoch"], color=method_color("splitlbi")))
@@ -255,9 +256,7 @@ def _baseline_job(ws: Workspace, name: str, label: str, config: TrainConfig, *, 
 
 
 def _final(run: Path) -> float:
-    from splitlbi.plots.curves import read_metrics
-
-    return read_metrics(run)["test_acc"][-1]
+    return read_metric_columns(run)["test_acc"][-1]
 
 
 def mask_facts(mask_file: Optional[Path], example_shape: Sequence[int], config: Dict[str, Any], *,
@@ -430,14 +429,14 @@ def fig5(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
 
 def fig7(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     """F-epoch K fine-tuning curves against the dense model; SplitLBI (Lottery) against SGD (Lottery)."""
-    from splitlbi.plots.curves import Panel, Series, read_metrics
+    from splitlbi.plots.curves import Panel, Series
     from splitlbi.plots.style import method_color
 
     experiment = _subnetworks(ws, recipe, "group", baselines=False)
     sub = recipe.section("subnet")
     base = recipe.train_config(seed=recipe.seeds[0])
     settings = _retrain_settings(recipe, base, "finetune")
-    dense = read_metrics(experiment.splitlbi)
+    dense = read_metric_columns(experiment.splitlbi)
     finetune = Panel("Fine-tuning from epoch K (F-epoch K)", "epoch", "test accuracy (%)")
     finetune.series.append(Series("SplitLBI dense W", dense["epoch"], dense["test_acc"],
                                   color=method_color("splitlbi")))
@@ -450,21 +449,21 @@ def fig7(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     for index, epoch in enumerate(epochs):
         run = _retrain_job(ws, f"{experiment.splitlbi.name}-finetune-K{epoch}", experiment.splitlbi, "finetune",
                            settings, epoch=epoch)
-        metrics = read_metrics(run)
+        metrics = read_metric_columns(run)
         # Starts from the sparse model at K (W_K on the support of Γ_K), as the dotted curve has it.
         start = dense["sparse_test_acc"][dense["epoch"].index(epoch)]
         finetune.series.append(Series(f"F-epoch {epoch}", [float(epoch)] + [epoch + e for e in metrics["epoch"]],
                                       [start] + metrics["test_acc"],
                                       color=colormap(index / max(1, len(epochs) - 1) * 0.8)))
     lottery = Panel("Lottery retraining from the initialization", "retraining epoch", "test accuracy (%)")
-    sgd = read_metrics(experiment.sgd)
+    sgd = read_metric_columns(experiment.sgd)
     lottery.series.append(Series("SGD (dense)", sgd["epoch"], sgd["test_acc"], color=method_color("sgd")))
     for epoch, run in experiment.lottery.items():
-        metrics = read_metrics(run)
+        metrics = read_metric_columns(run)
         lottery.series.append(Series(f"SplitLBI (Lottery), K={epoch}", metrics["epoch"], metrics["test_acc"],
                                      color=method_color("splitlbi"), marker="*" if len(experiment.lottery) == 1
                                      else None))
-        metrics = read_metrics(experiment.sgd_lottery[epoch])
+        metrics = read_metric_columns(experiment.sgd_lottery[epoch])
         lottery.series.append(Series(f"SGD (Lottery), K={epoch}", metrics["epoch"], metrics["test_acc"],
                                      color=method_color("lottery"), style="--"))
     return _draw([finetune, lottery], out, "Fine-tuning and lottery retraining of sparse sub-networks (Fig. 7)",
