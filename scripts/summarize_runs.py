@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from splitlbi.errors import SplitLBIError
 from splitlbi.train.run import read_run_config
 from splitlbi.train.runfiles import iter_path, read_metrics
 
@@ -16,6 +17,8 @@ from splitlbi.train.runfiles import iter_path, read_metrics
 def summarize(run: Path) -> dict:
     config = read_run_config(run)
     metrics = read_metrics(run)  # runs written before a column rename are upgraded there
+    if not metrics:
+        raise SplitLBIError(f"{run} has not finished an epoch yet")
     last = metrics[-1]
     final_epoch, selected, total = -1, Counter(), Counter()
     for row in iter_path(run):
@@ -39,7 +42,7 @@ def summarize(run: Path) -> dict:
     }
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str]) -> int:
     print("| run | optimizer | epochs | test acc (final) | test acc (best) | sparse model acc | Γ non-zeros "
           "| filters/neurons selected | s/epoch |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -50,7 +53,12 @@ def main(paths: list[str]) -> None:
         filters = ", ".join(f"{k} {v}" for k, v in s["filters"].items()) if s["filters"] else "–"
         print(f"| {s['run']} | {s['optimizer']} | {s['epochs']} | {s['dense']:.2f} | {s['best']:.2f} | {sparse} "
               f"| {nonzeros} | {filters} | {s['seconds_per_epoch']:.1f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except SplitLBIError as error:  # not a run directory, or one without an epoch yet
+        print(f"summarize_runs.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
