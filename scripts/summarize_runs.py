@@ -5,26 +5,28 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 
+from splitlbi.errors import SplitLBIError
+from splitlbi.train.run import read_run_config
+from splitlbi.train.runfiles import iter_path, read_metrics
+
 
 def summarize(run: Path) -> dict:
-    config = json.loads((run / "config.json").read_text())
-    # Runs written before the rename call the share of non-zeros of Γ "sparsity".
-    metrics = [{"gamma_nonzero_share" if key == "sparsity" else key: value for key, value in row.items()}
-               for row in csv.DictReader((run / "metrics.csv").open())]
+    config = read_run_config(run)
+    metrics = read_metrics(run)  # runs written before a column rename are upgraded there
+    if not metrics:
+        raise SplitLBIError(f"{run} has not finished an epoch yet")
     last = metrics[-1]
-    rows = list(csv.DictReader((run / "path.csv").open()))
-    final_epoch = max(int(r["epoch"]) for r in rows)
-    selected, total = Counter(), Counter()
-    for r in rows:
-        if int(r["epoch"]) == final_epoch:
-            total[r["layer"]] += 1
-            selected[r["layer"]] += r["in_support"] in ("1", "True")
+    final_epoch, selected, total = -1, Counter(), Counter()
+    for row in iter_path(run):
+        if row.epoch > final_epoch:  # filters kept at the last epoch of path.csv
+            final_epoch, selected, total = row.epoch, Counter(), Counter()
+        if row.epoch == final_epoch:
+            total[row.layer] += 1
+            selected[row.layer] += bool(row.in_support)
     has_gamma = last["gamma_nonzero_share"] != ""
     seconds = sum(float(m["epoch_seconds"]) for m in metrics)
     return {
@@ -40,7 +42,7 @@ def summarize(run: Path) -> dict:
     }
 
 
-def main(paths: list[str]) -> None:
+def main(paths: list[str]) -> int:
     print("| run | optimizer | epochs | test acc (final) | test acc (best) | sparse model acc | Γ non-zeros "
           "| filters/neurons selected | s/epoch |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -51,7 +53,12 @@ def main(paths: list[str]) -> None:
         filters = ", ".join(f"{k} {v}" for k, v in s["filters"].items()) if s["filters"] else "–"
         print(f"| {s['run']} | {s['optimizer']} | {s['epochs']} | {s['dense']:.2f} | {s['best']:.2f} | {sparse} "
               f"| {nonzeros} | {filters} | {s['seconds_per_epoch']:.1f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except SplitLBIError as error:  # not a run directory, or one without an epoch yet
+        print(f"summarize_runs.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)

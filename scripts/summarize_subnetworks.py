@@ -7,8 +7,8 @@ from pathlib import Path
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.experiments.reproduce import mask_facts
-from splitlbi.plots.curves import read_metrics
 from splitlbi.train.run import read_run_config
+from splitlbi.train.runfiles import read_metric_columns
 
 
 def summarize(runs: Path, k: str) -> None:
@@ -26,7 +26,7 @@ def summarize(runs: Path, k: str) -> None:
         if not (runs / folder / "metrics.csv").is_file():
             print(f"| {name} | | | | | not run |")
             continue
-        accuracy = read_metrics(runs / folder)["test_acc"][-1]
+        accuracy = read_metric_columns(runs / folder)["test_acc"][-1]
         if mask is None:
             facts = mask_facts(None, shape, info)
         else:

@@ -117,7 +117,7 @@ def test_optional_subcommands_are_registered_when_present(capsys: pytest.Capture
     parser = cli_main.build_parser()
     choices = next(a for a in parser._actions if a.dest == "command").choices
     assert "train" in choices
-    for module_name, command in (("splitlbi.plots.cli", "plot"), ("splitlbi.experiments.demo", "demo")):
+    for module_name, command in (("splitlbi.cli.figures", "plot"), ("splitlbi.cli.demo", "demo")):
         try:
             __import__(module_name)
         except ModuleNotFoundError:

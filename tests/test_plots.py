@@ -19,7 +19,7 @@ from matplotlib.colors import to_hex
 from torch import nn
 
 from splitlbi.errors import SplitLBIError
-from splitlbi.plots import cli as plots_cli
+from splitlbi.cli import figures as plots_cli
 from splitlbi.plots.filters import (
     activation_maximization,
     checkpoint_epochs,

@@ -21,9 +21,9 @@ PROGRAM = "splitlbi"
 #: Subcommand modules that are always present.
 CORE_COMMANDS = ("splitlbi.cli.train",)
 #: Subcommand modules written separately; a missing one just leaves its subcommand out.
-OPTIONAL_COMMANDS = ("splitlbi.plots.cli", "splitlbi.experiments.demo", "splitlbi.experiments.compare",
+OPTIONAL_COMMANDS = ("splitlbi.cli.figures", "splitlbi.cli.demo", "splitlbi.cli.compare",
                      "splitlbi.cli.masks", "splitlbi.cli.retrain", "splitlbi.cli.compact",
-                     "splitlbi.cli.baseline", "splitlbi.experiments.reproduce")
+                     "splitlbi.cli.baseline", "splitlbi.cli.reproduce")
 
 
 def _one_line(message: object) -> str:

@@ -38,7 +38,6 @@ leaves the sparse model a few points below the dense one.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import shutil
@@ -49,13 +48,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 import numpy as np
 import torch
 
-from splitlbi.cli.argtypes import positive_int
 from splitlbi.errors import SplitLBIError
 from splitlbi.train import TrainConfig, read_run_config, run_training
 from splitlbi.train.run import load_masks
 
 __all__ = [
-    "DEMO_SETTINGS", "DEMO_EPOCHS", "LAYER", "add_parser", "run_demo", "demo_configs", "format_summary",
+    "DEMO_SETTINGS", "DEMO_EPOCHS", "LAYER", "run_demo", "demo_configs", "format_summary",
 ]
 
 PathLike = Union[str, "Path"]
@@ -299,33 +297,3 @@ def _run_demo(out: Path, epochs: int, progress: bool, log: Optional[Callable[[st
     text = format_summary(summary)
     (out / SUMMARY_FILE).write_text(text, encoding="utf-8")
     return summary
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Register ``demo`` on the ``splitlbi`` subcommand parsers."""
-    parser = subparsers.add_parser(
-        "demo",
-        help="Figure 1 in half a minute: LeNet-5 on the bundled digits, SplitLBI vs SGD (no download)",
-        description="Train LeNet-5 on scikit-learn's bundled digits with SplitLBI and with SGD from the same "
-                    "initialization, then draw the conv3 filter paths (filter_paths.png), activation-maximization "
-                    "images of conv3 filters (conv3_filters.png) and write summary.txt. Runs offline on a CPU "
-                    "in well under a minute. Re-running into the same --out replaces its previous output.",
-    )
-    parser.add_argument("--out", default="splitlbi-demo", metavar="DIR",
-                        help="output folder: new, empty or a previous demo's (default: ./splitlbi-demo)")
-    parser.add_argument("--epochs", type=positive_int, default=DEMO_EPOCHS, metavar="N",
-                        help=f"epochs of each run (default: {DEMO_EPOCHS})")
-    parser.add_argument("--no-progress", action="store_true", help="print only the summary")
-    parser.set_defaults(func=_run)
-    return parser
-
-
-def _run(namespace: argparse.Namespace) -> int:
-    progress = not namespace.no_progress
-    summary = run_demo(namespace.out, epochs=namespace.epochs, progress=progress)
-    text = format_summary(summary)
-    print(("\n" if progress else "") + text, end="")
-    return 0

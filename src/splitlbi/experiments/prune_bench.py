@@ -318,11 +318,11 @@ class _Bench:
                test_acc: Optional[float] = None, before: Optional[float] = None, k: Optional[int] = None,
                normalize: Optional[str] = None, default: bool = True, dense_epochs: float = 0.0) -> None:
         """One CSV row; ``dense_epochs``: epochs trained on the whole network (the rest is sparse)."""
-        from splitlbi.plots.curves import read_metrics
+        from splitlbi.train.runfiles import read_metric_columns
 
         facts = self.facts(mask)
         if test_acc is None and run is not None:
-            test_acc = read_metrics(run)["test_acc"][-1]
+            test_acc = read_metric_columns(run)["test_acc"][-1]
         total = self.E + self.F
         self.rows.append({
             "method": method, "model": self.info["model"], "target_macs": target, "seed": self.seed, "K": k,

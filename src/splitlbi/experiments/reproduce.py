@@ -26,7 +26,6 @@ Which runs each figure uses:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shutil
 import statistics
@@ -39,9 +38,10 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.experiments.recipes import EXPERIMENTS, FIGURES, Recipe, load_recipe
 from splitlbi.experiments.workspace import Workspace, config_settings
 from splitlbi.train.config import TrainConfig
+from splitlbi.train.runfiles import read_metric_columns
 from splitlbi.utils.io import atomic_write_csv, atomic_write_text
 
-__all__ = ["reproduce", "add_parser", "FIGURE_FUNCTIONS", "sweep_settings", "mask_facts"]
+__all__ = ["reproduce", "FIGURE_FUNCTIONS", "sweep_settings", "mask_facts"]
 
 FIGURES_DIR = "figures"
 Log = Optional[Callable[[str], None]]
@@ -93,7 +93,7 @@ def _sweep_runs(ws: Workspace, recipe: Recipe) -> Dict[Tuple[float, float], List
 
 def _sweep_figure(ws: Workspace, recipe: Recipe, columns: Sequence[Tuple[str, str, float]], out: Path,
                   title: str, note: str) -> List[Path]:
-    from splitlbi.plots.curves import Panel, mean_curve, read_metrics
+    from splitlbi.plots.curves import Panel, mean_curve
 
     runs = _sweep_runs(ws, recipe)
     settings = sweep_settings(recipe)
@@ -103,7 +103,7 @@ def _sweep_figure(ws: Workspace, recipe: Recipe, columns: Sequence[Tuple[str, st
         for column, axis, scale in columns:
             panel = Panel(f"{axis.split(' (')[0]}, several {symbol}", "epoch", axis)
             for kappa, nu in settings[group]:
-                metrics = [read_metrics(run) for run in runs[(kappa, nu)]]
+                metrics = [read_metric_columns(run) for run in runs[(kappa, nu)]]
                 value = kappa if group == "kappa" else nu
                 other = nu if group == "kappa" else kappa
                 panel.series.append(mean_curve(
@@ -158,11 +158,11 @@ def fig6(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
 
 def fig8(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     """Sparsity over training of the SplitLBI runs that give the lottery masks, mean ± std over seeds."""
-    from splitlbi.plots.curves import Heatmap, Panel, layer_filter_share, mean_curve, read_metrics
+    from splitlbi.plots.curves import Heatmap, Panel, layer_filter_share, mean_curve
     from splitlbi.plots.style import method_color
 
     runs = [_train(ws, recipe.train_config(optimizer="splitlbi", seed=seed)) for seed in recipe.seeds]
-    metrics = [read_metrics(run) for run in runs]
+    metrics = [read_metric_columns(run) for run in runs]
     overall = Panel("Non-zeros of Γ", "epoch", "non-zeros of Γ (% of coupled weights)")
     overall.series.append(mean_curve("SplitLBI", [[100.0 * v for v in m["gamma_nonzero_share"]] for m in metrics],
                                      metrics[0]["epoch"], color=method_color("splitlbi")))
@@ -256,9 +256,7 @@ def _baseline_job(ws: Workspace, name: str, label: str, config: TrainConfig, *, 
 
 
 def _final(run: Path) -> float:
-    from splitlbi.plots.curves import read_metrics
-
-    return read_metrics(run)["test_acc"][-1]
+    return read_metric_columns(run)["test_acc"][-1]
 
 
 def mask_facts(mask_file: Optional[Path], example_shape: Sequence[int], config: Dict[str, Any], *,
@@ -431,14 +429,14 @@ def fig5(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
 
 def fig7(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     """F-epoch K fine-tuning curves against the dense model; SplitLBI (Lottery) against SGD (Lottery)."""
-    from splitlbi.plots.curves import Panel, Series, read_metrics
+    from splitlbi.plots.curves import Panel, Series
     from splitlbi.plots.style import method_color
 
     experiment = _subnetworks(ws, recipe, "group", baselines=False)
     sub = recipe.section("subnet")
     base = recipe.train_config(seed=recipe.seeds[0])
     settings = _retrain_settings(recipe, base, "finetune")
-    dense = read_metrics(experiment.splitlbi)
+    dense = read_metric_columns(experiment.splitlbi)
     finetune = Panel("Fine-tuning from epoch K (F-epoch K)", "epoch", "test accuracy (%)")
     finetune.series.append(Series("SplitLBI dense W", dense["epoch"], dense["test_acc"],
                                   color=method_color("splitlbi")))
@@ -451,21 +449,21 @@ def fig7(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     for index, epoch in enumerate(epochs):
         run = _retrain_job(ws, f"{experiment.splitlbi.name}-finetune-K{epoch}", experiment.splitlbi, "finetune",
                            settings, epoch=epoch)
-        metrics = read_metrics(run)
+        metrics = read_metric_columns(run)
         # Starts from the sparse model at K (W_K on the support of Γ_K), as the dotted curve has it.
         start = dense["sparse_test_acc"][dense["epoch"].index(epoch)]
         finetune.series.append(Series(f"F-epoch {epoch}", [float(epoch)] + [epoch + e for e in metrics["epoch"]],
                                       [start] + metrics["test_acc"],
                                       color=colormap(index / max(1, len(epochs) - 1) * 0.8)))
     lottery = Panel("Lottery retraining from the initialization", "retraining epoch", "test accuracy (%)")
-    sgd = read_metrics(experiment.sgd)
+    sgd = read_metric_columns(experiment.sgd)
     lottery.series.append(Series("SGD (dense)", sgd["epoch"], sgd["test_acc"], color=method_color("sgd")))
     for epoch, run in experiment.lottery.items():
-        metrics = read_metrics(run)
+        metrics = read_metric_columns(run)
         lottery.series.append(Series(f"SplitLBI (Lottery), K={epoch}", metrics["epoch"], metrics["test_acc"],
                                      color=method_color("splitlbi"), marker="*" if len(experiment.lottery) == 1
                                      else None))
-        metrics = read_metrics(experiment.sgd_lottery[epoch])
+        metrics = read_metric_columns(experiment.sgd_lottery[epoch])
         lottery.series.append(Series(f"SGD (Lottery), K={epoch}", metrics["epoch"], metrics["test_acc"],
                                      color=method_color("lottery"), style="--"))
     return _draw([finetune, lottery], out, "Fine-tuning and lottery retraining of sparse sub-networks (Fig. 7)",
@@ -612,40 +610,3 @@ def reproduce(figures: Sequence[str], scale: str = "smoke", out_dir: Optional[Pa
     runs = f": runs {ws.summary()}" if ws.counts else ""  # table1's runs are compare's, reported above
     say(f"done in {time.perf_counter() - started:.0f}s{runs}")
     return written
-
-
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    """Register ``reproduce`` on the ``splitlbi`` subcommand parsers."""
-    parser = subparsers.add_parser(
-        "reproduce", help="run a figure's experiment from its recipe (or reuse finished runs) and draw it",
-        description="Run what a figure or table of the paper needs, as its recipe (recipes/<fig>.toml) says at "
-                    "--scale, skipping finished runs and resuming interrupted ones, then draw it into "
-                    "OUT/figures/<fig>.png (+ .pdf and the .csv of the plotted numbers).")
-    parser.add_argument("figures", nargs="+", metavar="FIG", help=f"{', '.join(EXPERIMENTS)}, or all (the "
-                        "figures and table of the paper; prune-bench, the pruning benchmark at a MACs budget, "
-                        "runs only when named)")
-    parser.add_argument("--scale", default="smoke", help="recipe scale: smoke (minutes on a CPU), cpu (the runs "
-                        "of docs/results.md), paper (the paper's setting) (default: smoke)")
-    parser.add_argument("--out", metavar="DIR", help="reproduction folder (default: reproduce-<scale>)")
-    parser.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: $SPLITLBI_DATA, else "
-                        "~/.cache/splitlbi)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="change one recipe entry, e.g. --set train.model=vgg16_bn --set run.seeds=[0,1]")
-    parser.add_argument("--recipe", metavar="FILE", help="use this recipe file instead of the bundled one")
-    parser.add_argument("--reuse", nargs="+", default=[], metavar="RUN_DIR",
-                        help="finished `splitlbi train` runs to copy in where a needed run has exactly their settings")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.set_defaults(func=_run)
-    return parser
-
-
-def _run(arguments: argparse.Namespace) -> int:
-    import os
-
-    data_dir = arguments.data_dir or os.environ.get("SPLITLBI_DATA")
-    reproduce(arguments.figures, arguments.scale, Path(arguments.out) if arguments.out else None,
-              data_dir=data_dir, device=arguments.device, progress=not arguments.no_progress,
-              overrides=arguments.overrides, recipe_file=Path(arguments.recipe) if arguments.recipe else None,
-              reuse=[Path(folder) for folder in arguments.reuse])
-    return 0

@@ -1,7 +1,7 @@
 """Figures of the paper from run directories: filter paths, filter images, guided backprop, curves, style.
 
-Names are loaded lazily so that ``splitlbi --help`` (which imports ``plots.cli``)
-does not pay for matplotlib and torch.
+Names are loaded lazily so that ``import splitlbi.plots`` (and ``splitlbi --help``) does
+not pay for matplotlib. The ``splitlbi plot`` command is :mod:`splitlbi.cli.figures`.
 """
 
 from __future__ import annotations

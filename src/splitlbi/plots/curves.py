@@ -8,7 +8,6 @@ repeats, empty for a single run).
 
 from __future__ import annotations
 
-import csv
 import math
 import statistics
 import textwrap
@@ -16,8 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from splitlbi.errors import SplitLBIError
-from splitlbi.train.run import METRICS_FILE, PATH_FILE, upgrade_metrics_row
+from splitlbi.train.runfiles import iter_path, read_metric_columns
 from splitlbi.utils.io import atomic_write_csv
 
 __all__ = ["Series", "Panel", "Heatmap", "read_metrics", "layer_filter_share", "mean_curve", "draw_panels", "CSV_COLUMNS"]
@@ -25,36 +23,19 @@ __all__ = ["Series", "Panel", "Heatmap", "read_metrics", "layer_filter_share", "
 CSV_COLUMNS = ("panel", "series", "x", "y", "y_std", "n")
 
 
-def _float(text: Optional[str]) -> float:
-    return float(text) if text not in (None, "") else math.nan
-
-
-def read_metrics(run_dir: Path) -> Dict[str, List[float]]:
-    """``metrics.csv`` of a run as ``{column: values by row}`` (missing cells are NaN)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise SplitLBIError(f"{run_dir} has no {METRICS_FILE} (not a run directory?)")
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        if not rows:
-            raise SplitLBIError(f"{path} has no epochs yet")
-        rows = [upgrade_metrics_row(row) for row in rows]  # runs written before a column rename
-        return {column: [_float(row.get(column)) for row in rows] for column in rows[0]}
-    except (UnicodeDecodeError, ValueError) as error:  # not UTF-8, or a cell that is not a number
-        raise SplitLBIError(f"cannot read {path}: {' '.join(str(error).split())}") from None
+#: ``metrics.csv`` as ``{column: values by epoch}``; kept here for the figure code and older callers.
+read_metrics = read_metric_columns
 
 
 def layer_filter_share(run_dir: Path) -> Dict[str, Dict[int, float]]:
     """``{layer: {epoch: share of its filters in the support of Γ}}`` from ``path.csv``."""
     counts: Dict[str, Dict[int, List[int]]] = {}
-    with open(Path(run_dir) / PATH_FILE, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row["in_support"] in ("", None):
-                continue
-            kept_total = counts.setdefault(row["layer"], {}).setdefault(int(row["epoch"]), [0, 0])
-            kept_total[0] += row["in_support"] in ("1", "True", "true")
-            kept_total[1] += 1
+    for row in iter_path(run_dir):
+        if row.in_support is None:  # a run without Γ
+            continue
+        kept_total = counts.setdefault(row.layer, {}).setdefault(row.epoch, [0, 0])
+        kept_total[0] += row.in_support
+        kept_total[1] += 1
     return {layer: {epoch: kept / total for epoch, (kept, total) in epochs.items()}
             for layer, epochs in counts.items()}
 

@@ -16,7 +16,6 @@ one inactive everywhere on the image, has an all-zero response.
 
 from __future__ import annotations
 
-import csv
 import warnings
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from splitlbi.errors import SplitLBIError
 from splitlbi.plots.filters import grid_shape
 from splitlbi.plots.style import COLUMN_WIDTH, FULL_WIDTH, method_color, paper_style, save_figure
+from splitlbi.utils.io import atomic_write_csv
 
 __all__ = ["first_conv_block", "guided_backprop_responses", "plot_guided_backprop"]
 
@@ -314,15 +314,12 @@ def plot_guided_backprop(
     arrays = {
         f"{method}|{int(epoch)}": value.detach().float().cpu().numpy() for (method, epoch), value in responses.items()
     }
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["method", "epoch", "image", "filter", "mean_abs", "max_abs"])
-        for (method, epoch), value in responses.items():
-            magnitude = np.abs(arrays[f"{method}|{int(epoch)}"]).reshape(shape[0], shape[1], -1)
-            for i in range(shape[0]):
-                for k, f in enumerate(filter_ids):
-                    writer.writerow([method, int(epoch), i, f, f"{magnitude[i, k].mean():.6g}",
-                                     f"{magnitude[i, k].max():.6g}"])
+    rows = []
+    for (method, epoch), value in responses.items():
+        magnitude = np.abs(arrays[f"{method}|{int(epoch)}"]).reshape(shape[0], shape[1], -1)
+        rows.extend([method, int(epoch), i, f, f"{magnitude[i, k].mean():.6g}", f"{magnitude[i, k].max():.6g}"]
+                    for i in range(shape[0]) for k, f in enumerate(filter_ids))
+    atomic_write_csv(csv_path, ["method", "epoch", "image", "filter", "mean_abs", "max_abs"], rows)
     np.savez_compressed(
         npz_path, images=images.detach().float().cpu().numpy(), filters=np.asarray(filter_ids), **arrays
     )

@@ -10,7 +10,6 @@ same filters.
 
 from __future__ import annotations
 
-import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,8 @@ from splitlbi.plots.style import (
     run_label,
     save_figure,
 )
-
-PATH_CSV_COLUMNS = ("epoch", "layer", "filter", "w_norm", "in_support")
-_TRUE_FLAGS = {"1", "1.0", "true", "t", "yes"}
-_FALSE_FLAGS = {"0", "0.0", "false", "f", "no"}
+from splitlbi.train.run import PATH_FILE
+from splitlbi.train.runfiles import iter_path, path_layers
 
 
 @dataclass(frozen=True)
@@ -69,59 +66,16 @@ def read_run_config(run_dir: Path, required: bool = False) -> dict[str, Any]:
         raise SplitLBIError(f"{config_path}: not valid JSON ({exc})") from exc
 
 
-def parse_support_flag(text: str) -> Optional[bool]:
-    """An ``in_support`` cell as a bool: 0/1 or True/False; empty means "no Γ" (None)."""
-    flag = text.strip().lower()
-    if not flag:
-        return None
-    if flag in _TRUE_FLAGS:
-        return True
-    if flag in _FALSE_FLAGS:
-        return False
-    raise SplitLBIError(f"in_support value {text!r} is neither 0/1 nor True/False")
-
-
 def read_filter_paths(run_dir: Path, layer: str) -> FilterPaths:
     """Read the paths of ``layer`` from ``RUN_DIR/path.csv``.
 
     Raises SplitLBIError when the run has no path.csv, the file lacks columns, or the
     layer is not in it (the message lists the layers that are).
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise SplitLBIError(f"run directory {run_dir} does not exist")
-    csv_path = run_dir / "path.csv"
-    if not csv_path.is_file():
-        raise SplitLBIError(f"{run_dir}: no path.csv (was the run trained with path logging?)")
-
-    layers_present: list[str] = []
-    rows: list[tuple[int, int, float, Optional[bool]]] = []
-    with csv_path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in PATH_CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SplitLBIError(f"{csv_path}: missing column(s) {', '.join(missing)}")
-        try:
-            for row in reader:
-                row_layer = row["layer"]
-                if row_layer != layer:
-                    if row_layer not in layers_present:
-                        layers_present.append(row_layer)
-                    continue
-                rows.append(
-                    (
-                        int(float(row["epoch"])),
-                        int(float(row["filter"])),
-                        float(row["w_norm"]),
-                        parse_support_flag(row["in_support"] or ""),
-                    )
-                )
-        except (ValueError, TypeError) as exc:
-            raise SplitLBIError(f"{csv_path}, line {reader.line_num}: {exc}") from exc
-
+    rows = [(row.epoch, row.filter, row.w_norm, row.in_support) for row in iter_path(run_dir, layer=layer)]
     if not rows:
-        present = ", ".join(layers_present) if layers_present else "none"
-        raise SplitLBIError(f"layer {layer!r} not in {csv_path}; layers present: {present}")
+        present = ", ".join(path_layers(run_dir)) or "none"
+        raise SplitLBIError(f"layer {layer!r} not in {Path(run_dir) / PATH_FILE}; layers present: {present}")
     return _paths_from_rows(layer, rows)
 
 

@@ -39,7 +39,6 @@ most the target and within :data:`TOLERANCE` (2 points) of it. How:
 from __future__ import annotations
 
 import copy
-import csv
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,26 +135,19 @@ def path_scores(source: Any, epoch: Optional[int] = None) -> Dict[str, Tensor]:
 
 def _run_path_scores(run_dir: Path, epoch: int) -> Dict[str, Tensor]:
     from splitlbi.train.run import PATH_FILE, read_run_config
+    from splitlbi.train.runfiles import iter_path, path_columns
 
     info = read_run_config(run_dir)
     if info.get("optimizer", "splitlbi") != "splitlbi" or "baseline" in info or "retrain" in info:
         raise SplitLBIError(f"{run_dir} has no path scores: it was not trained by SplitLBI "
                             f"(optimizer {info.get('optimizer')})")
     lam = float(info.get("lam", 1.0))
-    path = run_dir / PATH_FILE
     norms: Dict[str, List[Tuple[int, float, bool]]] = {}
-    has_column = False
-    if path.is_file():
-        with open(path, newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            has_column = "v_norm" in (reader.fieldnames or [])
-            if has_column:
-                wanted = str(epoch)
-                for row in reader:
-                    if row["epoch"] != wanted or not row.get("v_norm"):
-                        continue
-                    norms.setdefault(row["layer"], []).append(
-                        (int(row["filter"]), float(row["v_norm"]), row["in_support"] in ("1", "True", "true")))
+    has_column = (run_dir / PATH_FILE).is_file() and "v_norm" in path_columns(run_dir)
+    if has_column:
+        for row in iter_path(run_dir, epoch=epoch):
+            if row.v_norm is not None:
+                norms.setdefault(row.layer, []).append((row.filter, row.v_norm, bool(row.in_support)))
     if norms:
         scores = {}
         for layer, rows in norms.items():

@@ -1,4 +1,4 @@
-"""``splitlbi plot ...``: the figure commands (registered by the main CLI)."""
+"""``splitlbi plot ...``: the figure commands; the figures themselves are :mod:`splitlbi.plots`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from splitlbi.cli.argtypes import non_negative_int, positive_float, positive_int
+
+__all__ = ["add_parser"]
 
 
 def _cmd_path(args: argparse.Namespace) -> int:
