@@ -421,12 +421,29 @@ def test_foreach_must_be_a_bool_or_none() -> None:
     SplitLBI([parameter], lr=0.1, foreach=False)
 
 
-def test_filter_path_panels_share_one_y_scale(tiny_runs: dict) -> None:
+def test_filter_path_panels_share_one_y_scale(tiny_runs: dict, tmp_path: Path) -> None:
+    import shutil
+
     from splitlbi.plots.path import make_filter_path_figure
 
     figure = make_filter_path_figure([tiny_runs["lbi"], tiny_runs["sgd"]], "conv3")
     first, second = figure.axes[:2]
     assert first.get_ylim() == second.get_ylim()
+    # The shared scale holds every line of every panel, whichever run is drawn first (it once froze
+    # to the first panel's range and cut off the larger norms of the second).
+    larger = Path(shutil.copytree(tiny_runs["sgd"], tmp_path / "sgd-larger"))
+    with open(larger / "path.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:  # norms 10x those of the SplitLBI run's panel
+        row["w_norm"] = str(10 * float(row["w_norm"]))
+    with open(larger / "path.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for order in ((tiny_runs["lbi"], larger), (larger, tiny_runs["lbi"])):
+        axes = make_filter_path_figure(list(order), "conv3").axes[:2]
+        highest = max(max(line.get_ydata()) for ax in axes for line in ax.get_lines())
+        assert axes[0].get_ylim()[0] == 0 and axes[0].get_ylim()[1] >= highest
 
 
 def test_demo_output_is_ignored_by_git() -> None:

@@ -174,7 +174,8 @@ def make_filter_path_figure(
             if ax is axes[0]:  # one shared y-scale: its label once
                 ax.set_ylabel("filter ℓ2 norm ‖W$_f$‖")
             ax.set_xlim(run_paths.epochs[0], run_paths.epochs[-1])
-            ax.set_ylim(bottom=0)
+        # After every panel is drawn: fixing the limits earlier would size the shared scale to the first run.
+        axes[0].set_ylim(bottom=0)
         if title:
             fig.suptitle(title)
     return fig
