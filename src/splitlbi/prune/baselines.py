@@ -53,6 +53,7 @@ from splitlbi.prune.compact import _bn_after, apply_filter_masks, compact_model,
 from splitlbi.prune.masks import Masks, apply_masks_, check_not_empty, load_mask_file, mask_sparsity, save_mask_file
 from splitlbi.prune.retrain import MASK_FILE, MaskedSGD, retrain, start_run_dir, train_epochs
 from splitlbi.train import run as run_module
+from splitlbi.train import rundir
 from splitlbi.train.config import TrainConfig, resolve_device, validate_config
 from splitlbi.train.optimizers import build_scheduler
 from splitlbi.train.run import CONFIG_FILE
@@ -201,7 +202,7 @@ def _new_run(config: TrainConfig, out: Path, info: Dict[str, Any], *, init_seed:
     scheduler = build_scheduler(config, optimizer)
     kept = mask_sparsity(masks).overall if masks else None
 
-    start_run_dir(out, {**run_module._run_info(config, data.facts), "world_size": 1, "baseline": info}, model,
+    start_run_dir(out, {**rundir.run_info(config, data.facts), "world_size": 1, "baseline": info}, model,
                   optimizer)
     if masks is not None:
         save_mask_file(out / MASK_FILE, arch, model=config.model, source=info.get("masks"), kind=info["name"])
@@ -218,7 +219,7 @@ def _prepare(config: TrainConfig, outs: Iterable[Path]) -> TrainConfig:
     run_module._check_model_name(config.model)
     canonical_dataset_name(config.dataset)
     for out in outs:
-        run_module._check_new_run_dir(out)
+        rundir.check_new_run_dir(out)
     return config
 
 
@@ -260,7 +261,7 @@ def slimming(config: TrainConfig, out_dir: PathLike, *, keep: float, sparsity_la
             log=say)
     stored = json.loads((out / CONFIG_FILE).read_text())
     stored["baseline"] = {**info, "stage": "fine-tuned", "sparse_run": str(sparse)}
-    run_module._write_json(out / CONFIG_FILE, stored)
+    rundir.write_json(out / CONFIG_FILE, stored)
     return out
 
 

@@ -37,6 +37,7 @@ from splitlbi.prune.masks import (
     validate_masks,
 )
 from splitlbi.train import run as run_module
+from splitlbi.train import rundir
 from splitlbi.train.config import TrainConfig, resolve_device, validate_config
 from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
 from splitlbi.train.optimizers import build_scheduler
@@ -90,22 +91,22 @@ def start_run_dir(out: Path, run_info: Dict[str, Any], model: nn.Module, optimiz
 
     Takes ``out``'s run-directory lock first (held until the enclosing command returns)."""
     run_module.open_run_dir(out, new=True, say=lambda line: None)
-    run_module._write_json(out / CONFIG_FILE, run_info)
+    rundir.write_json(out / CONFIG_FILE, run_info)
     atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, out / INIT_FILE)
     atomic_write_text(out / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
     atomic_write_text(out / PATH_FILE, ",".join(PATH_COLUMNS) + "\n")
-    run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, 0))
+    rundir.append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, 0))
     (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
 
 
 def finish_epoch(out: Path, metrics: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: Any, keep: bool) -> None:
     """Append the epoch's metrics (and, after epoch 0, path rows) and write its checkpoint."""
-    run_module._append_rows(out / METRICS_FILE, [run_module._metrics_row(metrics)])
+    rundir.append_rows(out / METRICS_FILE, [rundir.metrics_row(metrics)])
     if metrics["epoch"] > 0:  # path.csv already has epoch 0
-        run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, metrics["epoch"]))
-    state = run_module._checkpoint_state(metrics["epoch"], model, optimizer, scheduler, [run_module._rng_state()])
-    run_module._save_checkpoint(out, state, keep_epoch_file=keep)
+        rundir.append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, metrics["epoch"]))
+    state = rundir.checkpoint_state(metrics["epoch"], model, optimizer, scheduler, [rundir.rng_state()])
+    rundir.save_checkpoint(out, state, keep_epoch_file=keep)
 
 
 def train_epochs(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any,
@@ -121,8 +122,8 @@ def train_epochs(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
     """
     masks: Optional[Masks] = None
     # Like a training run: last.pt holds epoch 0 (the start) until the first epoch ends.
-    run_module._save_checkpoint(out, run_module._checkpoint_state(0, model, optimizer, scheduler,
-                                                                  [run_module._rng_state()]), keep_epoch_file=False)
+    rundir.save_checkpoint(out, rundir.checkpoint_state(0, model, optimizer, scheduler,
+                                                                  [rundir.rng_state()]), keep_epoch_file=False)
     for current in range(1, config.epochs + 1):
         started = time.perf_counter()
         lr_now = optimizer.param_groups[0]["lr"]
@@ -196,7 +197,7 @@ def retrain(
     if epoch is None and (masks is None or mode != "lottery"):
         raise SplitLBIError(f"--mode {mode} needs --epoch" + ("" if mode != "lottery" else " or --masks"))
     info = read_run_config(run_dir)
-    source = run_module._train_config_from_info(info)
+    source = rundir.train_config_from_info(info)
     model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
 
     # The mask.
@@ -221,7 +222,7 @@ def retrain(
                                 f"kept epochs: {_checkpoint_epochs_text(run_dir)}")
         state = load_checkpoint(run_dir, epoch)["model"]
     else:
-        state = run_module._torch_load(run_dir / INIT_FILE, "cpu")
+        state = rundir.torch_load(run_dir / INIT_FILE, "cpu")
     model.load_state_dict(state)
 
     config = dataclasses.replace(
@@ -232,11 +233,11 @@ def retrain(
         sync_bn=False, amp=False, compile=False)
     validate_config(dataclasses.replace(config, epochs=max(config.epochs, 1)))
     canonical_dataset_name(config.dataset)
-    run_module._check_new_run_dir(out)
+    rundir.check_new_run_dir(out)
 
     dev = resolve_device(device)
     data = run_module._load_data(config, dev)
-    run_module._check_same_dataset(run_dir, info, data.facts)
+    rundir.check_same_dataset(run_dir, info, data.facts)
     run_module._seed_everything(seed)
     model = model.to(dev)
     apply_masks_(model, mask_dict)
@@ -250,7 +251,7 @@ def retrain(
 
     retrain_info = {"mode": mode, "source": str(run_dir), "epoch": epoch, "masks": mask_source,
                     "kept": kept, "source_optimizer": source.optimizer}
-    start_run_dir(out, {**run_module._run_info(config, data.facts), "world_size": 1, "retrain": retrain_info},
+    start_run_dir(out, {**rundir.run_info(config, data.facts), "world_size": 1, "retrain": retrain_info},
                   model, optimizer)
     save_mask_file(out / MASK_FILE, mask_dict, model=info["model"], epoch=epoch, source=run_dir)
     say(f"run directory: {out}")
