@@ -86,8 +86,9 @@ __all__ = [
     "read_run_config", "read_train_config", "train_config_from_info", "list_checkpoints", "torch_load",
     "load_checkpoint", "load_masks", "load_model_from_run",
     # creating, opening, the settings rule
-    "check_new_run_dir", "open_run_dir", "merge_resume_config", "check_same_dataset",
-    "check_same_world", "run_info", "write_json", "record_resume",
+    "check_new_run_dir", "open_run_dir", "changed_settings", "merge_resume_config", "check_same_settings",
+    "check_same_dataset", "check_same_world", "run_info", "write_json", "record_resume", "completed_epochs", "remove_unstarted_run",
+    "train_or_resume", "JOB_FILE", "job_done", "mark_job_done", "job_lock",
     # rows and checkpoints
     "filter_path_rows", "metrics_row", "append_rows", "file_columns", "restore_rows",
     "rng_state", "restore_rng_state", "checkpoint_state", "save_checkpoint", "remove_epoch_files_after",
@@ -746,16 +747,106 @@ def open_run_dir(run_dir: Path, *, new: bool, say: Callable[[str], None]) -> Non
             raise
 
 
+def changed_settings(stored: TrainConfig, requested: TrainConfig) -> List[str]:
+    """The fields that ``requested`` may not change when it continues a run stored with
+    ``stored`` and does: every :class:`TrainConfig` field outside ``RESUME_OVERRIDABLE_FIELDS``
+    (an SGD run's κ and ν included: one rule for ``splitlbi train --resume``, ``compare``
+    and the reproduce workspace)."""
+    return [f.name for f in dataclasses.fields(TrainConfig)
+            if f.name not in RESUME_OVERRIDABLE_FIELDS and getattr(requested, f.name) != getattr(stored, f.name)]
+
+
 def merge_resume_config(run_dir: Path, stored: TrainConfig, requested: Optional[TrainConfig]) -> TrainConfig:
+    """The settings a resume runs with: ``stored`` with ``requested``'s overridable fields
+    (``requested`` None: ``stored``); any other change is refused (:func:`changed_settings`)."""
     if requested is None:
         return stored
-    changed = [f.name for f in dataclasses.fields(TrainConfig)
-               if f.name not in RESUME_OVERRIDABLE_FIELDS and getattr(requested, f.name) != getattr(stored, f.name)]
+    changed = changed_settings(stored, requested)
     if changed:
         options = ", ".join("--" + name.replace("_", "-") for name in changed)
         raise SplitLBIError(f"cannot change {options} when resuming {run_dir}: its {CONFIG_FILE} fixes them "
                             f"(only {', '.join(sorted(RESUME_OVERRIDABLE_FIELDS))} may change)")
     return dataclasses.replace(stored, **{name: getattr(requested, name) for name in RESUME_OVERRIDABLE_FIELDS})
+
+
+def check_same_settings(run_dir: Path, requested: TrainConfig) -> None:
+    """Refuse (one line) to continue the run in ``run_dir`` with ``requested`` when
+    :func:`changed_settings` finds a difference (a batch of runs such as ``compare``
+    checks every run this way before it trains any)."""
+    stored = read_train_config(run_dir)
+    changed = changed_settings(stored, requested)
+    if changed:
+        details = ", ".join(f"{name.replace('_', '-')} {getattr(stored, name)!r} there, "
+                            f"{getattr(requested, name)!r} now" for name in changed)
+        raise SplitLBIError(f"{run_dir} was trained with other settings ({details}); "
+                            f"use another --out or the original settings")
+
+
+def completed_epochs(run_dir: Path) -> Optional[int]:
+    """Epoch of ``checkpoints/last.pt``; None when the run has none (new or never checkpointed)."""
+    if not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+        return None
+    return int(load_checkpoint(run_dir)["epoch"])
+
+
+# What a run holds when it is killed while being created, before its epoch-0 checkpoint.
+_RUN_FILES = {CONFIG_FILE, METRICS_FILE, PATH_FILE, INIT_FILE, CHECKPOINT_DIR, MASK_DIR, LOCK_FILE}
+
+
+def remove_unstarted_run(run_dir: Path) -> bool:
+    """Delete a run directory that was killed while being created (no checkpoint, no epoch).
+
+    Returns whether it did; a directory holding anything else is left alone.
+    """
+    entries = list(run_dir.iterdir())
+    if any(entry.name not in _RUN_FILES and not entry.name.endswith(".tmp") for entry in entries):
+        return False
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file() and any(line.strip() for line in _read_text(metrics).splitlines()[1:]):
+        return False
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return True
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SplitLBIError(f"cannot read {path}: {error}") from None
+
+
+def train_or_resume(config: TrainConfig, run_dir: Path, *, log: Optional[Callable[[str], None]] = None,
+                    on_start: Optional[Callable[[str], None]] = None) -> str:
+    """Bring the run in ``run_dir`` to ``config.epochs``; return what was done: ``"finished"``
+    (it had them: nothing ran), ``"resumed"`` or ``"trained"`` (a new run).
+
+    A run with a checkpoint must have the same settings (:func:`check_same_settings`);
+    one killed before its first checkpoint is removed (:func:`remove_unstarted_run`) and
+    trained anew. ``log`` gets ``run_training``'s lines; ``on_start("resume" or "train")``
+    is called just before training starts.
+    """
+    # run_training builds on this module: imported here, when a run is to be trained.
+    from splitlbi.train.run import run_training
+
+    done = completed_epochs(run_dir) if run_dir.is_dir() else None
+    if done is None and run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
+        remove_unstarted_run(run_dir)  # otherwise run_training explains what is wrong
+    if done is not None:
+        check_same_settings(run_dir, config)
+        if done >= config.epochs:
+            return "finished"
+        if on_start is not None:
+            on_start("resume")
+        run_training(config, run_dir, resume=True, log=log)
+        return "resumed"
+    if on_start is not None:
+        on_start("train")
+    run_training(config, run_dir, log=log)
+    return "trained"
 
 
 def _versions() -> Dict[str, str]:
@@ -1007,3 +1098,44 @@ def checkpoint_state(epoch: int, model: nn.Module, optimizer: torch.optim.Optimi
     if history is not None:
         state["history"] = history.state()
     return state
+
+
+# --------------------------------------------------------------------------- jobs of a workspace
+
+#: Written (atomically) into a run directory of a workspace once its job returned.
+JOB_FILE = "job.json"
+
+
+def job_done(run_dir: Path) -> bool:
+    """Whether the workspace job in ``run_dir`` finished (its :data:`JOB_FILE` exists)."""
+    return (run_dir / JOB_FILE).is_file()
+
+
+def mark_job_done(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """Write ``run_dir``'s :data:`JOB_FILE` (the job's label and settings): the job is finished."""
+    atomic_write_text(run_dir / JOB_FILE, json.dumps(record, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def job_lock(run_dir: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold ``<run_dir>.lock`` (beside the run directory) while a job runs, waiting for
+    another process that holds it.
+
+    Two reproductions sharing an ``--out`` (e.g. two figures that need the same run) thus
+    never train one run twice: the second waits, then finds it finished. Unlike
+    :class:`RunDirLock` (one writer, the second refused) this one waits. An OS file lock
+    (``flock``): a killed process leaves nothing stale behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no locking
+        yield
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.with_name(run_dir.name + ".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process that is running {run_dir.name}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
