@@ -7,37 +7,30 @@ below that come from there stay importable from here.
 
 from __future__ import annotations
 
-import math
 import os
 import random
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from splitlbi.data import canonical_dataset_name, load_dataset
-from splitlbi.data.augment import augment_generator, train_transform
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model, is_model, list_models
-from splitlbi.optim import SplitLBI
 from splitlbi.train import distributed
 from splitlbi.train.config import TrainConfig, resolve_device, validate_config
-from splitlbi.train.loop import NonFiniteError, epoch_generator, evaluate, train_one_epoch
+from splitlbi.train.loop import EpochCallback, TrainData, run_epochs, train_one_epoch
 from splitlbi.train.optimizers import build_optimizer, build_scheduler
 from splitlbi.train.rundir import (  # noqa: F401  (re-exported: the run-directory names callers import from here)
     CHECKPOINT_DIR, CONFIG_FILE, INIT_FILE, LAST_CHECKPOINT, MASK_DIR, METRICS_COLUMNS, METRICS_FILE, PATH_COLUMNS,
-    PATH_FILE, RENAMED_METRICS_COLUMNS, RunHistory, append_rows, check_new_run_dir, check_same_dataset,
-    check_same_world, checkpoint_state, epoch_file_name, epoch_from_name, file_columns, filter_path_rows,
-    holds_run_dirs, list_checkpoints, load_checkpoint, load_masks, load_model_from_run, merge_resume_config,
-    metrics_row, newest_valid_checkpoint, open_run_dir, read_run_config, read_train_config, record_resume,
-    remove_epoch_files_after,
-    restore_rng_state, restore_rows, rng_state, run_info, save_checkpoint, set_aside,
-    train_config_from_info, upgrade_metrics_row, validate_checkpoint, write_json,
+    PATH_FILE, RENAMED_METRICS_COLUMNS, RunHistory, check_new_run_dir, check_same_dataset, check_same_world,
+    epoch_file_name, epoch_from_name, filter_path_rows, holds_run_dirs, list_checkpoints, load_checkpoint, load_masks,
+    load_model_from_run, merge_resume_config, newest_valid_checkpoint, open_run_dir, read_run_config,
+    read_train_config, restore_rng_state, rewind, rng_state, run_info, start_run, train_config_from_info,
+    upgrade_metrics_row, validate_checkpoint,
 )
-from splitlbi.utils.io import atomic_torch_save, atomic_write_text
 
 __all__ = [
     "CONFIG_FILE", "METRICS_FILE", "PATH_FILE", "INIT_FILE", "CHECKPOINT_DIR", "LAST_CHECKPOINT", "MASK_DIR",
@@ -48,20 +41,10 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-EpochCallback = Callable[[int, Dict[str, Any]], None]
-
-
 # --------------------------------------------------------------------------- data and model
 
 
-class _Data(NamedTuple):
-    train_images: Tensor
-    train_labels: Tensor
-    test_images: Tensor
-    test_labels: Tensor
-    mean: Sequence[float]
-    std: Sequence[float]
-    facts: Dict[str, Any]
+_Data = TrainData  # the name this module used before TrainData moved to train.loop
 
 
 def _jsonable(value: Any) -> Any:
@@ -107,17 +90,6 @@ def _seed_everything(seed: int) -> None:
 
 
 # --------------------------------------------------------------------------- run directory
-
-
-def _summary_line(metrics: Dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {metrics['epoch']:>3}/{epochs}", f"lr {metrics['lr']:.4g}",
-             f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2f}%",
-             f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:6.2f}%"]
-    if metrics["gamma_nonzero_share"] is not None:
-        parts.append(f"sparse acc {metrics['sparse_test_acc']:6.2f}%")
-        parts.append(f"Gamma non-zeros {100.0 * metrics['gamma_nonzero_share']:6.2f}%")
-    parts.append(f"{metrics['epoch_seconds']:.1f}s")
-    return "  ".join(parts)
 
 
 def run_training(
@@ -244,8 +216,6 @@ def _run_training(
         _seed_everything(distributed.rank_seed(config.seed, context.rank))
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
-    # The structure parameter Γ exists only under SplitLBI; baselines leave its columns empty.
-    lbi = optimizer if isinstance(optimizer, SplitLBI) else None
 
     # The text of metrics.csv and path.csv so far (rank 0), saved in each checkpoint.
     history: Optional[RunHistory] = None
@@ -260,46 +230,19 @@ def _run_training(
             optimizer, scheduler, start_epoch, history = resumed
             if config.epochs < start_epoch:
                 raise SplitLBIError(f"--epochs {config.epochs} is below the {start_epoch} epochs {run_dir} already has")
-            lbi = optimizer if isinstance(optimizer, SplitLBI) else None
             with distributed.agreement(context):
                 if context.is_main:
-                    set_aside(rejected)
-                    # Rows, masks and epoch checkpoints written after the checkpoint belong
-                    # to an epoch that will be redone; rows before it must all be there.
-                    history = RunHistory(
-                        restore_rows(run_dir / METRICS_FILE, history.metrics if history else None, 1, start_epoch,
-                                      METRICS_COLUMNS, say),
-                        restore_rows(run_dir / PATH_FILE, history.path if history else None, 0, start_epoch,
-                                      PATH_COLUMNS, say))
-                    remove_epoch_files_after(run_dir / MASK_DIR, start_epoch)
-                    remove_epoch_files_after(run_dir / CHECKPOINT_DIR, start_epoch)
-                    record_resume(run_dir, info, config, start_epoch)
+                    history = rewind(run_dir, info, config, start_epoch, history, rejected, say)
             say(f"resuming {run_dir} from epoch {start_epoch}/{config.epochs}")
     if not resume or restart:
         rng_states = distributed.all_gather_objects(context, rng_state())
         with distributed.agreement(context):
             if context.is_main:
-                run_dir.mkdir(parents=True, exist_ok=True)
                 if restart:  # killed before its first checkpoint: the same run again from its config.json
-                    set_aside(rejected)
-                    remove_epoch_files_after(run_dir / MASK_DIR, 0)
-                    remove_epoch_files_after(run_dir / CHECKPOINT_DIR, 0)
-                    record_resume(run_dir, info, config, 0)
-                else:
-                    write_json(run_dir / CONFIG_FILE, {**run_info(config, data.facts),
-                                                        "world_size": context.world_size})
-                atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
-                                  run_dir / INIT_FILE)
-                history = RunHistory(",".join(METRICS_COLUMNS) + "\n", ",".join(PATH_COLUMNS) + "\n")
-                atomic_write_text(run_dir / METRICS_FILE, history.metrics)
-                atomic_write_text(run_dir / PATH_FILE, history.path)
-                history.path += append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, 0))
-                (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
-                if lbi is not None:
-                    (run_dir / MASK_DIR).mkdir(exist_ok=True)
-                # An epoch-0 checkpoint makes a run killed during its first epoch resumable.
-                save_checkpoint(run_dir, checkpoint_state(0, model, optimizer, scheduler, rng_states, history),
-                                 keep_epoch_file=False)
+                    rewind(run_dir, info, config, None, None, rejected, say)
+                history = start_run(run_dir, None if restart else {**run_info(config, data.facts),
+                                                                   "world_size": context.world_size},
+                                    model, optimizer, scheduler, rng_states)
         start_epoch = 0
         say(f"run directory: {run_dir}" if not restart else
             f"no usable checkpoint in {run_dir}: restarting it from epoch 0 (its config.json and initial weights)")
@@ -319,85 +262,10 @@ def _run_training(
         say(f"nothing to do: {run_dir} already has {start_epoch} epochs")
         return run_dir
 
-    # Bars on rank 0's terminal only (config.progress False: --no-progress).
-    show_progress = None if config.progress and context.is_main else False
-    board = None
-    if config.tensorboard and context.is_main:
-        from splitlbi.train.tensorboard import TENSORBOARD_DIR, TensorBoardLogger
-
-        board = TensorBoardLogger(run_dir / TENSORBOARD_DIR)
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        try:
-            train = train_one_epoch(train_model, optimizer, data.train_images, data.train_labels,
-                                batch_size=config.batch_size, mean=data.mean, std=data.std,
-                                generator=epoch_generator(config.seed, epoch),
-                                transform=train_transform(config.augment, data.mean, data.std,
-                                                          augment_generator(config.seed, epoch)),
-                                progress=show_progress,
-                                description=f"epoch {epoch}/{config.epochs}", shard=context.shard,
-                                autocast_dtype=autocast_dtype, memory_format=memory_format,
-                                nonfinite=config.nonfinite)
-        except NonFiniteError as error:
-            # Nothing of this epoch was written: last.pt still holds the last good epoch.
-            raise SplitLBIError(f"training stopped at {error}; {CHECKPOINT_DIR}/{LAST_CHECKPOINT} keeps epoch "
-                                f"{epoch - 1}, the last good one (lower --lr or --kappa, or resume with "
-                                f"--nonfinite skip to leave such batches out)") from None
-        if train.skipped:
-            say(f"warning: epoch {epoch}: skipped {train.skipped} batch(es) whose loss was not finite")
-        distributed.broadcast_buffers(context, model)
-        # Every rank evaluates its share of the test set; the results are summed over ranks.
-        evaluation = dict(batch_size=config.eval_batch_size, mean=data.mean, std=data.std, shard=context.shard,
-                          autocast_dtype=autocast_dtype, memory_format=memory_format)
-        test = evaluate(eval_model, data.test_images, data.test_labels, **evaluation, progress=show_progress,
-                        description=f"epoch {epoch}/{config.epochs} test")
-        if not math.isfinite(test.loss) and data.test_images.shape[0] > 0:
-            # Finite weights whose outputs overflow: the run has diverged all the same.
-            raise SplitLBIError(f"training stopped at epoch {epoch}/{config.epochs}, after its last step: the test "
-                                f"loss is not finite (nan or inf); {CHECKPOINT_DIR}/{LAST_CHECKPOINT} keeps epoch "
-                                f"{epoch - 1}, the last good one (lower --lr or --kappa)")
-        sparse_accuracy = nonzero_share = None
-        if lbi is not None:
-            with lbi.sparse_model():
-                sparse_accuracy = evaluate(eval_model, data.test_images, data.test_labels, **evaluation,
-                                           progress=show_progress,
-                                           description=f"epoch {epoch}/{config.epochs} sparse test").accuracy
-            nonzero_share = float(lbi.nonzero_share().overall)
-        scheduler.step()
-        metrics = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_acc": train.accuracy,
-                   "test_loss": test.loss, "test_acc": test.accuracy, "sparse_test_acc": sparse_accuracy,
-                   "gamma_nonzero_share": nonzero_share, "epoch_seconds": time.perf_counter() - started}
-
-        # DDP averages the gradients; SplitLBI's V and Γ are functions of them and of
-        # state that started equal, so the ranks agree with no communication of their own.
-        # Checked once per epoch (cheap); a difference would mean a non-deterministic op.
-        diverged = distributed.check_in_sync(context, model, optimizer)
-        if diverged:
-            say(f"warning: after epoch {epoch} the processes differ in {len(diverged)} tensor(s) "
-                f"({', '.join(diverged[:3])}); continuing from rank 0's values")
-            distributed.resynchronize(context, model, optimizer)
-        rng_states = distributed.all_gather_objects(context, rng_state())
-
-        with distributed.agreement(context):
-            if context.is_main:
-                history.metrics += append_rows(run_dir / METRICS_FILE, [metrics_row(metrics)])
-                path_width = len(file_columns(run_dir / PATH_FILE, PATH_COLUMNS))
-                history.path += append_rows(run_dir / PATH_FILE,
-                                             [row[:path_width] for row in filter_path_rows(model, optimizer, epoch)])
-                if lbi is not None:
-                    atomic_torch_save(lbi.masks(), run_dir / MASK_DIR / epoch_file_name(epoch))
-                # The checkpoint comes last: once it exists, everything of this epoch is on disk.
-                keep = epoch % config.save_every == 0 or epoch == config.epochs
-                save_checkpoint(run_dir, checkpoint_state(epoch, model, optimizer, scheduler, rng_states, history),
-                                 keep_epoch_file=keep)
-                say(_summary_line(metrics, config.epochs))
-                if board is not None:
-                    board.log_epoch(epoch, metrics, model, optimizer)
-                if on_epoch_end is not None:
-                    on_epoch_end(epoch, metrics)
-    if board is not None:  # flushed every epoch: a crash loses nothing, closing is tidiness
-        board.close()
+    run_epochs(run_dir, model, optimizer, scheduler, data, config, start_epoch=start_epoch, history=history,
+               say=say, context=context, train_model=train_model, eval_model=eval_model,
+               autocast_dtype=autocast_dtype, memory_format=memory_format, on_epoch_end=on_epoch_end,
+               train_epoch=train_one_epoch)  # looked up here: a test stands in for it
     return run_dir
 
 

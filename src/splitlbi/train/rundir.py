@@ -92,6 +92,7 @@ __all__ = [
     # rows and checkpoints
     "filter_path_rows", "metrics_row", "append_rows", "file_columns", "restore_rows",
     "rng_state", "restore_rng_state", "checkpoint_state", "save_checkpoint", "remove_epoch_files_after",
+    "start_run", "rewind", "write_epoch",
     "checkpoint_candidates", "newest_valid_checkpoint", "set_aside", "CheckpointError", "validate_checkpoint",
     "epoch_from_name", "RunHistory", "restore_table", "csv_epochs",
 ]
@@ -1098,6 +1099,79 @@ def checkpoint_state(epoch: int, model: nn.Module, optimizer: torch.optim.Optimi
     if history is not None:
         state["history"] = history.state()
     return state
+
+
+# --------------------------------------------------------------------------- writing a run
+
+
+def start_run(run_dir: Path, info: Optional[Dict[str, Any]], model: nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler: Any, rng_states: List[Dict[str, Any]]) -> RunHistory:
+    """Write a run's epoch 0 into ``run_dir`` (opened with :func:`open_run_dir`); return its history.
+
+    ``config.json`` (``info``, unless None: a restart keeps the one it has), ``init.pt``
+    (``model``'s weights now), ``metrics.csv`` and ``path.csv`` with their headers and
+    path.csv's epoch-0 rows, ``checkpoints/`` (``masks/`` for SplitLBI) and the epoch-0
+    ``last.pt``, which makes a run killed during its first epoch resumable.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if info is not None:
+        write_json(run_dir / CONFIG_FILE, info)
+    atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+                      run_dir / INIT_FILE)
+    history = RunHistory(",".join(METRICS_COLUMNS) + "\n", ",".join(PATH_COLUMNS) + "\n")
+    atomic_write_text(run_dir / METRICS_FILE, history.metrics)
+    atomic_write_text(run_dir / PATH_FILE, history.path)
+    history.path += append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, 0))
+    (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+    if isinstance(optimizer, SplitLBI):
+        (run_dir / MASK_DIR).mkdir(exist_ok=True)
+    save_checkpoint(run_dir, checkpoint_state(0, model, optimizer, scheduler, rng_states, history),
+                    keep_epoch_file=False)
+    return history
+
+
+def rewind(run_dir: Path, info: Dict[str, Any], config: TrainConfig, epoch: Optional[int],
+           saved: Optional[RunHistory], rejected: List[Path], say: Callable[[str], None]) -> Optional[RunHistory]:
+    """Bring a run directory back to the end of ``epoch``, the checkpoint a resume continues
+    from (``None``: no usable checkpoint, the run restarts from epoch 0 and :func:`start_run`
+    writes its files again); return the history to continue (``None`` on a restart).
+
+    The ``rejected`` checkpoints are set aside; masks and epoch checkpoints written after
+    ``epoch`` (an epoch that will be redone) are removed; metrics.csv and path.csv are
+    restored from ``saved`` (the checkpoint's copy) or cut back to ``epoch``, with every
+    earlier row required (:func:`restore_rows`); config.json records the resume
+    (:func:`record_resume`).
+    """
+    set_aside(rejected)
+    history = None
+    if epoch is not None:
+        history = RunHistory(
+            restore_rows(run_dir / METRICS_FILE, saved.metrics if saved else None, 1, epoch, METRICS_COLUMNS, say),
+            restore_rows(run_dir / PATH_FILE, saved.path if saved else None, 0, epoch, PATH_COLUMNS, say))
+    remove_epoch_files_after(run_dir / MASK_DIR, epoch or 0)
+    remove_epoch_files_after(run_dir / CHECKPOINT_DIR, epoch or 0)
+    record_resume(run_dir, info, config, epoch or 0)
+    return history
+
+
+def write_epoch(run_dir: Path, history: RunHistory, metrics: Dict[str, Any], model: nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler: Any, rng_states: List[Dict[str, Any]], *,
+                masks: Optional[Mapping[str, Tensor]] = None, keep: bool) -> None:
+    """Write one finished epoch: its metrics.csv row, its path.csv rows (epoch 0 has them
+    from :func:`start_run`), ``masks/epoch_XXXX.pt`` (``masks``: SplitLBI's support of Γ)
+    and, last, the checkpoint (``epoch_XXXX.pt`` too when ``keep``): once it exists,
+    everything of the epoch is on disk. ``history`` is extended in place."""
+    epoch = metrics["epoch"]
+    history.metrics += append_rows(run_dir / METRICS_FILE, [metrics_row(metrics)])
+    if epoch > 0:
+        # A run written before path.csv had v_norm keeps its narrower rows.
+        width = len(file_columns(run_dir / PATH_FILE, PATH_COLUMNS))
+        history.path += append_rows(run_dir / PATH_FILE,
+                                    [row[:width] for row in filter_path_rows(model, optimizer, epoch)])
+    if masks is not None:
+        atomic_torch_save(masks, run_dir / MASK_DIR / epoch_file_name(epoch))
+    save_checkpoint(run_dir, checkpoint_state(epoch, model, optimizer, scheduler, rng_states, history),
+                    keep_epoch_file=keep)
 
 
 # --------------------------------------------------------------------------- jobs of a workspace
