@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig
 from splitlbi.train.rundir import (
-    CHECKPOINT_DIR, CONFIG_FILE, JOB_FILE, LAST_CHECKPOINT, changed_settings, job_done, job_lock, mark_job_done, read_train_config,
-    train_or_resume,
+    CHECKPOINT_DIR, CONFIG_FILE, JOB_FILE, LAST_CHECKPOINT, changed_settings, job_done, job_lock, mark_job_done,
+    read_train_config, train_or_resume,
 )
 
 __all__ = ["JOB_FILE", "Workspace", "job_hash", "config_settings"]

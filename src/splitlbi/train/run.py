@@ -41,10 +41,8 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 
+
 # --------------------------------------------------------------------------- data and model
-
-
-_Data = TrainData  # the name this module used before TrainData moved to train.loop
 
 
 def _jsonable(value: Any) -> Any:
@@ -57,7 +55,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _load_data(config: TrainConfig, device: torch.device) -> _Data:
+def _load_data(config: TrainConfig, device: torch.device) -> TrainData:
     splits = load_dataset(config.dataset, config.data_dir, train_split=config.train_split, pad_to=config.pad_to)
     train_images, train_labels = splits.train.images[:config.limit_train], splits.train.labels[:config.limit_train]
     test_images, test_labels = splits.test.images[:config.limit_test], splits.test.labels[:config.limit_test]
@@ -71,7 +69,7 @@ def _load_data(config: TrainConfig, device: torch.device) -> _Data:
         "test_size": int(test_images.shape[0]),
         "dataset_description": splits.description,
     }
-    return _Data(train_images.to(device), train_labels.to(device), test_images.to(device), test_labels.to(device),
+    return TrainData(train_images.to(device), train_labels.to(device), test_images.to(device), test_labels.to(device),
                  splits.mean, splits.std, facts)
 
 
@@ -194,7 +192,7 @@ def _run_training(
     memory_format = torch.channels_last if config.channels_last else None
 
     # Each node's first process loads (and, if need be, downloads) first, then the others.
-    data: Optional[_Data] = None
+    data: Optional[TrainData] = None
     with distributed.agreement(context):
         if context.local_rank == 0:
             data = _load_data(config, device)

@@ -87,7 +87,8 @@ __all__ = [
     "load_checkpoint", "load_masks", "load_model_from_run",
     # creating, opening, the settings rule
     "check_new_run_dir", "open_run_dir", "changed_settings", "merge_resume_config", "check_same_settings",
-    "check_same_dataset", "check_same_world", "run_info", "write_json", "record_resume", "completed_epochs", "remove_unstarted_run",
+    "check_same_dataset", "check_same_world", "run_info", "write_json", "record_resume", "completed_epochs",
+    "remove_unstarted_run",
     "train_or_resume", "JOB_FILE", "job_done", "mark_job_done", "job_lock",
     # rows and checkpoints
     "filter_path_rows", "metrics_row", "append_rows", "file_columns", "restore_rows",
@@ -642,6 +643,7 @@ _DEFAULTS_OF_OLDER_RUNS = {"linear_penalty": "auto"}
 
 
 def train_config_from_info(info: Dict[str, Any]) -> TrainConfig:
+    """The :class:`TrainConfig` in a parsed config.json (settings added since take the values older runs used)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig.from_dict({**_DEFAULTS_OF_OLDER_RUNS, **{key: value for key, value in info.items() if key in names}})
 
@@ -658,6 +660,7 @@ def list_checkpoints(run_dir: PathLike) -> Dict[int, Path]:
 
 
 def torch_load(path: Path, map_location: Any) -> Any:
+    """``torch.load(path, weights_only=True)``, with a one-line error for a missing or damaged file."""
     if not path.is_file():
         raise SplitLBIError(f"{path} does not exist")
     try:
@@ -711,10 +714,11 @@ def load_model_from_run(run_dir: PathLike, weights: Union[int, str] = "last", ma
     return model.to(map_location) if map_location is not None else model
 
 
-# --------------------------------------------------------------------------- creating and opening; the settings rule for resuming
+# --------------------------------------------------------------------------- opening; the rule for resuming
 
 
 def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse (one line) a ``--out`` that is a file, busy, or holds a run or anything else."""
     if run_dir.exists() and not run_dir.is_dir():
         raise SplitLBIError(f"--out {run_dir} exists and is not a directory")
     if distributed.is_main_process():  # under torchrun the other ranks would see rank 0's own lock
@@ -860,6 +864,7 @@ def _now() -> str:
 
 
 def run_info(config: TrainConfig, facts: Dict[str, Any]) -> Dict[str, Any]:
+    """A new run's config.json: the settings, the dataset ``facts``, format, versions and time."""
     # Flat on purpose: readers (plots) get model/num_classes/in_channels/image_size/mean/std
     # and the hyperparameters without knowing any nesting.
     return {"format": RUN_FORMAT, **config.to_dict(), **facts, "versions": _versions(), "created": _now(),
@@ -867,6 +872,7 @@ def run_info(config: TrainConfig, facts: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def write_json(path: Path, value: Dict[str, Any]) -> None:
+    """Write ``value`` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(value, indent=2) + "\n")
 
 
@@ -879,6 +885,7 @@ def record_resume(run_dir: Path, info: Dict[str, Any], config: TrainConfig, from
 
 
 def save_checkpoint(run_dir: Path, state: Dict[str, Any], keep_epoch_file: bool) -> None:
+    """Write ``state`` as ``checkpoints/last.pt`` (and as ``epoch_XXXX.pt`` when ``keep_epoch_file``)."""
     directory = run_dir / CHECKPOINT_DIR
     last = directory / LAST_CHECKPOINT
     if not keep_epoch_file:
@@ -898,6 +905,7 @@ def save_checkpoint(run_dir: Path, state: Dict[str, Any], keep_epoch_file: bool)
 
 
 def remove_epoch_files_after(directory: Path, epoch: int) -> None:
+    """Delete the ``epoch_XXXX.pt`` files in ``directory`` of epochs after ``epoch``."""
     for path in directory.glob("epoch_*.pt"):
         try:
             if int(path.stem.split("_", 1)[1]) > epoch:
@@ -907,6 +915,7 @@ def remove_epoch_files_after(directory: Path, epoch: int) -> None:
 
 
 def check_same_dataset(run_dir: Path, stored: Dict[str, Any], current: Dict[str, Any]) -> None:
+    """Refuse to resume on a dataset whose facts differ from the ones the run recorded."""
     # A different dataset would silently break "same weights as an uninterrupted run".
     for key in ("num_classes", "in_channels", "train_size", "test_size"):
         if key in stored and stored[key] != current[key]:
@@ -916,6 +925,7 @@ def check_same_dataset(run_dir: Path, stored: Dict[str, Any], current: Dict[str,
 
 def check_same_world(run_dir: Path, stored: Dict[str, Any], config: TrainConfig,
                       context: distributed.DistributedContext) -> None:
+    """Refuse to resume with another number of processes, or a cosine run with other ``--epochs``."""
     world_size = int(stored.get("world_size", 1))
     if world_size != context.world_size:
         raise SplitLBIError(f"{run_dir} was trained by {world_size} process(es) and is being resumed by "
@@ -970,6 +980,7 @@ def filter_path_rows(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: 
 
 
 def metrics_row(metrics: Dict[str, Any]) -> List[str]:
+    """The metrics.csv row of one epoch's ``metrics`` (METRICS_COLUMNS), as text."""
     return [str(metrics["epoch"]), _number(metrics["lr"]), _number(metrics["train_loss"]),
             _number(metrics["train_acc"], ".4f"), _number(metrics["test_loss"]), _number(metrics["test_acc"], ".4f"),
             _number(metrics["sparse_test_acc"], ".4f"), _number(metrics["gamma_nonzero_share"]),
@@ -1056,6 +1067,7 @@ def _require_rows(path: Path, first: int, last: int) -> str:
 
 
 def rng_state() -> Dict[str, Any]:
+    """The torch, Python, NumPy (and CUDA) RNG states of this process, checkpoint-ready (``weights_only``)."""
     numpy_state: Any = np.random.get_state()
     state: Dict[str, Any] = {
         "torch": torch.get_rng_state(),
@@ -1070,6 +1082,7 @@ def rng_state() -> Dict[str, Any]:
 
 
 def restore_rng_state(state: Dict[str, Any]) -> None:
+    """Set the RNGs back to a :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuples(state["python"]))
     numpy_state = state["numpy"]
