@@ -99,3 +99,17 @@ def test_retraining_stops_on_a_diverging_loss_like_training(tmp_path: Path) -> N
         retrain(source, out, mode="lottery", masks=everything, epochs=1, lr=1e38, log=None)
     assert load_checkpoint(out)["epoch"] == 0
     assert (out / "metrics.csv").read_text() == ",".join(METRICS_COLUMNS) + "\n"
+
+
+def test_train_or_resume_falls_back_from_a_damaged_last_checkpoint(tmp_path: Path) -> None:
+    config = TrainConfig(**SMALL, save_every=1)
+    run_dir = tmp_path / "run"
+    _interrupted_after_epoch_one(config, run_dir)
+    last = run_dir / "checkpoints" / "last.pt"
+    last.unlink()  # a hard link to epoch_0001.pt, which stays whole
+    last.write_bytes(b"not a checkpoint")
+    lines: list = []
+    assert train_or_resume(config, run_dir, log=lines.append) == "resumed"
+    assert any(line.startswith("skipping checkpoints/last.pt") for line in lines)
+    assert any("resuming" in line and "from epoch 1/2" in line for line in lines)
+    assert completed_epochs(run_dir) == 2

@@ -829,29 +829,39 @@ def train_or_resume(config: TrainConfig, run_dir: Path, *, log: Optional[Callabl
     """Bring the run in ``run_dir`` to ``config.epochs``; return what was done: ``"finished"``
     (it had them: nothing ran), ``"resumed"`` or ``"trained"`` (a new run).
 
-    A run with a checkpoint must have the same settings (:func:`check_same_settings`);
-    one killed before its first checkpoint is removed (:func:`remove_unstarted_run`) and
-    trained anew. ``log`` gets ``run_training``'s lines; ``on_start("resume" or "train")``
-    is called just before training starts.
+    A run with a checkpoint must have the same settings (:func:`check_same_settings`) and
+    is resumed from its newest valid checkpoint (a damaged ``last.pt`` falls back as
+    ``splitlbi train --resume`` does); one killed before its first checkpoint is removed
+    (:func:`remove_unstarted_run`) and trained anew. ``log`` gets ``run_training``'s
+    lines; ``on_start("resume" or "train")`` is called just before training starts.
     """
     # run_training builds on this module: imported here, when a run is to be trained.
     from splitlbi.train.run import run_training
 
-    done = completed_epochs(run_dir) if run_dir.is_dir() else None
-    if done is None and run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
-        remove_unstarted_run(run_dir)  # otherwise run_training explains what is wrong
-    if done is not None:
+    candidates = checkpoint_candidates(run_dir) if run_dir.is_dir() else []
+    if candidates:
         check_same_settings(run_dir, config)
-        if done >= config.epochs:
+        if _stored_epoch(candidates[0]) >= config.epochs:
             return "finished"
         if on_start is not None:
             on_start("resume")
         run_training(config, run_dir, resume=True, log=log)
         return "resumed"
+    if run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
+        remove_unstarted_run(run_dir)  # otherwise run_training explains what is wrong
     if on_start is not None:
         on_start("train")
     run_training(config, run_dir, log=log)
     return "trained"
+
+
+def _stored_epoch(path: Path) -> int:
+    """The epoch in a checkpoint file; -1 when it cannot be read (a resume then falls back)."""
+    try:
+        epoch = torch_load(path, "cpu").get("epoch")
+    except (SplitLBIError, AttributeError):
+        return -1
+    return epoch if isinstance(epoch, int) else -1
 
 
 def _versions() -> Dict[str, str]:
