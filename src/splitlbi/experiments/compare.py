@@ -50,7 +50,6 @@ import csv
 import dataclasses
 import io
 import math
-import shutil
 import statistics
 import time
 from dataclasses import dataclass
@@ -58,19 +57,15 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from splitlbi.errors import SplitLBIError
-from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig, validate_config
+from splitlbi.train.config import TrainConfig, validate_config
 from splitlbi.train.run import (
     CHECKPOINT_DIR,
-    CONFIG_FILE,
     LAST_CHECKPOINT,
     METRICS_FILE,
-    load_checkpoint,
     read_run_config,
-    read_train_config,
-    run_training,
     upgrade_metrics_row,
 )
-from splitlbi.train.rundir import LOCK_FILE
+from splitlbi.train.rundir import check_same_settings, train_or_resume
 from splitlbi.utils.io import atomic_write_text
 from splitlbi.train.runfiles import read_metrics
 
@@ -184,61 +179,6 @@ def _run_result(run_dir: Path, epochs: int) -> Optional[Dict[str, Any]]:
             "best_test_acc": max(float(row["test_acc"]) for row in rows),
             "final_sparse_test_acc": _float(final.get("sparse_test_acc")),
             "final_gamma_nonzero_share": _float(final.get("gamma_nonzero_share"))}
-
-
-def _completed_epochs(run_dir: Path) -> Optional[int]:
-    """Epoch of ``checkpoints/last.pt``; None when the run has none (new or never checkpointed)."""
-    if not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
-        return None
-    return int(load_checkpoint(run_dir)["epoch"])
-
-
-def _check_same_settings(run_dir: Path, requested: TrainConfig) -> None:
-    stored = read_train_config(run_dir)
-    changed = [f.name for f in dataclasses.fields(TrainConfig)
-               if f.name not in RESUME_OVERRIDABLE_FIELDS and getattr(stored, f.name) != getattr(requested, f.name)]
-    if changed:
-        details = ", ".join(f"{name.replace('_', '-')} {getattr(stored, name)!r} there, "
-                            f"{getattr(requested, name)!r} now" for name in changed)
-        raise SplitLBIError(f"{run_dir} was trained with other settings ({details}); "
-                            f"use another --out or the original settings")
-
-
-# Files that run_training writes when it creates a run, before the epoch-0 checkpoint.
-_RUN_FILES = {CONFIG_FILE, METRICS_FILE, "path.csv", "init.pt", CHECKPOINT_DIR, "masks", LOCK_FILE}
-
-
-def _remove_unstarted_run(run_dir: Path) -> bool:
-    """Delete a run directory that was killed while being created (no checkpoint, no epoch).
-
-    Returns whether it did; a directory holding anything else is left alone.
-    """
-    entries = list(run_dir.iterdir())
-    if any(entry.name not in _RUN_FILES and not entry.name.endswith(".tmp") for entry in entries):
-        return False
-    if (run_dir / METRICS_FILE).is_file() and len(_read_metrics(run_dir)) > 0:
-        return False
-    for entry in entries:
-        if entry.is_dir():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    return True
-
-
-def _train_or_resume(config: TrainConfig, run_dir: Path, epoch_log: Log) -> str:
-    """Bring one run to ``config.epochs``; return what was done: finished, resumed or trained."""
-    done = _completed_epochs(run_dir) if run_dir.is_dir() else None
-    if done is None and run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
-        _remove_unstarted_run(run_dir)  # otherwise run_training explains what is wrong
-    if done is not None:
-        _check_same_settings(run_dir, config)
-        if done >= config.epochs:
-            return "finished"
-        run_training(config, run_dir, resume=True, log=epoch_log)
-        return "resumed"
-    run_training(config, run_dir, log=epoch_log)
-    return "trained"
 
 
 # --------------------------------------------------------------------------- table
@@ -431,13 +371,13 @@ def compare(
     for (name, seed), config in configs.items():
         run_dir = run_dir_for(out, name, seed)
         if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
-            _check_same_settings(run_dir, config)
+            check_same_settings(run_dir, config)
     if train:
         for index, ((name, seed), config) in enumerate(configs.items(), start=1):
             run_dir = run_dir_for(out, name, seed)
             prefix = f"[{index:>{len(str(total))}}/{total}] {name} seed {seed}"
             started = time.perf_counter()
-            action = _train_or_resume(config, run_dir, epoch_log)
+            action = train_or_resume(config, run_dir, log=epoch_log)
             actions[action] = actions.get(action, 0) + 1
             result = _run_result(run_dir, config.epochs)
             if result is None:  # cannot happen after a completed run_training; be explicit anyway

@@ -9,13 +9,14 @@ run instead of silently reusing an old one.
 
 A job is finished when its directory holds ``job.json`` (written atomically after the job
 returned). An interrupted training run resumes from its last checkpoint (bitwise the
-same result on CPU); an interrupted retraining or baseline, which cannot resume, is
-deleted and started again.
+same result on CPU) under the one rule of :func:`splitlbi.train.rundir.train_or_resume`
+(the settings it was stored with must be the requested ones); an interrupted retraining
+or baseline, which cannot resume, is deleted and started again. The run directories,
+the job files and the locks are :mod:`splitlbi.train.rundir`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,16 +24,17 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig
-from splitlbi.train.run import CHECKPOINT_DIR, CONFIG_FILE, LAST_CHECKPOINT, read_train_config, run_training
-from splitlbi.utils.io import atomic_write_text
+from splitlbi.train.rundir import (
+    CHECKPOINT_DIR, CONFIG_FILE, JOB_FILE, LAST_CHECKPOINT, changed_settings, job_done, job_lock, mark_job_done,
+    read_train_config, train_or_resume,
+)
 
 __all__ = ["JOB_FILE", "Workspace", "job_hash", "config_settings"]
 
-JOB_FILE = "job.json"
 RUNS_DIR = "runs"
 MASKS_DIR = "masks"
 # Settings that do not change what a run computes (the hash ignores them).
@@ -58,29 +60,6 @@ def job_hash(spec: Mapping[str, Any]) -> str:
     """Eight hex digits identifying a job's settings."""
     text = json.dumps(spec, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:8]
-
-
-@contextlib.contextmanager
-def _lock(run_dir: Path, say: Callable[[str], None]) -> Iterator[None]:
-    """Hold ``<run_dir>.lock`` while a job runs, waiting for another process that holds it.
-
-    Two reproductions sharing an ``--out`` (e.g. two figures that need the same run) thus
-    never train one run twice: the second waits, then finds it finished. An OS file lock
-    (``flock``): a killed process leaves nothing stale behind.
-    """
-    try:
-        import fcntl
-    except ImportError:  # not on POSIX: no locking
-        yield
-        return
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.with_name(run_dir.name + ".lock"), "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            say(f"waiting for another process that is running {run_dir.name}")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
 
 
 def _safe_label(label: str) -> str:
@@ -109,12 +88,12 @@ class Workspace:
         self.say = log if log is not None else (lambda line: None)
         self.epoch_log = epoch_log
         self.counts: Dict[str, int] = {}
-        self.reuse: List[Tuple[Dict[str, Any], Path]] = []
+        self.reuse: List[Tuple[TrainConfig, Path]] = []
         for folder in reuse:
             folder = Path(folder)
             if not (folder / CONFIG_FILE).is_file() or not (folder / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
                 raise SplitLBIError(f"--reuse {folder} is not a run directory with a checkpoint")
-            self.reuse.append((config_settings(read_train_config(folder)), folder))
+            self.reuse.append((read_train_config(folder), folder))
 
     # ----------------------------------------------------------------- plumbing
     def config(self, config: TrainConfig) -> TrainConfig:
@@ -130,13 +109,13 @@ class Workspace:
         self.counts[action] = self.counts.get(action, 0) + 1
 
     def _finish(self, run_dir: Path, spec: Mapping[str, Any], label: str, started: float, action: str) -> Path:
-        atomic_write_text(run_dir / JOB_FILE, json.dumps({"label": label, "spec": spec}, indent=2, default=str))
+        mark_job_done(run_dir, {"label": label, "spec": spec})
         self._count(action)
         self.say(f"{label}: {action} in {time.perf_counter() - started:.0f}s ({run_dir})")
         return run_dir
 
     def _finished(self, run_dir: Path, label: str) -> bool:
-        if (run_dir / JOB_FILE).is_file():
+        if job_done(run_dir):
             self._count("skipped")
             self.say(f"{label}: finished before, skipped ({run_dir})")
             return True
@@ -150,41 +129,40 @@ class Workspace:
         run_dir = self.run_dir(label, spec)
         if self._finished(run_dir, label):
             return run_dir
-        with _lock(run_dir, self.say):
+        with job_lock(run_dir, self.say):
             if self._finished(run_dir, label):  # finished by another process meanwhile
                 return run_dir
             return self._train(config, spec, run_dir, label)
 
     def _train(self, config: TrainConfig, spec: Dict[str, Any], run_dir: Path, label: str) -> Path:
         started = time.perf_counter()
-        reusable = [folder for settings, folder in self.reuse if settings == spec["config"]]
-        action = "resumed"
+        # The job's settings (epochs included), under the rule for resuming too (train_or_resume:
+        # an SGD run's κ and ν as well), so that the copy is then found finished.
+        reusable = [folder for stored, folder in self.reuse
+                    if config_settings(stored) == spec["config"] and not changed_settings(stored, config)]
+        copied = False
         if reusable and not run_dir.exists():
-            action = "reused"
             self.say(f"{label}: copying the matching run {reusable[0]}")
             shutil.copytree(reusable[0], run_dir.with_name(run_dir.name + ".partial"))
             os.replace(run_dir.with_name(run_dir.name + ".partial"), run_dir)
-        if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
-            stored = read_train_config(run_dir)
-            if config_settings(stored) != spec["config"]:
-                raise SplitLBIError(f"{run_dir} holds a run with other settings than its name says; move it away")
-            # The stored settings (an SGD run may store any κ, ν), with this call's device, data folder, ...
-            config = dataclasses.replace(stored, **{name: getattr(config, name) for name in RESUME_OVERRIDABLE_FIELDS})
-            self.say(f"{label}: resuming ({run_dir})")
-            run_training(config, run_dir, resume=True, log=self.epoch_log)  # a finished run: returns at once
-            return self._finish(run_dir, spec, label, started, action)
-        if run_dir.exists():  # killed before its first checkpoint: nothing worth keeping
-            shutil.rmtree(run_dir)
-        self.say(f"{label}: training {config.model} on {config.dataset}, {config.epochs} epochs ({run_dir})")
-        run_training(config, run_dir, log=self.epoch_log)
-        return self._finish(run_dir, spec, label, started, "trained")
+            copied = True
+
+        def announce(step: str) -> None:
+            if step == "resume":
+                self.say(f"{label}: resuming ({run_dir})")
+            else:
+                self.say(f"{label}: training {config.model} on {config.dataset}, {config.epochs} epochs ({run_dir})")
+
+        done = train_or_resume(config, run_dir, log=self.epoch_log, on_start=announce)
+        action = "reused" if copied else {"finished": "resumed"}.get(done, done)
+        return self._finish(run_dir, spec, label, started, action)
 
     def job(self, label: str, spec: Mapping[str, Any], make: Callable[[Path], Any]) -> Path:
         """A job that cannot resume: ``make(run_dir)`` writes ``run_dir``; a partial one is redone."""
         run_dir = self.run_dir(label, spec)
         if self._finished(run_dir, label):
             return run_dir
-        with _lock(run_dir, self.say):
+        with job_lock(run_dir, self.say):
             if self._finished(run_dir, label):
                 return run_dir
             return self._job(label, spec, make, run_dir)

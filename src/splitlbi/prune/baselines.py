@@ -38,7 +38,6 @@ removed (the convention of :func:`splitlbi.prune.compact.apply_filter_masks`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
@@ -51,11 +50,12 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model
 from splitlbi.prune.compact import _bn_after, apply_filter_masks, compact_model, count_macs_params
 from splitlbi.prune.masks import Masks, apply_masks_, check_not_empty, load_mask_file, mask_sparsity, save_mask_file
-from splitlbi.prune.retrain import MASK_FILE, MaskedSGD, retrain, start_run_dir, train_epochs
+from splitlbi.prune.retrain import MASK_FILE, MaskedSGD, retrain, start_run_dir
 from splitlbi.train import run as run_module
+from splitlbi.train import rundir
 from splitlbi.train.config import TrainConfig, resolve_device, validate_config
+from splitlbi.train.loop import run_epochs
 from splitlbi.train.optimizers import build_scheduler
-from splitlbi.train.run import CONFIG_FILE
 from splitlbi.train.rundir import holds_run_dirs, lock_run_dir
 
 __all__ = ["BASELINES", "slimming", "soft_filter_pruning", "sparsity_training", "scratch", "scratch_b_epochs",
@@ -167,16 +167,17 @@ def smallest_filter_masks(model: nn.Module, keep: float) -> Masks:
 
 def _new_run(config: TrainConfig, out: Path, info: Dict[str, Any], *, init_seed: int, masks: Optional[Masks],
              l1_bn: float = 0.0, regularizer: Optional[Regularizer] = None,
-             after_epoch: Optional[Callable[[nn.Module, int], Optional[Masks]]] = None, say: Say,
-             ) -> Tuple[Path, nn.Module, Optional[Masks]]:
-    """Train ``config.epochs`` epochs of SGD into a new run directory (the shared loop of the baselines).
+             after_epoch: Optional[Callable[[nn.Module, int], Optional[float]]] = None, say: Say,
+             ) -> Tuple[Path, nn.Module]:
+    """Train ``config.epochs`` epochs of SGD into a new run directory (through
+    :func:`splitlbi.train.loop.run_epochs`, the epoch loop of ``splitlbi train``).
 
     ``masks`` are held fixed (MaskedSGD; widened by :func:`architecture_masks`); ``l1_bn``:
     L1 penalty on the BatchNorm scales; ``regularizer(model, example)`` returns a function
     called after each backward pass, before the step (it adds a penalty's gradient);
     ``after_epoch(model, epoch)`` may change the weights after each epoch (before evaluation)
-    and returns the epoch's masks for the metrics.
-    Returns ``(out, model, last masks)``.
+    and returns the share of weights its masks keep, for the metrics.
+    Returns ``(out, model)``.
     """
     dev = resolve_device(config.device)
     data = run_module._load_data(config, dev)
@@ -201,24 +202,23 @@ def _new_run(config: TrainConfig, out: Path, info: Dict[str, Any], *, init_seed:
     scheduler = build_scheduler(config, optimizer)
     kept = mask_sparsity(masks).overall if masks else None
 
-    start_run_dir(out, {**run_module._run_info(config, data.facts), "world_size": 1, "baseline": info}, model,
-                  optimizer)
+    history = start_run_dir(out, {**rundir.run_info(config, data.facts), "world_size": 1, "baseline": info}, model,
+                            optimizer, scheduler)
     if masks is not None:
         save_mask_file(out / MASK_FILE, arch, model=config.model, source=info.get("masks"), kind=info["name"])
     say(f"run directory: {out}")
-    last = train_epochs(out, model, optimizer, scheduler, data, config, kept=kept, description=info["name"],
-                        after_epoch=after_epoch, say=say)
-    current_masks = last if after_epoch is not None else masks
-    return out, model, current_masks
+    run_epochs(out, model, optimizer, scheduler, data, config, start_epoch=0, history=history, say=say,
+               description=info["name"], kept=kept, after_epoch=after_epoch, resumable=False)
+    return out, model
 
 
 def _prepare(config: TrainConfig, outs: Iterable[Path]) -> TrainConfig:
-    config = dataclasses.replace(config, optimizer="sgd", sync_bn=False, amp=False, compile=False)
+    config = dataclasses.replace(config, optimizer="sgd", sync_bn=False, amp=False, compile=False, tensorboard=False)
     validate_config(config)
     run_module._check_model_name(config.model)
     canonical_dataset_name(config.dataset)
     for out in outs:
-        run_module._check_new_run_dir(out)
+        rundir.check_new_run_dir(out)
     return config
 
 
@@ -242,7 +242,7 @@ def slimming(config: TrainConfig, out_dir: PathLike, *, keep: float, sparsity_la
         raise SplitLBIError(f"network slimming needs BatchNorm layers; model {config.model} has none")
     info = {"name": "slimming", "keep": keep, "sparsity_lambda": sparsity_lambda, "stage": "sparsity training"}
     say(f"slimming: sparsity training ({config.epochs} epochs, λ = {sparsity_lambda:g} on the BN scales)")
-    _, model, _ = _new_run(config, sparse, info, init_seed=config.seed, masks=None, l1_bn=sparsity_lambda, say=say)
+    _, model = _new_run(config, sparse, info, init_seed=config.seed, masks=None, l1_bn=sparsity_lambda, say=say)
     example = run_module._load_data(dataclasses.replace(config, limit_train=1, limit_test=1),
                                     torch.device("cpu")).train_images[:1].float()
     masks = slimming_masks(model, keep, example)
@@ -258,9 +258,9 @@ def slimming(config: TrainConfig, out_dir: PathLike, *, keep: float, sparsity_la
             lr_gamma=config.lr_gamma, batch_size=config.batch_size, momentum=config.momentum,
             weight_decay=config.weight_decay, seed=config.seed, device=config.device, progress=config.progress,
             log=say)
-    stored = json.loads((out / CONFIG_FILE).read_text())
+    stored = rundir.read_run_config(out)
     stored["baseline"] = {**info, "stage": "fine-tuned", "sparse_run": str(sparse)}
-    run_module._write_json(out / CONFIG_FILE, stored)
+    rundir.write_json(out / rundir.CONFIG_FILE, stored)
     return out
 
 
@@ -298,16 +298,17 @@ def soft_filter_pruning(config: TrainConfig, out_dir: PathLike, *, keep: float,
     example = run_module._load_data(dataclasses.replace(config, limit_train=1, limit_test=1),
                                     torch.device("cpu")).train_images[:1].float()
 
-    def zero_smallest(model: nn.Module, epoch: int) -> Masks:
+    last: Dict[str, Masks] = {}
+
+    def zero_smallest(model: nn.Module, epoch: int) -> Optional[float]:
         masks = smallest_filter_masks(model, keep)
         apply_filter_masks(model, masks, example.to(next(model.parameters()).device))
-        return masks
+        last["masks"] = masks
+        return mask_sparsity(masks).overall if masks else None
 
     info = {"name": "sfp", "keep": keep}
-    _, model, masks = _new_run(config, out, info, init_seed=config.seed, masks=None, after_epoch=zero_smallest,
-                               say=say)
-    assert masks is not None
-    save_mask_file(out / MASK_FILE, masks, model=config.model, epoch=config.epochs, source=out, kind="sfp")
+    _new_run(config, out, info, init_seed=config.seed, masks=None, after_epoch=zero_smallest, say=say)
+    save_mask_file(out / MASK_FILE, last["masks"], model=config.model, epoch=config.epochs, source=out, kind="sfp")
     return out
 
 

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from splitlbi.data import canonical_dataset_name
-from splitlbi.data.augment import augment_generator, train_transform
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model
 from splitlbi.prune.masks import (
@@ -37,17 +36,13 @@ from splitlbi.prune.masks import (
     validate_masks,
 )
 from splitlbi.train import run as run_module
-from splitlbi.train.config import TrainConfig, resolve_device, validate_config
-from splitlbi.train.loop import epoch_generator, evaluate, train_one_epoch
+from splitlbi.train import rundir
+from splitlbi.train.config import resolve_device, validate_config
+from splitlbi.train.loop import evaluate, run_epochs
 from splitlbi.train.optimizers import build_scheduler
-from splitlbi.train.rundir import holds_run_dirs
-from splitlbi.train.run import (
-    CHECKPOINT_DIR, CONFIG_FILE, INIT_FILE, METRICS_COLUMNS, METRICS_FILE, PATH_COLUMNS, PATH_FILE,
-    filter_path_rows, list_checkpoints, load_checkpoint, read_run_config,
-)
-from splitlbi.utils.io import atomic_torch_save, atomic_write_text
+from splitlbi.train.rundir import INIT_FILE, holds_run_dirs, list_checkpoints, load_checkpoint, read_run_config
 
-__all__ = ["RETRAIN_MODES", "MASK_FILE", "MaskedSGD", "retrain", "start_run_dir", "finish_epoch", "train_epochs"]
+__all__ = ["RETRAIN_MODES", "MASK_FILE", "MaskedSGD", "retrain", "start_run_dir"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -84,71 +79,12 @@ def _checkpoint_epochs_text(run_dir: Path) -> str:
     return ", ".join(map(str, epochs)) if epochs else "none"
 
 
-def start_run_dir(out: Path, run_info: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Write a new SGD run directory's fixed files: ``config.json``, ``init.pt``, the
-    ``metrics.csv`` / ``path.csv`` headers and ``path.csv``'s epoch-0 rows.
-
-    Takes ``out``'s run-directory lock first (held until the enclosing command returns)."""
-    run_module.open_run_dir(out, new=True, say=lambda line: None)
-    run_module._write_json(out / CONFIG_FILE, run_info)
-    atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}, out / INIT_FILE)
-    atomic_write_text(out / METRICS_FILE, ",".join(METRICS_COLUMNS) + "\n")
-    atomic_write_text(out / PATH_FILE, ",".join(PATH_COLUMNS) + "\n")
-    run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, 0))
-    (out / CHECKPOINT_DIR).mkdir(exist_ok=True)
-
-
-def finish_epoch(out: Path, metrics: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, keep: bool) -> None:
-    """Append the epoch's metrics (and, after epoch 0, path rows) and write its checkpoint."""
-    run_module._append_rows(out / METRICS_FILE, [run_module._metrics_row(metrics)])
-    if metrics["epoch"] > 0:  # path.csv already has epoch 0
-        run_module._append_rows(out / PATH_FILE, filter_path_rows(model, optimizer, metrics["epoch"]))
-    state = run_module._checkpoint_state(metrics["epoch"], model, optimizer, scheduler, [run_module._rng_state()])
-    run_module._save_checkpoint(out, state, keep_epoch_file=keep)
-
-
-def train_epochs(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Any,
-                 config: TrainConfig, *, kept: Optional[float], description: str,
-                 after_epoch: Optional[Callable[[nn.Module, int], Optional[Masks]]] = None,
-                 say: Callable[[str], None]) -> Optional[Masks]:
-    """The epoch loop of retraining and baselines: SGD epochs with ``config``'s data order and
-    augmentation, evaluation, metrics/path rows and checkpoints in ``out``.
-
-    ``kept``: share of weights the fixed mask keeps (the gamma_nonzero_share column; ``None``: dense).
-    ``after_epoch(model, epoch)`` may change the weights after each epoch's training and returns
-    that epoch's masks (Soft Filter Pruning). Returns the last masks it returned.
-    """
-    masks: Optional[Masks] = None
-    # Like a training run: last.pt holds epoch 0 (the start) until the first epoch ends.
-    run_module._save_checkpoint(out, run_module._checkpoint_state(0, model, optimizer, scheduler,
-                                                                  [run_module._rng_state()]), keep_epoch_file=False)
-    for current in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        lr_now = optimizer.param_groups[0]["lr"]
-        train = train_one_epoch(model, optimizer, data.train_images, data.train_labels,
-                                batch_size=config.batch_size, mean=data.mean, std=data.std,
-                                generator=epoch_generator(config.seed, current),
-                                transform=train_transform(config.augment, data.mean, data.std,
-                                                          augment_generator(config.seed, current)),
-                                progress=None if config.progress else False,
-                                description=f"{description} epoch {current}/{config.epochs}",
-                                nonfinite=config.nonfinite)
-        if after_epoch is not None:
-            masks = after_epoch(model, current)
-            kept = mask_sparsity(masks).overall if masks else None
-        test = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
-                        mean=data.mean, std=data.std, progress=None if config.progress else False,
-                        description=f"{description} epoch {current}/{config.epochs} test")
-        scheduler.step()
-        metrics = {"epoch": current, "lr": lr_now, "train_loss": train.loss, "train_acc": train.accuracy,
-                   "test_loss": test.loss, "test_acc": test.accuracy,
-                   "sparse_test_acc": test.accuracy if kept is not None else None, "gamma_nonzero_share": kept,
-                   "epoch_seconds": time.perf_counter() - started}
-        finish_epoch(out, metrics, model, optimizer, scheduler,
-                     keep=current % config.save_every == 0 or current == config.epochs)
-        say(run_module._summary_line(metrics, config.epochs))
-    return masks
+def start_run_dir(out: Path, info: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: Any) -> rundir.RunHistory:
+    """Open a new run directory ``out`` (its lock held until the enclosing command returns)
+    and write its epoch 0 (:func:`splitlbi.train.rundir.start_run`); return its history."""
+    rundir.open_run_dir(out, new=True, say=lambda line: None)
+    return rundir.start_run(out, info, model, optimizer, scheduler, [rundir.rng_state()])
 
 
 @holds_run_dirs
@@ -196,7 +132,7 @@ def retrain(
     if epoch is None and (masks is None or mode != "lottery"):
         raise SplitLBIError(f"--mode {mode} needs --epoch" + ("" if mode != "lottery" else " or --masks"))
     info = read_run_config(run_dir)
-    source = run_module._train_config_from_info(info)
+    source = rundir.train_config_from_info(info)
     model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
 
     # The mask.
@@ -221,7 +157,7 @@ def retrain(
                                 f"kept epochs: {_checkpoint_epochs_text(run_dir)}")
         state = load_checkpoint(run_dir, epoch)["model"]
     else:
-        state = run_module._torch_load(run_dir / INIT_FILE, "cpu")
+        state = rundir.torch_load(run_dir / INIT_FILE, "cpu")
     model.load_state_dict(state)
 
     config = dataclasses.replace(
@@ -229,14 +165,14 @@ def retrain(
         epochs=epochs if mode != "prune" else 0, batch_size=source.batch_size if batch_size is None else batch_size,
         lr_milestones=tuple(lr_milestones), lr_gamma=lr_gamma, schedule="step", seed=seed, device=device,
         save_every=save_every if save_every is not None else max(epochs, 1), progress=progress,
-        sync_bn=False, amp=False, compile=False)
+        sync_bn=False, amp=False, compile=False, tensorboard=False)
     validate_config(dataclasses.replace(config, epochs=max(config.epochs, 1)))
     canonical_dataset_name(config.dataset)
-    run_module._check_new_run_dir(out)
+    rundir.check_new_run_dir(out)
 
     dev = resolve_device(device)
     data = run_module._load_data(config, dev)
-    run_module._check_same_dataset(run_dir, info, data.facts)
+    rundir.check_same_dataset(run_dir, info, data.facts)
     run_module._seed_everything(seed)
     model = model.to(dev)
     apply_masks_(model, mask_dict)
@@ -250,8 +186,8 @@ def retrain(
 
     retrain_info = {"mode": mode, "source": str(run_dir), "epoch": epoch, "masks": mask_source,
                     "kept": kept, "source_optimizer": source.optimizer}
-    start_run_dir(out, {**run_module._run_info(config, data.facts), "world_size": 1, "retrain": retrain_info},
-                  model, optimizer)
+    history = start_run_dir(out, {**rundir.run_info(config, data.facts), "world_size": 1, "retrain": retrain_info},
+                            model, optimizer, scheduler)
     save_mask_file(out / MASK_FILE, mask_dict, model=info["model"], epoch=epoch, source=run_dir)
     say(f"run directory: {out}")
     say(f"{mode}: {info['model']} from {run_dir} ({'init' if mode == 'lottery' else f'epoch {epoch}'}), "
@@ -264,9 +200,10 @@ def retrain(
         metrics = {"epoch": 0, "lr": None, "train_loss": None, "train_acc": None, "test_loss": test.loss,
                    "test_acc": test.accuracy, "sparse_test_acc": test.accuracy, "gamma_nonzero_share": kept,
                    "epoch_seconds": time.perf_counter() - started}
-        finish_epoch(out, metrics, model, optimizer, scheduler, keep=True)
+        rundir.write_epoch(out, history, metrics, model, optimizer, scheduler, [rundir.rng_state()], keep=True)
         say(f"pruned model (no training): test loss {test.loss:.4f} acc {test.accuracy:6.2f}%")
         return out
 
-    train_epochs(out, model, optimizer, scheduler, data, config, kept=kept, description=mode, say=say)
+    run_epochs(out, model, optimizer, scheduler, data, config, start_epoch=0, history=history, say=say,
+               description=mode, kept=kept, resumable=False)
     return out

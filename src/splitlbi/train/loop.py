@@ -1,4 +1,5 @@
-"""One epoch of training and one evaluation pass over in-memory image tensors.
+"""Training epochs over in-memory image tensors: :func:`run_epochs` (the one epoch loop of
+``splitlbi train``, retraining and every baseline), :func:`train_one_epoch`, :func:`evaluate`.
 
 The whole dataset lives on the training device as uint8 ``[N, C, H, W]``; each batch is
 converted to float and normalized on the fly, so no DataLoader (and no worker RNG) is
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,10 +20,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from splitlbi.data import normalize
+from splitlbi.data.augment import augment_generator, train_transform
 from splitlbi.errors import SplitLBIError
+from splitlbi.optim import SplitLBI
+from splitlbi.train import distributed, rundir
+from splitlbi.train.config import TrainConfig
 from splitlbi.train.progress import progress_bar
 
-__all__ = ["Evaluation", "NONFINITE_POLICIES", "NonFiniteError", "epoch_generator", "train_one_epoch", "evaluate"]
+__all__ = ["Evaluation", "NONFINITE_POLICIES", "NonFiniteError", "TrainData", "EpochCallback", "epoch_generator",
+           "train_one_epoch", "evaluate", "run_epochs", "summary_line"]
 
 #: What :func:`train_one_epoch` does about a batch whose loss is nan or inf: ``stop``
 #: (raise :class:`NonFiniteError` at the end of the epoch: one synchronisation, as
@@ -264,3 +272,174 @@ def evaluate(
         correct += (logits.argmax(dim=1) == targets).sum()
     loss, right = _sum_over_ranks(loss_sum, correct, world_size)
     return Evaluation(loss / total, 100.0 * right / total)
+
+
+# --------------------------------------------------------------------------- the epoch loop
+
+
+class TrainData(NamedTuple):
+    """A run's images on the training device (uint8 ``[N, C, H, W]``), their labels, the
+    normalization, and the dataset facts that config.json records."""
+
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    mean: Sequence[float]
+    std: Sequence[float]
+    facts: Dict[str, Any]
+
+
+#: ``on_epoch_end(epoch, metrics)``: after an epoch's files and checkpoint are written.
+EpochCallback = Callable[[int, Dict[str, Any]], None]
+
+
+def summary_line(metrics: Dict[str, Any], epochs: int) -> str:
+    """The one line printed after each epoch (``epoch   3/20  lr 0.1  train loss ...``)."""
+    parts = [f"epoch {metrics['epoch']:>3}/{epochs}", f"lr {metrics['lr']:.4g}",
+             f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2f}%",
+             f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:6.2f}%"]
+    if metrics["gamma_nonzero_share"] is not None:
+        parts.append(f"sparse acc {metrics['sparse_test_acc']:6.2f}%")
+        parts.append(f"Gamma non-zeros {100.0 * metrics['gamma_nonzero_share']:6.2f}%")
+    parts.append(f"{metrics['epoch_seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def run_epochs(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data: TrainData,
+    config: TrainConfig,
+    *,
+    start_epoch: int,
+    history: rundir.RunHistory,
+    say: Callable[[str], None],
+    context: Optional[distributed.DistributedContext] = None,
+    train_model: Optional[nn.Module] = None,
+    eval_model: Optional[nn.Module] = None,
+    autocast_dtype: Optional[torch.dtype] = None,
+    memory_format: Optional[torch.memory_format] = None,
+    description: str = "",
+    kept: Optional[float] = None,
+    after_epoch: Optional[Callable[[nn.Module, int], Optional[float]]] = None,
+    on_epoch_end: Optional[EpochCallback] = None,
+    resumable: bool = True,
+    train_epoch: Callable[..., Evaluation] = train_one_epoch,
+) -> None:
+    """Train epochs ``start_epoch + 1 .. config.epochs`` into the run directory ``run_dir``:
+    the one epoch loop of ``splitlbi train``, retraining and every baseline.
+
+    Each epoch: one pass of :func:`train_one_epoch` (``config``'s batch size, data order
+    and augmentation, seeded by ``(config.seed, epoch)``; ``config.nonfinite``), the test
+    set, for SplitLBI the sparse model (the support of Γ), the scheduler's step, then
+    :func:`splitlbi.train.rundir.write_epoch` (metrics.csv, path.csv, SplitLBI's masks,
+    the checkpoint last), the summary line, TensorBoard and ``on_epoch_end``.
+
+    Args:
+        model: the plain module (the optimizer's names, checkpoints, path rows).
+        history: metrics.csv and path.csv so far (rank 0; extended in place, saved in
+            every checkpoint).
+        context: the torchrun process group (default: one process). Rank 0 alone writes,
+            says and calls back; every rank trains its shard, and after each epoch the
+            ranks' weights and optimizer state are checked to agree.
+        train_model, eval_model: what runs the forward passes (DDP, ``torch.compile``
+            wrappers of ``model``); default ``model``.
+        autocast_dtype, memory_format: ``--amp`` and ``--channels-last``, see :func:`train_one_epoch`.
+        description: put before ``epoch k/n`` on the progress bars (e.g. the retrain mode).
+        kept: a mask held fixed by the optimizer (MaskedSGD) keeps this share of the
+            masked weights: the ``gamma_nonzero_share`` column, and ``sparse_test_acc`` is
+            the test accuracy. ``None``: dense (SplitLBI fills both columns from Γ itself).
+        after_epoch: ``after_epoch(model, epoch)`` may change the weights after each
+            epoch's training, before evaluation, and returns the share its masks keep
+            (Soft Filter Pruning), which replaces ``kept``.
+        on_epoch_end: ``on_epoch_end(epoch, metrics)`` after the epoch's checkpoint is written.
+        resumable: the run can be resumed (``splitlbi train``): a non-finite loss's
+            message suggests ``--nonfinite skip`` on resume.
+        train_epoch: the function that trains one epoch (:func:`train_one_epoch`).
+
+    Raises:
+        SplitLBIError: the training loss or the weights (or the test loss) stopped being
+            finite; ``checkpoints/last.pt`` keeps the last good epoch.
+    """
+    context = context if context is not None else distributed.DistributedContext()
+    train_model = train_model if train_model is not None else model
+    eval_model = eval_model if eval_model is not None else model
+    # The structure parameter Γ exists only under SplitLBI; other optimizers leave its columns empty.
+    lbi = optimizer if isinstance(optimizer, SplitLBI) else None
+    label = f"{description} " if description else ""
+    advice = "lower --lr or --kappa" if lbi is not None or resumable else "lower --lr"
+    # Bars on rank 0's terminal only (config.progress False: --no-progress).
+    show_progress = None if config.progress and context.is_main else False
+    board = None
+    if config.tensorboard and context.is_main:
+        from splitlbi.train.tensorboard import TENSORBOARD_DIR, TensorBoardLogger
+
+        board = TensorBoardLogger(Path(run_dir) / TENSORBOARD_DIR)
+    evaluation = dict(batch_size=config.eval_batch_size, mean=data.mean, std=data.std, shard=context.shard,
+                      autocast_dtype=autocast_dtype, memory_format=memory_format, progress=show_progress)
+    last = rundir.CHECKPOINT_DIR + "/" + rundir.LAST_CHECKPOINT
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        where = f"{label}epoch {epoch}/{config.epochs}"
+        try:
+            train = train_epoch(train_model, optimizer, data.train_images, data.train_labels,
+                                batch_size=config.batch_size, mean=data.mean, std=data.std,
+                                generator=epoch_generator(config.seed, epoch),
+                                transform=train_transform(config.augment, data.mean, data.std,
+                                                          augment_generator(config.seed, epoch)),
+                                progress=show_progress, description=where, shard=context.shard,
+                                autocast_dtype=autocast_dtype, memory_format=memory_format,
+                                nonfinite=config.nonfinite)
+        except NonFiniteError as error:
+            # Nothing of this epoch was written: last.pt still holds the last good epoch.
+            skip = ", or resume with --nonfinite skip to leave such batches out" if resumable else ""
+            raise SplitLBIError(f"training stopped at {error}; {last} keeps epoch {epoch - 1}, the last good "
+                                f"one ({advice}{skip})") from None
+        if train.skipped:
+            say(f"warning: {label}epoch {epoch}: skipped {train.skipped} batch(es) whose loss was not finite")
+        if after_epoch is not None:
+            kept = after_epoch(model, epoch)
+        distributed.broadcast_buffers(context, model)
+        # Every rank evaluates its share of the test set; the results are summed over ranks.
+        test = evaluate(eval_model, data.test_images, data.test_labels, **evaluation, description=f"{where} test")
+        if not math.isfinite(test.loss) and data.test_images.shape[0] > 0:
+            # Finite weights whose outputs overflow: the run has diverged all the same.
+            raise SplitLBIError(f"training stopped at {where}, after its last step: the test loss is not finite "
+                                f"(nan or inf); {last} keeps epoch {epoch - 1}, the last good one ({advice})")
+        sparse_accuracy, nonzero_share = (test.accuracy, kept) if kept is not None else (None, None)
+        if lbi is not None:
+            with lbi.sparse_model():
+                sparse_accuracy = evaluate(eval_model, data.test_images, data.test_labels, **evaluation,
+                                           description=f"{where} sparse test").accuracy
+            nonzero_share = float(lbi.nonzero_share().overall)
+        scheduler.step()
+        metrics = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_acc": train.accuracy,
+                   "test_loss": test.loss, "test_acc": test.accuracy, "sparse_test_acc": sparse_accuracy,
+                   "gamma_nonzero_share": nonzero_share, "epoch_seconds": time.perf_counter() - started}
+
+        # DDP averages the gradients; SplitLBI's V and Γ are functions of them and of
+        # state that started equal, so the ranks agree with no communication of their own.
+        # Checked once per epoch (cheap); a difference would mean a non-deterministic op.
+        diverged = distributed.check_in_sync(context, model, optimizer)
+        if diverged:
+            say(f"warning: after epoch {epoch} the processes differ in {len(diverged)} tensor(s) "
+                f"({', '.join(diverged[:3])}); continuing from rank 0's values")
+            distributed.resynchronize(context, model, optimizer)
+        rng_states = distributed.all_gather_objects(context, rundir.rng_state())
+
+        with distributed.agreement(context):
+            if context.is_main:
+                rundir.write_epoch(run_dir, history, metrics, model, optimizer, scheduler, rng_states,
+                                   masks=lbi.masks() if lbi is not None else None,
+                                   keep=epoch % config.save_every == 0 or epoch == config.epochs)
+                say(summary_line(metrics, config.epochs))
+                if board is not None:
+                    board.log_epoch(epoch, metrics, model, optimizer)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, metrics)
+    if board is not None:  # flushed every epoch: a crash loses nothing, closing is tidiness
+        board.close()

@@ -1,49 +1,153 @@
-"""The safety core of a run directory: one writer at a time, no stale temporaries, the
-newest valid checkpoint, and a history that rebuilds ``metrics.csv`` / ``path.csv``.
+"""The one owner of a run directory: what ``splitlbi train``, ``retrain``, the baselines,
+``compare`` and the reproduce workspace write and read, and how.
 
-Every command that writes a run directory (``splitlbi train``, ``retrain``, ``baseline``,
-and the reproduce workspace through them) holds :class:`RunDirLock` while it writes:
+Layout of a run directory (all writes atomic or append-then-fsync, so a run killed at
+any moment can be resumed with ``--resume`` and finishes with the same weights)::
 
-* :class:`RunDirLock`: an exclusive OS file lock on ``<run_dir>/.lock`` (``flock``), held
-  while the writer works and released by the kernel when the process ends, however it
-  ends; a second writer gets a one-line :class:`RunDirBusyError` naming the holder's pid.
-  Re-entrant within one process (a baseline that calls ``retrain`` on its own output).
-* :func:`remove_stale_temporaries`: the ``.NAME.*.tmp`` files that
-  :mod:`splitlbi.utils.io`'s atomic writes leave behind when killed; only safe to call
-  under the lock (a live writer's temporary would otherwise be deleted).
-* :func:`newest_valid_checkpoint`: ``checkpoints/last.pt``, then ``epoch_XXXX.pt``
-  newest first, each loaded and passed to the caller's check; the first one that passes
-  is used, each rejected one is named with the reason and moved aside (``.rejected``).
-* :class:`RunHistory`: the text of ``metrics.csv`` and ``path.csv`` up to a checkpoint's
-  epoch, saved inside it, so that a resume rewrites those files exactly as they were,
-  whatever happened to them after the checkpoint (rows cut, lost, or the file deleted).
+    config.json                  settings, dataset facts, model, versions (see read_run_config)
+    metrics.csv                  one row per epoch, METRICS_COLUMNS
+    path.csv                     one row per epoch x layer x filter, PATH_COLUMNS; epoch 0 = init
+                                 (runs written before v_norm existed have the first six columns)
+    init.pt                      the initial model state_dict (for lottery retraining)
+    checkpoints/epoch_XXXX.pt    every --save-every epochs and the final epoch
+    checkpoints/last.pt          always the latest epoch (epoch 0 right after creation)
+    masks/epoch_XXXX.pt          SplitLBI runs: optimizer.masks() (support of Γ) per epoch
+    .lock                        the writer's lock (RunDirLock)
+
+What this module owns:
+
+* creating and opening: :func:`open_run_dir` (the lock, stale temporaries, "is it new
+  and empty"), :func:`start_run` (config.json, init.pt, the CSV headers, path.csv's
+  epoch 0, the epoch-0 checkpoint);
+* reading: :func:`read_run_config` / :func:`read_train_config`, :func:`load_checkpoint`,
+  :func:`load_masks`, :func:`load_model_from_run`;
+* the settings rule for resuming: :func:`merge_resume_config` (only
+  ``RESUME_OVERRIDABLE_FIELDS`` may differ from the stored settings),
+  :func:`check_same_dataset`, :func:`check_same_world`, and :func:`train_or_resume`
+  (skip finished, resume, or train: what ``compare`` and the reproduce workspace do);
+* writing an epoch: :func:`write_epoch` (metrics.csv and path.csv rows, the masks, then
+  the checkpoint, atomically written);
+* resuming safely: :class:`RunDirLock`, :func:`remove_stale_temporaries`,
+  :func:`newest_valid_checkpoint` (the fall-back read), :class:`RunHistory` and
+  :func:`restore_rows` (rebuild metrics.csv / path.csv from the checkpoint's copy).
+
+The lock: every command that writes a run directory holds :class:`RunDirLock`
+(``flock`` on ``<run_dir>/.lock``) while it writes, released by the kernel when the
+process ends, however it ends; a second writer gets a one-line :class:`RunDirBusyError`
+naming the holder's pid. Re-entrant within one process (a baseline that calls
+``retrain`` on its own output). :func:`remove_stale_temporaries` deletes the
+``.NAME.*.tmp`` files that :mod:`splitlbi.utils.io`'s atomic writes leave behind when
+killed, only under the lock. :func:`newest_valid_checkpoint` tries ``last.pt``, then
+``epoch_XXXX.pt`` newest first, each passed to the caller's check; each rejected one is
+named with the reason and moved aside (``.rejected``). :class:`RunHistory` is the text of
+``metrics.csv`` and ``path.csv`` up to a checkpoint's epoch, saved inside it, so that a
+resume rewrites those files exactly as they were.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
+import json
 import os
+import platform
+import random
+import shutil
 import threading
 import zlib
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+import splitlbi
 from splitlbi.errors import SplitLBIError
-from splitlbi.utils.io import atomic_write_text
+from splitlbi.models import create_model
+from splitlbi.optim import SplitLBI
+from splitlbi.optim import penalties as _penalties
+from splitlbi.train import distributed
+from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig
+from splitlbi.utils.io import atomic_torch_save, atomic_write_text, fsync_directory
 
 __all__ = [
-    "LOCK_FILE", "REJECTED_SUFFIX", "RunDirBusyError", "RunDirLock", "check_not_busy", "holds_run_dirs",
-    "lock_run_dir",
-    "remove_stale_temporaries",
-    "is_empty_run_dir", "checkpoint_candidates", "newest_valid_checkpoint", "set_aside", "CheckpointError",
-    "validate_checkpoint", "epoch_from_name", "RunHistory", "restore_table", "csv_epochs",
+    # the layout
+    "CONFIG_FILE", "METRICS_FILE", "PATH_FILE", "INIT_FILE", "CHECKPOINT_DIR", "LAST_CHECKPOINT", "MASK_DIR",
+    "LOCK_FILE", "REJECTED_SUFFIX", "RUN_FORMAT", "METRICS_COLUMNS", "PATH_COLUMNS", "RENAMED_METRICS_COLUMNS",
+    "upgrade_metrics_row", "epoch_file_name",
+    # the lock and temporaries
+    "RunDirBusyError", "RunDirLock", "check_not_busy", "holds_run_dirs", "lock_run_dir",
+    "remove_stale_temporaries", "is_empty_run_dir",
+    # reading
+    "read_run_config", "read_train_config", "train_config_from_info", "list_checkpoints", "torch_load",
+    "load_checkpoint", "load_masks", "load_model_from_run",
+    # creating, opening, the settings rule
+    "check_new_run_dir", "open_run_dir", "changed_settings", "merge_resume_config", "check_same_settings",
+    "check_same_dataset", "check_same_world", "run_info", "write_json", "record_resume", "completed_epochs",
+    "remove_unstarted_run",
+    "train_or_resume", "JOB_FILE", "job_done", "mark_job_done", "job_lock",
+    # rows and checkpoints
+    "filter_path_rows", "metrics_row", "append_rows", "file_columns", "restore_rows",
+    "rng_state", "restore_rng_state", "checkpoint_state", "save_checkpoint", "remove_epoch_files_after",
+    "start_run", "rewind", "write_epoch",
+    "checkpoint_candidates", "newest_valid_checkpoint", "set_aside", "CheckpointError", "validate_checkpoint",
+    "epoch_from_name", "RunHistory", "restore_table", "csv_epochs",
 ]
 
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+CONFIG_FILE = "config.json"
+
+
+METRICS_FILE = "metrics.csv"
+
+
+PATH_FILE = "path.csv"
+
+
+INIT_FILE = "init.pt"
+
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+LAST_CHECKPOINT = "last.pt"
+
+
+MASK_DIR = "masks"
+
+
+RUN_FORMAT = 1
+
+
+METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+                   "sparse_test_acc", "gamma_nonzero_share", "epoch_seconds")
+
+
+#: metrics.csv columns renamed since: old name -> new name. Runs written before keep the
+#: old header (also when resumed: the renamed columns kept their places, new rows fit);
+#: every reader passes rows through :func:`upgrade_metrics_row`.
+RENAMED_METRICS_COLUMNS = {"sparsity": "gamma_nonzero_share"}
+
+
+PATH_COLUMNS = ("epoch", "layer", "filter", "w_norm", "gamma_norm", "in_support", "v_norm")
+
+
+def upgrade_metrics_row(row: Dict[str, Any]) -> Dict[str, Any]:
+    """A metrics.csv row (``{column: value}``) with old column names replaced by the current
+    ones (``sparsity`` -> ``gamma_nonzero_share``): what every reader of runs uses, so run
+    directories written before the rename stay readable."""
+    return {RENAMED_METRICS_COLUMNS.get(key, key): value for key, value in row.items()}
+
+
+def epoch_file_name(epoch: int) -> str:
+    """``epoch_0007.pt``: the file name of epoch ``epoch`` under checkpoints/ and masks/."""
+    return f"epoch_{epoch:04d}.pt"
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: The lock file inside a run directory. It stays after the run (an unlocked file is no
@@ -53,9 +157,6 @@ LOCK_FILE = ".lock"
 REJECTED_SUFFIX = ".rejected"
 #: Keys every training checkpoint has (see ``splitlbi.train.run``).
 CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "rng")
-_CHECKPOINT_DIR = "checkpoints"
-_MASK_DIR = "masks"
-_LAST = "last.pt"
 
 
 # --------------------------------------------------------------------------- the lock
@@ -279,7 +380,7 @@ def remove_stale_temporaries(run_dir: PathLike) -> List[Path]:
     holding :class:`RunDirLock`, when no writer can be mid-write."""
     root = Path(run_dir)
     removed = []
-    for folder in (root, root / _CHECKPOINT_DIR, root / _MASK_DIR):
+    for folder in (root, root / CHECKPOINT_DIR, root / MASK_DIR):
         if not folder.is_dir():
             continue
         for path in folder.iterdir():
@@ -311,10 +412,10 @@ def epoch_from_name(path: Path) -> Optional[int]:
 
 def checkpoint_candidates(run_dir: PathLike) -> List[Path]:
     """The checkpoints a resume tries, in order: ``last.pt``, then ``epoch_XXXX.pt`` newest first."""
-    directory = Path(run_dir) / _CHECKPOINT_DIR
+    directory = Path(run_dir) / CHECKPOINT_DIR
     epochs = [(epoch, path) for path in directory.glob("epoch_*.pt") if (epoch := epoch_from_name(path)) is not None]
     ordered = [path for _, path in sorted(epochs, reverse=True)]
-    last = directory / _LAST
+    last = directory / LAST_CHECKPOINT
     return ([last] if last.is_file() else []) + ordered
 
 
@@ -504,3 +605,634 @@ def csv_epochs(text: str) -> List[int]:
         except ValueError:
             continue
     return epochs
+
+
+# --------------------------------------------------------------------------- reading runs
+
+
+def read_run_config(run_dir: PathLike) -> Dict[str, Any]:
+    """The parsed ``config.json`` of a run: one flat dict.
+
+    Keys: every :class:`TrainConfig` field (``model`` is the model name, ``dataset`` the
+    dataset name, ``optimizer``, ``lr``, ``kappa``, ``nu``, ``seed``, ``epochs``, ...);
+    the dataset facts ``num_classes``, ``in_channels`` (with ``model``: the arguments of
+    ``create_model``), ``image_size``, ``mean``, ``std``, ``train_size``, ``test_size``,
+    ``dataset_description``; and ``format``, ``versions`` (splitlbi, torch, numpy,
+    python), ``created``, ``resumed`` (one entry per resume), ``world_size`` (processes
+    that trained it under torchrun; absent in runs made before it was recorded: 1).
+    """
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise SplitLBIError(f"{run_dir} is not a splitlbi run directory (no {CONFIG_FILE})")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or not UTF-8
+        raise SplitLBIError(f"cannot read {path}: {error}") from None
+    if not isinstance(info, dict):
+        raise SplitLBIError(f"{path} is not a run's config (a JSON {type(info).__name__}, not an object)")
+    return info
+
+
+def read_train_config(run_dir: PathLike) -> TrainConfig:
+    """The :class:`TrainConfig` a run was started with (epochs as extended by resumes)."""
+    return train_config_from_info(read_run_config(run_dir))
+
+
+# Settings whose default changed after runs were written without them: such runs used these values.
+_DEFAULTS_OF_OLDER_RUNS = {"linear_penalty": "auto"}
+
+
+def train_config_from_info(info: Dict[str, Any]) -> TrainConfig:
+    """The :class:`TrainConfig` in a parsed config.json (settings added since take the values older runs used)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig.from_dict({**_DEFAULTS_OF_OLDER_RUNS, **{key: value for key, value in info.items() if key in names}})
+
+
+def list_checkpoints(run_dir: PathLike) -> Dict[int, Path]:
+    """Epoch -> path of each kept ``checkpoints/epoch_XXXX.pt``, in epoch order."""
+    found = {}
+    for path in (Path(run_dir) / CHECKPOINT_DIR).glob("epoch_*.pt"):
+        try:
+            found[int(path.stem.split("_", 1)[1])] = path
+        except ValueError:
+            continue
+    return dict(sorted(found.items()))
+
+
+def torch_load(path: Path, map_location: Any) -> Any:
+    """``torch.load(path, weights_only=True)``, with a one-line error for a missing or damaged file."""
+    if not path.is_file():
+        raise SplitLBIError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise SplitLBIError(f"cannot read {path}: {str(error) or type(error).__name__} "
+                            f"(a damaged or truncated file?)") from None
+
+
+def load_checkpoint(run_dir: PathLike, epoch: Optional[int] = None, map_location: Any = "cpu") -> Dict[str, Any]:
+    """A checkpoint dict: ``epoch``, ``model``, ``optimizer``, ``scheduler``, ``rng``, ``format``.
+
+    ``epoch=None`` loads ``checkpoints/last.pt``; otherwise ``checkpoints/epoch_XXXX.pt``
+    (only epochs kept by ``--save-every``, plus the final one, exist).
+    """
+    name = LAST_CHECKPOINT if epoch is None else epoch_file_name(epoch)
+    path = Path(run_dir) / CHECKPOINT_DIR / name
+    checkpoint = torch_load(path, map_location)
+    if not isinstance(checkpoint, dict) or not {"epoch", "model"} <= checkpoint.keys():
+        raise SplitLBIError(f"{path} is not a training checkpoint (no 'epoch' and 'model' entries)")
+    return checkpoint
+
+
+def load_masks(run_dir: PathLike, epoch: int) -> Dict[str, Tensor]:
+    """Support of Γ at the end of ``epoch`` (SplitLBI runs): param name -> BoolTensor shaped like W."""
+    return torch_load(Path(run_dir) / MASK_DIR / epoch_file_name(epoch), "cpu")
+
+
+def load_model_from_run(run_dir: PathLike, weights: Union[int, str] = "last", map_location: Any = "cpu") -> nn.Module:
+    """Recreate a run's model from ``config.json`` and load weights into it.
+
+    Args:
+        weights: ``"last"`` (latest checkpoint), ``"init"`` (``init.pt``) or an epoch
+            number with a kept checkpoint.
+    """
+    info = read_run_config(run_dir)
+    model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
+    if weights == "init":
+        state = torch_load(Path(run_dir) / INIT_FILE, map_location)
+    elif weights == "last":
+        state = load_checkpoint(run_dir, None, map_location)["model"]
+    elif isinstance(weights, int):
+        state = load_checkpoint(run_dir, weights, map_location)["model"]
+    else:
+        raise SplitLBIError(f"weights must be 'last', 'init' or an epoch number, got {weights!r}")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise SplitLBIError(f"the weights ({weights}) in {run_dir} do not fit its {info['model']}: "
+                            f"{' '.join(str(error).split())[:300]}") from None
+    return model.to(map_location) if map_location is not None else model
+
+
+# --------------------------------------------------------------------------- opening; the rule for resuming
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse (one line) a ``--out`` that is a file, busy, or holds a run or anything else."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SplitLBIError(f"--out {run_dir} exists and is not a directory")
+    if distributed.is_main_process():  # under torchrun the other ranks would see rank 0's own lock
+        check_not_busy(run_dir)  # a writer at work there: name it rather than what it has written so far
+    if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
+        raise SplitLBIError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
+                            f"or choose another --out")
+    if run_dir.exists() and not is_empty_run_dir(run_dir):
+        raise SplitLBIError(f"--out {run_dir} exists and is not empty; choose a new or empty directory")
+
+
+def open_run_dir(run_dir: Path, *, new: bool, say: Callable[[str], None]) -> None:
+    """Take ``run_dir`` for writing: its lock (:func:`~splitlbi.train.rundir.lock_run_dir`,
+    held until the enclosing command returns), the stale temporaries of killed writes
+    removed, and for a new run the check that it is empty. Under torchrun only rank 0
+    (the writer) does this."""
+    if not distributed.is_main_process():
+        return
+    had_lock_file = (run_dir / LOCK_FILE).exists()
+    # The lock first: a second writer learns who holds the directory, not what is in it.
+    lock_run_dir(run_dir, create=new)
+    removed = remove_stale_temporaries(run_dir)
+    if removed:
+        say(f"removed {len(removed)} temporary file(s) left by an interrupted write in {run_dir}")
+    if new:
+        try:
+            check_new_run_dir(run_dir)
+        except SplitLBIError:
+            if not had_lock_file:  # leave someone else's folder as it was
+                (run_dir / LOCK_FILE).unlink(missing_ok=True)
+            raise
+
+
+def changed_settings(stored: TrainConfig, requested: TrainConfig) -> List[str]:
+    """The fields that ``requested`` may not change when it continues a run stored with
+    ``stored`` and does: every :class:`TrainConfig` field outside ``RESUME_OVERRIDABLE_FIELDS``
+    (an SGD run's κ and ν included: one rule for ``splitlbi train --resume``, ``compare``
+    and the reproduce workspace)."""
+    return [f.name for f in dataclasses.fields(TrainConfig)
+            if f.name not in RESUME_OVERRIDABLE_FIELDS and getattr(requested, f.name) != getattr(stored, f.name)]
+
+
+def merge_resume_config(run_dir: Path, stored: TrainConfig, requested: Optional[TrainConfig]) -> TrainConfig:
+    """The settings a resume runs with: ``stored`` with ``requested``'s overridable fields
+    (``requested`` None: ``stored``); any other change is refused (:func:`changed_settings`)."""
+    if requested is None:
+        return stored
+    changed = changed_settings(stored, requested)
+    if changed:
+        options = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise SplitLBIError(f"cannot change {options} when resuming {run_dir}: its {CONFIG_FILE} fixes them "
+                            f"(only {', '.join(sorted(RESUME_OVERRIDABLE_FIELDS))} may change)")
+    return dataclasses.replace(stored, **{name: getattr(requested, name) for name in RESUME_OVERRIDABLE_FIELDS})
+
+
+def check_same_settings(run_dir: Path, requested: TrainConfig) -> None:
+    """Refuse (one line) to continue the run in ``run_dir`` with ``requested`` when
+    :func:`changed_settings` finds a difference (a batch of runs such as ``compare``
+    checks every run this way before it trains any)."""
+    stored = read_train_config(run_dir)
+    changed = changed_settings(stored, requested)
+    if changed:
+        details = ", ".join(f"{name.replace('_', '-')} {getattr(stored, name)!r} there, "
+                            f"{getattr(requested, name)!r} now" for name in changed)
+        raise SplitLBIError(f"{run_dir} was trained with other settings ({details}); "
+                            f"use another --out or the original settings")
+
+
+def completed_epochs(run_dir: Path) -> Optional[int]:
+    """Epoch of ``checkpoints/last.pt``; None when the run has none (new or never checkpointed)."""
+    if not (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+        return None
+    return int(load_checkpoint(run_dir)["epoch"])
+
+
+# What a run holds when it is killed while being created, before its epoch-0 checkpoint.
+_RUN_FILES = {CONFIG_FILE, METRICS_FILE, PATH_FILE, INIT_FILE, CHECKPOINT_DIR, MASK_DIR, LOCK_FILE}
+
+
+def remove_unstarted_run(run_dir: Path) -> bool:
+    """Delete a run directory that was killed while being created (no checkpoint, no epoch).
+
+    Returns whether it did; a directory holding anything else is left alone.
+    """
+    entries = list(run_dir.iterdir())
+    if any(entry.name not in _RUN_FILES and not entry.name.endswith(".tmp") for entry in entries):
+        return False
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file() and any(line.strip() for line in _read_text(metrics).splitlines()[1:]):
+        return False
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    return True
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise SplitLBIError(f"cannot read {path}: {error}") from None
+
+
+def train_or_resume(config: TrainConfig, run_dir: Path, *, log: Optional[Callable[[str], None]] = None,
+                    on_start: Optional[Callable[[str], None]] = None) -> str:
+    """Bring the run in ``run_dir`` to ``config.epochs``; return what was done: ``"finished"``
+    (it had them: nothing ran), ``"resumed"`` or ``"trained"`` (a new run).
+
+    A run with a checkpoint must have the same settings (:func:`check_same_settings`) and
+    is resumed from its newest valid checkpoint (a damaged ``last.pt`` falls back as
+    ``splitlbi train --resume`` does); one killed before its first checkpoint is removed
+    (:func:`remove_unstarted_run`) and trained anew. ``log`` gets ``run_training``'s
+    lines; ``on_start("resume" or "train")`` is called just before training starts.
+    """
+    # run_training builds on this module: imported here, when a run is to be trained.
+    from splitlbi.train.run import run_training
+
+    candidates = checkpoint_candidates(run_dir) if run_dir.is_dir() else []
+    if candidates:
+        check_same_settings(run_dir, config)
+        if _stored_epoch(candidates[0]) >= config.epochs:
+            return "finished"
+        if on_start is not None:
+            on_start("resume")
+        run_training(config, run_dir, resume=True, log=log)
+        return "resumed"
+    if run_dir.is_dir() and (run_dir / CONFIG_FILE).exists():
+        remove_unstarted_run(run_dir)  # otherwise run_training explains what is wrong
+    if on_start is not None:
+        on_start("train")
+    run_training(config, run_dir, log=log)
+    return "trained"
+
+
+def _stored_epoch(path: Path) -> int:
+    """The epoch in a checkpoint file; -1 when it cannot be read (a resume then falls back)."""
+    try:
+        epoch = torch_load(path, "cpu").get("epoch")
+    except (SplitLBIError, AttributeError):
+        return -1
+    return epoch if isinstance(epoch, int) else -1
+
+
+def _versions() -> Dict[str, str]:
+    return {"splitlbi": splitlbi.__version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_info(config: TrainConfig, facts: Dict[str, Any]) -> Dict[str, Any]:
+    """A new run's config.json: the settings, the dataset ``facts``, format, versions and time."""
+    # Flat on purpose: readers (plots) get model/num_classes/in_channels/image_size/mean/std
+    # and the hyperparameters without knowing any nesting.
+    return {"format": RUN_FORMAT, **config.to_dict(), **facts, "versions": _versions(), "created": _now(),
+            "resumed": []}
+
+
+def write_json(path: Path, value: Dict[str, Any]) -> None:
+    """Write ``value`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def record_resume(run_dir: Path, info: Dict[str, Any], config: TrainConfig, from_epoch: int) -> None:
+    """Rewrite ``config.json`` (``info``, updated in place) with the settings a resume runs
+    with and one more ``resumed`` entry (the epoch it starts from, when, which versions)."""
+    info.update(config.to_dict())
+    info.setdefault("resumed", []).append({"from_epoch": from_epoch, "at": _now(), "versions": _versions()})
+    write_json(run_dir / CONFIG_FILE, info)
+
+
+def save_checkpoint(run_dir: Path, state: Dict[str, Any], keep_epoch_file: bool) -> None:
+    """Write ``state`` as ``checkpoints/last.pt`` (and as ``epoch_XXXX.pt`` when ``keep_epoch_file``)."""
+    directory = run_dir / CHECKPOINT_DIR
+    last = directory / LAST_CHECKPOINT
+    if not keep_epoch_file:
+        atomic_torch_save(state, last)
+        return
+    epoch_path = directory / epoch_file_name(state["epoch"])
+    atomic_torch_save(state, epoch_path)
+    # last.pt becomes a second name of the same file (no second copy on disk), swapped in atomically.
+    temporary = directory / f".{LAST_CHECKPOINT}.link.tmp"
+    temporary.unlink(missing_ok=True)
+    try:
+        os.link(epoch_path, temporary)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(epoch_path, temporary)
+    os.replace(temporary, last)
+    fsync_directory(directory)
+
+
+def remove_epoch_files_after(directory: Path, epoch: int) -> None:
+    """Delete the ``epoch_XXXX.pt`` files in ``directory`` of epochs after ``epoch``."""
+    for path in directory.glob("epoch_*.pt"):
+        try:
+            if int(path.stem.split("_", 1)[1]) > epoch:
+                path.unlink()
+        except ValueError:
+            continue
+
+
+def check_same_dataset(run_dir: Path, stored: Dict[str, Any], current: Dict[str, Any]) -> None:
+    """Refuse to resume on a dataset whose facts differ from the ones the run recorded."""
+    # A different dataset would silently break "same weights as an uninterrupted run".
+    for key in ("num_classes", "in_channels", "train_size", "test_size"):
+        if key in stored and stored[key] != current[key]:
+            raise SplitLBIError(f"the dataset differs from the one {run_dir} was trained on "
+                                f"({key}: {stored[key]} then, {current[key]} now)")
+
+
+def check_same_world(run_dir: Path, stored: Dict[str, Any], config: TrainConfig,
+                      context: distributed.DistributedContext) -> None:
+    """Refuse to resume with another number of processes, or a cosine run with other ``--epochs``."""
+    world_size = int(stored.get("world_size", 1))
+    if world_size != context.world_size:
+        raise SplitLBIError(f"{run_dir} was trained by {world_size} process(es) and is being resumed by "
+                            f"{context.world_size}: use the same number (the global batch is --batch-size "
+                            f"x processes)")
+    if config.schedule == "cosine" and config.epochs != stored["epochs"]:
+        raise SplitLBIError(f"cannot change --epochs of a --schedule cosine run ({stored['epochs']} -> "
+                            f"{config.epochs}): the learning rate anneals over the planned epochs")
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _layer_name(parameter_name: str) -> str:
+    return parameter_name[: -len(".weight")] if parameter_name.endswith(".weight") else parameter_name
+
+
+def _number(value: Optional[float], spec: str = ".6g") -> str:
+    return "" if value is None else format(value, spec)
+
+
+def filter_path_rows(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> List[List[str]]:
+    """The path.csv rows of one epoch: ``[epoch, layer, filter, w_norm, gamma_norm, in_support, v_norm]``.
+
+    SplitLBI: every coupled parameter, with the ℓ2 norms of each output filter of W and
+    of Γ, whether the filter is in the support of Γ, and ``v_norm``, the norm of the
+    filter's ``V`` that the penalty compares with ``λ`` (ℓ2 for group/neuron, the largest
+    ``|V|`` of the row for l1; ``v_norm / λ`` is the path score of
+    :meth:`SplitLBI.path_scores`, written with 9 digits so it reads back exactly in
+    float32). Other optimizers: the weights of conv (4-D) and linear (2-D) layers, with
+    the Γ and V columns empty.
+    """
+    rows: List[List[str]] = []
+    if isinstance(optimizer, SplitLBI):
+        weight_norms = optimizer.filter_norms("weight")
+        gamma_norms = optimizer.filter_norms("gamma")
+        support = optimizer.filter_support()
+        v_norms = {c.name: _penalties.filter_dual_norms(c.v, c.penalty) for c in optimizer.named_coupled()}
+        for name, norms in weight_norms.items():
+            layer = _layer_name(name)
+            columns = zip(norms.tolist(), gamma_norms[name].tolist(), support[name].tolist(), v_norms[name].tolist())
+            rows.extend([str(epoch), layer, str(index), _number(w), _number(g), str(int(s)), _number(v, ".9g")]
+                        for index, (w, g, s, v) in enumerate(columns))
+    else:
+        for name, parameter in model.named_parameters():
+            if parameter.dim() not in (2, 4):
+                continue
+            norms = parameter.detach().flatten(1).norm(dim=1).tolist()
+            layer = _layer_name(name)
+            rows.extend([str(epoch), layer, str(index), _number(w), "", "", ""] for index, w in enumerate(norms))
+    return rows
+
+
+def metrics_row(metrics: Dict[str, Any]) -> List[str]:
+    """The metrics.csv row of one epoch's ``metrics`` (METRICS_COLUMNS), as text."""
+    return [str(metrics["epoch"]), _number(metrics["lr"]), _number(metrics["train_loss"]),
+            _number(metrics["train_acc"], ".4f"), _number(metrics["test_loss"]), _number(metrics["test_acc"], ".4f"),
+            _number(metrics["sparse_test_acc"], ".4f"), _number(metrics["gamma_nonzero_share"]),
+            _number(metrics["epoch_seconds"], ".3f")]
+
+
+def append_rows(path: Path, rows: Iterable[Sequence[str]]) -> str:
+    """Append ``rows`` to the CSV file at ``path`` (fsynced); return the text appended."""
+    # Values never contain commas or quotes (numbers, module names), so plain joins are valid CSV.
+    text = "".join(",".join(row) + "\n" for row in rows)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return text
+
+
+def file_columns(path: Path, default: Sequence[str]) -> Sequence[str]:
+    """The columns of a CSV file's header line; ``default`` when it has none (new or empty file)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = handle.readline().strip()
+    except (FileNotFoundError, UnicodeDecodeError):  # missing or damaged: rebuilt or refused by the caller
+        return default
+    return tuple(first.split(",")) if first else default
+
+
+def _truncate_rows_after(path: Path, epoch: int, columns: Sequence[str]) -> None:
+    """Keep the header and the complete rows of epochs <= ``epoch``: undo a crash's half-epoch."""
+    header = ",".join(columns)
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n") if path.exists() else [""]
+    except UnicodeDecodeError:
+        raise SplitLBIError(f"{path} is not UTF-8 text; restore it or start a new run") from None
+    # The piece after the last newline is empty, or a row cut short by a crash: dropped.
+    complete = lines[:-1]
+    kept = [header]
+    for line in complete[1:]:
+        try:
+            row_epoch = int(line.split(",", 1)[0])
+        except ValueError:
+            continue
+        if row_epoch <= epoch and line.count(",") == len(columns) - 1:
+            kept.append(line)
+    atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+def restore_rows(path: Path, saved: Optional[str], first: int, last: int, columns: Sequence[str],
+                  say: Callable[[str], None]) -> str:
+    """Bring the CSV file at ``path`` back to epoch ``last`` on resume; return its text.
+
+    From the checkpoint's copy ``saved`` (rebuilding lost rows) unless there is none
+    (older checkpoints) or the file keeps an older, narrower header (a run written before
+    a column was added, e.g. path.csv's v_norm): then the file's own rows after ``last``
+    are dropped and its rows ``first..last`` must all be there.
+    """
+    if saved is not None:
+        saved_columns = saved.split("\n", 1)[0].split(",")
+        on_disk = list(file_columns(path, saved_columns))
+        older = on_disk != saved_columns and on_disk == saved_columns[:len(on_disk)]
+        if not older:
+            restore_table(path, saved, say)
+            return saved
+    # A run written before path.csv had v_norm keeps its six columns.
+    _truncate_rows_after(path, last, file_columns(path, columns))
+    return _require_rows(path, first, last)
+
+
+def _require_rows(path: Path, first: int, last: int) -> str:
+    """The text of ``path`` if it has rows for every epoch ``first..last``; else refuse.
+
+    For checkpoints of older versions, which hold no history to rebuild the file from.
+    """
+    text = path.read_text(encoding="utf-8")
+    missing = sorted(set(range(first, last + 1)) - set(csv_epochs(text)))
+    if missing:
+        raise SplitLBIError(f"{path} lacks the rows of epoch(s) {', '.join(map(str, missing[:5]))}"
+                            f"{' ...' if len(missing) > 5 else ''} and the checkpoint (from an older splitlbi) holds "
+                            f"no copy to rebuild it from; restore the file or start a new run")
+    return text
+
+
+# --------------------------------------------------------------------------- checkpoints: what they hold
+
+
+def rng_state() -> Dict[str, Any]:
+    """The torch, Python, NumPy (and CUDA) RNG states of this process, checkpoint-ready (``weights_only``)."""
+    numpy_state: Any = np.random.get_state()
+    state: Dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        # Stored as plain tensors/numbers so checkpoints load with weights_only=True.
+        "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)), "pos": int(numpy_state[2]),
+                  "has_gauss": int(numpy_state[3]), "cached_gaussian": float(numpy_state[4])},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    """Set the RNGs back to a :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    cuda_states = state.get("cuda")
+    if cuda_states is not None and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _as_tuples(value: Any) -> Any:
+    # random.setstate needs tuples; be lenient in case a serializer turned them into lists.
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(item) for item in value)
+    return value
+
+
+def checkpoint_state(epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: torch.optim.lr_scheduler.LRScheduler, rng_states: List[Dict[str, Any]],
+                      history: Optional[RunHistory] = None) -> Dict[str, Any]:
+    """``rng_states``: each rank's :func:`rng_state` (one entry in one process);
+    ``history``: metrics.csv and path.csv up to ``epoch``, for a resume to rebuild them."""
+    state = {"format": RUN_FORMAT, "epoch": epoch, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states[0]}
+    if len(rng_states) > 1:
+        state["rng_ranks"] = rng_states
+    if history is not None:
+        state["history"] = history.state()
+    return state
+
+
+# --------------------------------------------------------------------------- writing a run
+
+
+def start_run(run_dir: Path, info: Optional[Dict[str, Any]], model: nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler: Any, rng_states: List[Dict[str, Any]]) -> RunHistory:
+    """Write a run's epoch 0 into ``run_dir`` (opened with :func:`open_run_dir`); return its history.
+
+    ``config.json`` (``info``, unless None: a restart keeps the one it has), ``init.pt``
+    (``model``'s weights now), ``metrics.csv`` and ``path.csv`` with their headers and
+    path.csv's epoch-0 rows, ``checkpoints/`` (``masks/`` for SplitLBI) and the epoch-0
+    ``last.pt``, which makes a run killed during its first epoch resumable.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if info is not None:
+        write_json(run_dir / CONFIG_FILE, info)
+    atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
+                      run_dir / INIT_FILE)
+    history = RunHistory(",".join(METRICS_COLUMNS) + "\n", ",".join(PATH_COLUMNS) + "\n")
+    atomic_write_text(run_dir / METRICS_FILE, history.metrics)
+    atomic_write_text(run_dir / PATH_FILE, history.path)
+    history.path += append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, 0))
+    (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+    if isinstance(optimizer, SplitLBI):
+        (run_dir / MASK_DIR).mkdir(exist_ok=True)
+    save_checkpoint(run_dir, checkpoint_state(0, model, optimizer, scheduler, rng_states, history),
+                    keep_epoch_file=False)
+    return history
+
+
+def rewind(run_dir: Path, info: Dict[str, Any], config: TrainConfig, epoch: Optional[int],
+           saved: Optional[RunHistory], rejected: List[Path], say: Callable[[str], None]) -> Optional[RunHistory]:
+    """Bring a run directory back to the end of ``epoch``, the checkpoint a resume continues
+    from (``None``: no usable checkpoint, the run restarts from epoch 0 and :func:`start_run`
+    writes its files again); return the history to continue (``None`` on a restart).
+
+    The ``rejected`` checkpoints are set aside; masks and epoch checkpoints written after
+    ``epoch`` (an epoch that will be redone) are removed; metrics.csv and path.csv are
+    restored from ``saved`` (the checkpoint's copy) or cut back to ``epoch``, with every
+    earlier row required (:func:`restore_rows`); config.json records the resume
+    (:func:`record_resume`).
+    """
+    set_aside(rejected)
+    history = None
+    if epoch is not None:
+        history = RunHistory(
+            restore_rows(run_dir / METRICS_FILE, saved.metrics if saved else None, 1, epoch, METRICS_COLUMNS, say),
+            restore_rows(run_dir / PATH_FILE, saved.path if saved else None, 0, epoch, PATH_COLUMNS, say))
+    remove_epoch_files_after(run_dir / MASK_DIR, epoch or 0)
+    remove_epoch_files_after(run_dir / CHECKPOINT_DIR, epoch or 0)
+    record_resume(run_dir, info, config, epoch or 0)
+    return history
+
+
+def write_epoch(run_dir: Path, history: RunHistory, metrics: Dict[str, Any], model: nn.Module,
+                optimizer: torch.optim.Optimizer, scheduler: Any, rng_states: List[Dict[str, Any]], *,
+                masks: Optional[Mapping[str, Tensor]] = None, keep: bool) -> None:
+    """Write one finished epoch: its metrics.csv row, its path.csv rows (epoch 0 has them
+    from :func:`start_run`), ``masks/epoch_XXXX.pt`` (``masks``: SplitLBI's support of Γ)
+    and, last, the checkpoint (``epoch_XXXX.pt`` too when ``keep``): once it exists,
+    everything of the epoch is on disk. ``history`` is extended in place."""
+    epoch = metrics["epoch"]
+    history.metrics += append_rows(run_dir / METRICS_FILE, [metrics_row(metrics)])
+    if epoch > 0:
+        # A run written before path.csv had v_norm keeps its narrower rows.
+        width = len(file_columns(run_dir / PATH_FILE, PATH_COLUMNS))
+        history.path += append_rows(run_dir / PATH_FILE,
+                                    [row[:width] for row in filter_path_rows(model, optimizer, epoch)])
+    if masks is not None:
+        atomic_torch_save(masks, run_dir / MASK_DIR / epoch_file_name(epoch))
+    save_checkpoint(run_dir, checkpoint_state(epoch, model, optimizer, scheduler, rng_states, history),
+                    keep_epoch_file=keep)
+
+
+# --------------------------------------------------------------------------- jobs of a workspace
+
+#: Written (atomically) into a run directory of a workspace once its job returned.
+JOB_FILE = "job.json"
+
+
+def job_done(run_dir: Path) -> bool:
+    """Whether the workspace job in ``run_dir`` finished (its :data:`JOB_FILE` exists)."""
+    return (run_dir / JOB_FILE).is_file()
+
+
+def mark_job_done(run_dir: Path, record: Mapping[str, Any]) -> None:
+    """Write ``run_dir``'s :data:`JOB_FILE` (the job's label and settings): the job is finished."""
+    atomic_write_text(run_dir / JOB_FILE, json.dumps(record, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def job_lock(run_dir: Path, say: Callable[[str], None]) -> Iterator[None]:
+    """Hold ``<run_dir>.lock`` (beside the run directory) while a job runs, waiting for
+    another process that holds it.
+
+    Two reproductions sharing an ``--out`` (e.g. two figures that need the same run) thus
+    never train one run twice: the second waits, then finds it finished. Unlike
+    :class:`RunDirLock` (one writer, the second refused) this one waits. An OS file lock
+    (``flock``): a killed process leaves nothing stale behind.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: no locking
+        yield
+        return
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.with_name(run_dir.name + ".lock"), "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"waiting for another process that is running {run_dir.name}")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
