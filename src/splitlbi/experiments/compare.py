@@ -63,11 +63,10 @@ from splitlbi.train.run import (
     LAST_CHECKPOINT,
     METRICS_FILE,
     read_run_config,
-    upgrade_metrics_row,
 )
 from splitlbi.train.rundir import check_same_settings, train_or_resume
-from splitlbi.utils.io import atomic_write_text
 from splitlbi.train.runfiles import read_metrics
+from splitlbi.utils.io import atomic_write_text
 
 __all__ = [
     "VARIANTS", "VARIANT_NAMES", "DEFAULT_WEIGHT_DECAY", "TABLE_COLUMNS", "Variant",
@@ -162,16 +161,13 @@ def run_dir_for(out_dir: PathLike, name: str, seed: int) -> Path:
 # --------------------------------------------------------------------------- one run
 
 
-_read_metrics = read_metrics  # metrics.csv rows as dicts, through the one reader of run files
-
-
 def _float(text: Optional[str]) -> Optional[float]:
     return None if text is None or text == "" else float(text)
 
 
 def _run_result(run_dir: Path, epochs: int) -> Optional[Dict[str, Any]]:
     """Final/best test accuracy and final share of non-zeros of Γ over epochs 1..``epochs``; None if incomplete."""
-    rows = [row for row in _read_metrics(run_dir) if int(row["epoch"]) <= epochs]
+    rows = [row for row in read_metrics(run_dir) if int(row["epoch"]) <= epochs]
     if not rows or int(rows[-1]["epoch"]) != epochs:
         return None
     final = rows[-1]
