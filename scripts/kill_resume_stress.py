@@ -46,7 +46,7 @@ CHILD = r"""
 import io, os, signal, sys
 from pathlib import Path
 from splitlbi.utils import io as atomic
-from splitlbi.train import run
+from splitlbi.train import rundir
 from splitlbi.cli import train as train_command
 from splitlbi.cli.main import ArgumentParser, report_error
 from splitlbi.errors import SplitLBIError
@@ -88,8 +88,8 @@ def _atomic_write(path, write):
     return original_write(path, write)
 atomic._atomic_write = _atomic_write
 
-original_append = run._append_rows
-def _append_rows(path, rows):
+original_append = rundir.append_rows
+def append_rows(path, rows):
     rows = [list(row) for row in rows]
     if due():
         text = "".join(",".join(row) + "\n" for row in rows)
@@ -99,7 +99,7 @@ def _append_rows(path, rows):
             os.fsync(handle.fileno())
         die()
     return original_append(path, rows)
-run._append_rows = _append_rows
+rundir.append_rows = append_rows  # looked up at call time by rundir's writers
 
 status = main(sys.argv[1:])
 if os.environ.get("COUNT_FILE"):
