@@ -185,9 +185,11 @@ def test_offline_env_disables_downloads(tmp_path: Path) -> None:
         load_dataset("mnist", tmp_path, train_split=8000)
 
 
-def test_missing_mnist_train_files_suggest_train_split(shared_data_dir: Path) -> None:
-    with pytest.raises(DataError, match="missing train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz.*train_split"):
-        load_dataset("mnist", shared_data_dir, download=False)
+def test_missing_mnist_train_files_suggest_train_split(shared_data_dir: Path, tmp_path: Path) -> None:
+    # A folder of its own with only the official test files: the shared folder holds the full set.
+    link_files(shared_data_dir / "mnist" / "raw", tmp_path / "mnist" / "raw")
+    with pytest.raises(DataError, match="missing train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz.*--train-split N"):
+        load_dataset("mnist", tmp_path, download=False)
 
 
 def test_torchvision_layout_and_uncompressed_files(shared_data_dir: Path, tmp_path: Path) -> None:

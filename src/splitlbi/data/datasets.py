@@ -322,7 +322,10 @@ def _load_idx_dataset(
     train_images, train_labels = source.files["train"]
     hint = ""
     if _find_file(test_images, [root / name for name in source.dir_names] + list(source.system_dirs)):
-        hint = "; or pass train_split=N to train on the first N test images and evaluate on the rest"
+        hint = (
+            "; or train on the first N test images and evaluate on the rest "
+            "(--train-split N on the command line, train_split=N in Python)"
+        )
     paths = _locate_files(source, root, (train_images, train_labels, test_images, test_labels), download, hint)
     train = _read_split(source, paths[train_images], paths[train_labels])
     test = _read_split(source, paths[test_images], paths[test_labels])
