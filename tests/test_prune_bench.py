@@ -123,8 +123,8 @@ def test_report_only_writes_the_finished_runs_and_runs_nothing(bench: dict, tmp_
 
 
 def test_recipe_scales_validate() -> None:
-    assert scales_of("prune-bench") == ["smoke", "cpu", "paper"]
-    for scale in ("smoke", "cpu", "paper"):
+    assert scales_of("prune-bench") == ["smoke", "cpu", "paper", "resnet"]
+    for scale in ("smoke", "cpu", "paper", "resnet"):
         recipe = load_recipe("prune-bench", scale)
         settings = bench_settings(recipe)
         for model in settings.models:

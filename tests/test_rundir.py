@@ -48,25 +48,21 @@ def test_train_or_resume_resumes_then_skips(tmp_path: Path) -> None:
     assert (run_dir / "metrics.csv").read_text() == before
 
 
-def test_an_sgd_run_stored_with_other_kappa_resumes_nowhere(tmp_path: Path) -> None:
-    """One rule: the workspace refuses what ``train --resume`` and ``compare`` refuse."""
+def test_an_sgd_run_stored_with_other_kappa_resumes_as_the_same_run(tmp_path: Path) -> None:
+    """κ, ν, λ and the coupling mean nothing to SGD: the workspace, ``train_or_resume`` and ``compare``
+    treat an SGD run stored with other SplitLBI-only values as the run asked for."""
     stored = TrainConfig(**SMALL, kappa=2.0)
     requested = dataclasses.replace(stored, kappa=1.0)
     ws = Workspace(tmp_path / "ws", progress=False, log=None)
     run_dir = ws.run_dir("sgd", {"kind": "train", "config": config_settings(ws.config(requested))})
-    # κ means nothing to SGD, so both settings name the same folder ...
     assert run_dir == ws.run_dir("sgd", {"kind": "train", "config": config_settings(ws.config(stored))})
     _interrupted_after_epoch_one(ws.config(stored), run_dir)
-    # ... but a run stored with κ = 2 does not continue as one asked with κ = 1.
-    with pytest.raises(SplitLBIError, match="other settings .*kappa 2.0 there, 1.0 now"):
-        ws.train(requested, "sgd")
-    with pytest.raises(SplitLBIError, match="other settings"):
-        train_or_resume(requested, run_dir)
-    with pytest.raises(SplitLBIError, match="cannot change --kappa"):
-        run_training(requested, run_dir, resume=True, log=None)
-    assert completed_epochs(run_dir) == 1  # nothing ran
-    assert ws.train(stored, "sgd") == run_dir  # its own settings resume it
+    assert train_or_resume(requested, run_dir) == "resumed"
     assert completed_epochs(run_dir) == 2
+    assert ws.train(requested, "sgd") == run_dir  # finished: found, nothing trained again
+    # An SGD setting still counts: another learning rate is another run.
+    with pytest.raises(SplitLBIError, match="other settings"):
+        train_or_resume(dataclasses.replace(stored, lr=stored.lr * 2), run_dir)
 
 
 def test_a_run_killed_before_its_first_checkpoint_is_trained_anew(tmp_path: Path) -> None:

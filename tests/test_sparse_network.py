@@ -156,18 +156,23 @@ def test_param_groups_couple_what_they_say() -> None:
         return {name: group["penalty"] for group in groups for name, _ in group["params"]
                 if group["penalty"] != "none"}
 
-    filters = coupled(param_groups(model))
+    filters = coupled(param_groups(model, couple="filters"))
     assert set(filters) == {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     bn = coupled(param_groups(model, couple="bn", stem=False))
     assert "bn1.weight" not in bn and "layer3.2.bn2.weight" in bn and set(bn.values()) == {"l1"}
+    # auto: a BatchNorm network couples its BatchNorm scales (stem dense, λ 2); LeNet-5 its filters
+    assert coupled(param_groups(model)) == bn
+    assert next(g for g in param_groups(model) if g["penalty"] == "l1")["lam"] == 2.0
+    assert coupled(param_groups(model, couple="bn", stem=True)).keys() == bn.keys() | {"bn1.weight"}
     assert not any(name.endswith("conv1.weight") and "layer" in name for name in bn)
     both = coupled(param_groups(model, couple="both"))
     assert "layer2.0.conv1.weight" in both and "layer2.0.bn1.weight" in both
-    scaled = param_groups(model, lam_scale="norm", lam=2.0)
+    scaled = param_groups(model, couple="filters", lam_scale="norm", lam=2.0)
     stem_group = next(g for g in scaled if g["params"][0][0] == "conv1.weight")
     assert stem_group["lam"] == pytest.approx(2.0 * float(model.conv1.weight.detach().flatten(1).norm(dim=1).median()))
     # Every parameter exactly once; the classifier never coupled.
-    for groups in (param_groups(model), param_groups(model, couple="both", linear_penalty="l1")):
+    for groups in (param_groups(model), param_groups(model, couple="filters"),
+                   param_groups(model, couple="both", linear_penalty="l1")):
         names = [name for group in groups for name, _ in group["params"]]
         assert sorted(names) == sorted(n for n, _ in model.named_parameters())
         assert "fc.weight" not in coupled(groups)
@@ -177,6 +182,8 @@ def test_param_groups_couple_what_they_say() -> None:
 
 def test_lenet5_has_no_batchnorm_so_bn_coupling_keeps_its_filters() -> None:
     model = create_model("lenet5", num_classes=10, in_channels=1)
+    groups = param_groups(model)
+    assert groups == param_groups(model, couple="filters")  # auto: no BatchNorm, so the filters
     groups = param_groups(model, couple="bn")
     coupled = {name for group in groups if group["penalty"] != "none" for name, _ in group["params"]}
     assert coupled == {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}

@@ -110,7 +110,8 @@ def test_mnist_run_writes_all_files(shared_data_dir: Path, tmp_path: Path) -> No
     assert len(info["mean"]) == len(info["std"]) == 1
     assert (info["train_size"], info["test_size"], info["train_split"]) == (512, 256, 8000)
     assert {"splitlbi", "torch", "python"} <= info["versions"].keys()
-    assert read_train_config(run_dir) == config
+    # the coupling made concrete (a chosen --linear-penalty keeps the paper's grouping of the filters)
+    assert read_train_config(run_dir) == dataclasses.replace(config, couple="filters", couple_stem=True, lam=1.0)
 
     assert header(run_dir / "metrics.csv") == list(METRICS_COLUMNS)
     metrics = read_rows(run_dir / "metrics.csv")
@@ -186,8 +187,13 @@ def test_a_chosen_penalty_couples_the_weights_only() -> None:
     assert coupled == {n for n, p in model.named_parameters() if p.dim() >= 2}
     assert [g["penalty"] for g in optimizer.param_groups] == ["l1", "l1", "none"]
     # auto + a linear penalty keeps the two groups that runs written before had (their checkpoints resume).
-    optimizer = build_optimizer(dataclasses.replace(SMALL, model="resnet20", linear_penalty="none"), model)
+    optimizer = build_optimizer(dataclasses.replace(SMALL, model="resnet20", linear_penalty="none", couple="filters"),
+                                model)
     assert [g["penalty"] for g in optimizer.param_groups] == ["auto", "none"]
+    # The default on a BatchNorm network: its BatchNorm scales (stem dense) carry Γ at λ 2.
+    optimizer = build_optimizer(dataclasses.replace(SMALL, model="resnet20", linear_penalty="none"), model)
+    assert [(g["penalty"], g["lam"]) for g in optimizer.param_groups] == [("l1", 2.0), ("none", 2.0)]
+    assert all(name.endswith(".weight") and ".bn" in name for name in (c.name for c in optimizer.named_coupled()))
 
 
 def test_save_every_thins_epoch_checkpoints_but_keeps_the_last(straight_run: Path) -> None:

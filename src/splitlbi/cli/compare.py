@@ -49,7 +49,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                        help=f"weight decay of splitlbi-mom-wd and sgd-mom-wd (default: {DEFAULT_WEIGHT_DECAY:g})")
     optim.add_argument("--kappa", type=float, default=defaults.kappa, help=f"SplitLBI κ (default: {defaults.kappa:g})")
     optim.add_argument("--nu", type=float, default=defaults.nu, help=f"SplitLBI ν (default: {defaults.nu:g})")
-    optim.add_argument("--lam", type=float, default=defaults.lam, help=f"SplitLBI λ (default: {defaults.lam:g})")
+    optim.add_argument("--lam", type=float, default=defaults.lam,
+                       help="SplitLBI λ (default: the coupling's, 1 for filters, 2 for BatchNorm scales)")
     optim.add_argument("--penalty", default=defaults.penalty, help="SplitLBI penalty (default: auto)")
 
     schedule = parser.add_argument_group("schedule")

@@ -13,7 +13,7 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.optim.functional import UPDATES
 from splitlbi.optim.groups import COUPLINGS, LAM_SCALES
 from splitlbi.train.config import (
-    AUGMENTATIONS, DEFAULT_LR, NONFINITE_CHOICES, OPTIMIZER_NAMES, SCHEDULES, TrainConfig, apply_schedule_preset,
+    AUGMENTATIONS, COUPLING_LAM, DEFAULT_LR, NONFINITE_CHOICES, OPTIMIZER_NAMES, SCHEDULES, TrainConfig, apply_schedule_preset,
 )
 from splitlbi.train.distributed import is_main_process
 from splitlbi.train.run import read_train_config, run_training
@@ -73,7 +73,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                             "steps: the default suits a few hundred steps (the default run); raise ν in "
                             "proportion for longer runs, e.g. 20-100 for tens of thousands of steps "
                             f"(default: {_default('nu')})")
-    optim.add_argument("--lam", type=float, **option, help=f"SplitLBI penalty weight λ (default: {_default('lam')})")
+    optim.add_argument("--lam", type=float, **option,
+                       help=f"SplitLBI penalty weight λ (default: {COUPLING_LAM['filters']:g} when the filters carry Γ, "
+                            f"{COUPLING_LAM['bn']:g} when the BatchNorm scales do)")
     optim.add_argument("--penalty", **option,
                        help="SplitLBI penalty: auto (group lasso on conv filters, lasso on linear weights), "
                             "group, neuron, l1 (weight sparsity) or none (default: auto)")
@@ -86,13 +88,14 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                             "of the paper's release code: V step x min(1 - share of non-zeros of the layer's Γ, "
                             "0.01) / max(|W|, 1), Γ = κ max(|W|, 1) prox(V); its script uses it with --nu 500 "
                             "--lam 3e-4 --penalty l1; docs/results.md) (default: paper)")
-    optim.add_argument("--couple", choices=COUPLINGS, **option,
+    optim.add_argument("--couple", choices=("auto",) + COUPLINGS, **option,
                        help="what carries Γ in the conv layers: filters (group lasso on each conv filter, the "
                             "paper), bn (the BatchNorm scale of each conv's output channel, l1; convs without "
-                            f"BatchNorm keep their filters) or both (default: {_default('couple')})")
+                            "BatchNorm keep their filters), both, or auto: bn for a network whose convs have "
+                            "BatchNorm, filters otherwise (default: auto; docs/defaults.md)")
     optim.add_argument("--couple-stem", action=argparse.BooleanOptionalAction, **option,
                        help="whether the first conv (and its BatchNorm) carries Γ; --no-couple-stem leaves it "
-                            f"dense, never pruned (default: {_default('couple_stem').lower()})")
+                            "dense, never pruned (default: not when BatchNorm scales carry Γ, else yes)")
     optim.add_argument("--lam-scale", choices=LAM_SCALES, **option,
                        help="λ per coupled conv layer: none (one λ) or norm (λ times the median norm of the "
                             f"layer's filters at the start) (default: {_default('lam_scale')})")

@@ -269,7 +269,8 @@ def _caption(rows: Sequence[Dict[str, Any]], base: TrainConfig, seeds: Sequence[
         parts.append(f"lr ×{base.lr_gamma:g} after epochs {', '.join(map(str, base.lr_milestones))}")
     if base.augment != "none":
         parts.append(f"augmentation {base.augment}")
-    parts.append(f"SplitLBI κ={base.kappa:g} ν={base.nu:g} λ={base.lam:g}")
+    lam = "the coupling's" if base.lam is None else f"{base.lam:g}"
+    parts.append(f"SplitLBI κ={base.kappa:g} ν={base.nu:g} λ={lam}")
     parts.append(f"seeds {', '.join(map(str, seeds))}")
     return "Test accuracy, mean ± std over seeds: " + "; ".join(parts) + "."
 

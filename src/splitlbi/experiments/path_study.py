@@ -41,6 +41,10 @@ COLUMNS: Tuple[Tuple[str, str], ...] = (
 )
 
 
+#: The path read at the MACs budget (epochs K <= half of the SplitLBI runs).
+BUDGET_COLUMNS = ("budget_macs_share", "budget_test_acc", "budget_recal_test_acc")
+
+
 @dataclasses.dataclass
 class StudySettings:
     """The ``[scale.study]`` table, checked."""
@@ -104,6 +108,9 @@ def path_study(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
                              **{key: _at(columns.get(key), index) for key, _ in COLUMNS},
                              "gamma_nonzero_share": _at(columns.get("gamma_nonzero_share"), index),
                              "run": path.name})
+    budget_rows = _budget_models(ws, recipe, settings, runs)
+    for row in rows:
+        row.update(budget_rows.get((row["candidate"], row["seed"], row["epoch"]), {}))
     stem = out.with_suffix("")
     files = [_write_rows(rows, stem.with_name(f"{stem.name}_runs.csv"))]
     files += _plot(rows, settings, out, recipe)
@@ -111,6 +118,55 @@ def path_study(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     atomic_write_text(summary, summarize_study(rows, settings, _note(recipe)))
     files.append(summary)
     return files
+
+
+def _budget_models(ws: Workspace, recipe: Recipe, settings: StudySettings,
+                   runs: Dict[str, List[Path]]) -> Dict[Tuple[str, int, int], Dict[str, float]]:
+    """For every SplitLBI run and epoch K <= half: the path read at the budget. The filters with the
+    highest path scores at K (:func:`~splitlbi.prune.budget.budget_masks`, default normalization)
+    such that the compacted network keeps ``budget`` of the dense MACs; its test accuracy without and
+    with BatchNorm recalibration. Kept in ``OUT/masks/<run>-budget-K<k>.json``."""
+    import json
+
+    out: Dict[Tuple[str, int, int], Dict[str, float]] = {}
+    for name, paths in runs.items():
+        for seed, run in zip(recipe.seeds, paths):
+            config = candidate_config(recipe, name, seed)
+            if config.optimizer != "splitlbi":
+                continue
+            for epoch in range(1, settings.half + 1):
+                path = ws.file(f"{run.name}-budget{settings.budget:g}-K{epoch}.json", lambda target, r=run, k=epoch:
+                               atomic_write_text(target, json.dumps(evaluate_budget_model(
+                                   ws.config(config), r, k, settings.budget))))
+                out[(name, seed, epoch)] = json.loads(path.read_text())
+    return out
+
+
+def evaluate_budget_model(config: TrainConfig, run: Path, epoch: int, budget: float) -> Dict[str, float]:
+    """Test accuracy (and with BatchNorm recalibrated on ``config.recalibrate_bn`` training images) of
+    the network compacted from the filters with the highest path scores of ``run`` at ``epoch`` that
+    keeps ``budget`` of the dense MACs."""
+    import torch
+
+    from splitlbi.data import normalize
+    from splitlbi.prune.budget import budget_masks, path_scores
+    from splitlbi.train import run as run_module
+    from splitlbi.train.loop import evaluate, recalibrate_batchnorm
+    from splitlbi.train.run import load_model_from_run
+
+    data = run_module._load_data(dataclasses.replace(config, limit_train=max(1, config.recalibrate_bn)),
+                                 torch.device("cpu"))
+    model = load_model_from_run(run, epoch).eval()
+    example = normalize(data.test_images[:1], data.mean, data.std)
+    result = budget_masks(model, example, path_scores(run, epoch), macs=budget)
+    compact = result.compact
+    accuracy = evaluate(compact, data.test_images, data.test_labels, mean=data.mean, std=data.std).accuracy
+    recalibrated = None
+    if config.recalibrate_bn > 0:
+        recalibrate_batchnorm(compact, data.train_images, mean=data.mean, std=data.std)
+        recalibrated = evaluate(compact, data.test_images, data.test_labels, mean=data.mean, std=data.std).accuracy
+    return {"budget_macs_share": result.macs_fraction, "budget_test_acc": accuracy,
+            "budget_recal_test_acc": recalibrated}
 
 
 def _at(values: Optional[Sequence[Any]], index: int) -> Optional[float]:
@@ -121,8 +177,9 @@ def _at(values: Optional[Sequence[Any]], index: int) -> Optional[float]:
 
 
 def _write_rows(rows: Sequence[Dict[str, Any]], path: Path) -> Path:
-    header = ["candidate", "seed", "epoch", *(key for key, _ in COLUMNS), "gamma_nonzero_share", "run"]
-    atomic_write_csv(path, header, [["" if row[h] is None else row[h] for h in header] for row in rows])
+    header = ["candidate", "seed", "epoch", *(key for key, _ in COLUMNS), "gamma_nonzero_share", *BUDGET_COLUMNS,
+              "run"]
+    atomic_write_csv(path, header, [["" if row.get(h) is None else row[h] for h in header] for row in rows])
     return path
 
 
@@ -173,7 +230,7 @@ def summarize_study(rows: Sequence[Dict[str, Any]], settings: StudySettings, not
     def value(name: str, seed: int, epoch: int, key: str) -> Optional[float]:
         for row in rows:
             if row["candidate"] == name and row["seed"] == seed and row["epoch"] == epoch:
-                return row[key]
+                return row.get(key)
         return None
 
     seeds = sorted({row["seed"] for row in rows})
@@ -211,6 +268,22 @@ def summarize_study(rows: Sequence[Dict[str, Any]], settings: StudySettings, not
                 accuracy = _mean(usable)
                 if name not in best or accuracy > best[name][0]:
                     best[name] = (accuracy, epoch)
+    lines += ["", f"The path read at the budget: at each K <= {settings.half} the filters with the highest path "
+                  f"scores such that the compacted network keeps {100 * settings.budget:g} % of the MACs:", "",
+              "| candidate | K | MACs kept (%) | acc (%) | BN recalibrated (%) |", "|---|---|---|---|---|"]
+    budget_best: Dict[str, Tuple[float, int]] = {}
+    for name in settings.candidates:
+        for epoch in range(1, settings.half + 1):
+            macs = [value(name, s, epoch, "budget_macs_share") for s in seeds]
+            if any(m is None for m in macs):
+                continue
+            plain = [value(name, s, epoch, "budget_test_acc") for s in seeds]
+            recal = [value(name, s, epoch, "budget_recal_test_acc") for s in seeds]
+            lines.append(f"| {name} | {epoch} | {_cell(macs, 100.0)} | {_cell(plain, seeds=True)} | "
+                         f"{_cell(recal, seeds=True)} |")
+            usable = [v for v in (recal if all(r is not None for r in recal) else plain) if v is not None]
+            if usable and (name not in budget_best or _mean(usable) > budget_best[name][0]):
+                budget_best[name] = (_mean(usable), epoch)
     lines += ["", f"Goal: an epoch K <= {settings.half} whose sparse model keeps <= {100 * settings.budget:g} % of "
                   f"the dense MACs (mean of the seeds) within {settings.margin:g} point(s) of the reference's "
                   f"{_mean(reference):.2f} % (no fine-tuning; BatchNorm recalibration allowed):", ""]
@@ -225,7 +298,13 @@ def summarize_study(rows: Sequence[Dict[str, Any]], settings: StudySettings, not
         gap = _mean(reference) - accuracy
         verdict = "met" if gap <= settings.margin else "not met"
         relation = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
-        lines.append(f"- `{name}`: best K = {epoch}, {accuracy:.2f} %, {relation} the reference: {verdict}")
+        lines.append(f"- `{name}`, support of Γ: best K = {epoch}, {accuracy:.2f} %, {relation} the reference: "
+                     f"{verdict}")
+    for name, (accuracy, epoch) in budget_best.items():
+        gap = _mean(reference) - accuracy
+        relation = f"{gap:.2f} points below" if gap > 0 else f"{-gap:.2f} points above"
+        lines.append(f"- `{name}`, path read at the budget: best K = {epoch}, {accuracy:.2f} %, {relation} the "
+                     f"reference: {'met' if gap <= settings.margin else 'not met'}")
     return "\n".join(lines) + "\n"
 
 

@@ -167,6 +167,11 @@ def bench_settings(recipe: Recipe) -> BenchSettings:
                              full_runs=bool(bench.get("full_runs", False)))
     for name in models:
         base = model_config(recipe, name)
+        if settings.full_runs:
+            if any(m >= epochs + settings.finetune_epochs for m in base.lr_milestones):
+                raise SplitLBIError(f"recipe {recipe.path}: [{recipe.scale}.model.{name}] lr_milestones must be < "
+                                    f"train_epochs + finetune_epochs ({epochs + settings.finetune_epochs})")
+            continue
         if any(m >= epochs for m in base.lr_milestones):
             raise SplitLBIError(f"recipe {recipe.path}: [{recipe.scale}.model.{name}] lr_milestones must be < "
                                 f"train_epochs ({epochs}): fine-tuning is the schedule's next step")
@@ -194,11 +199,13 @@ def lr_after(config: TrainConfig, epochs: int) -> float:
     return config.lr * config.lr_gamma ** sum(1 for m in config.lr_milestones if m <= epochs)
 
 
-def schedule_after(config: TrainConfig, start: int, train_epochs: int) -> Dict[str, Any]:
+def schedule_after(config: TrainConfig, start: int, train_epochs: int, extra_step: bool = True) -> Dict[str, Any]:
     """``lr``, ``lr_milestones``, ``lr_gamma`` of a run that continues ``config``'s schedule at epoch
-    ``start`` and takes one more step (×γ) after epoch ``train_epochs`` (where fine-tuning starts)."""
-    milestones = [m - start for m in list(config.lr_milestones) + [train_epochs] if m > start]
-    return {"lr": lr_after(config, start) * (config.lr_gamma if start >= train_epochs else 1.0),
+    ``start`` and (``extra_step``) takes one more step (×γ) after epoch ``train_epochs`` (where
+    fine-tuning starts); without it the schedule's own milestones continue (``full_runs``)."""
+    steps = list(config.lr_milestones) + ([train_epochs] if extra_step else [])
+    milestones = sorted(m - start for m in steps if m > start)
+    return {"lr": lr_after(config, start) * (config.lr_gamma if extra_step and start >= train_epochs else 1.0),
             "lr_milestones": milestones, "lr_gamma": config.lr_gamma}
 
 
@@ -238,10 +245,18 @@ class _Bench:
 
         # Every epoch kept: SplitLBI's K and SGD's E need their checkpoints (save_every is not hashed).
         config = dataclasses.replace(self.base, optimizer=optimizer, epochs=epochs, save_every=1)
-        if self.s.full_runs:  # the whole schedule: E epochs, then its next step for the F epochs
-            config = dataclasses.replace(config, epochs=self.E + self.F,
-                                         lr_milestones=tuple(self.base.lr_milestones) + (self.E,))
+        if self.s.full_runs:  # the whole schedule of E + F epochs, its milestones as given
+            config = dataclasses.replace(config, epochs=self.E + self.F)
         return self.ws.train(config, _label(config))
+
+    def whole_schedule(self) -> Tuple[int, ...]:
+        """The milestones of a run of E + F epochs: the schedule's, and its step at E unless ``full_runs``
+        (whose schedule already covers E + F)."""
+        return tuple(self.base.lr_milestones) + (() if self.s.full_runs else (self.E,))
+
+    def after(self, start: int) -> Dict[str, Any]:
+        """The schedule of a retraining that continues the training schedule at epoch ``start``."""
+        return schedule_after(self.base, start, self.E, extra_step=not self.s.full_runs)
 
     def retrain(self, label: str, source: Path, mode: str, epoch: Optional[int], masks: Path, epochs: int,
                 schedule: Dict[str, Any]) -> Path:
@@ -366,7 +381,7 @@ class _Bench:
             mask = self.mask_file(f"{sgd.name}-dense.pt", lambda: {
                 name: torch.ones_like(p, dtype=torch.bool) for name, p in self.model_at(sgd, E).named_parameters()
                 if p.dim() == 4}, sgd, E, "dense")
-            run = self.retrain(f"{sgd.name}-dense-F{F}", sgd, "finetune", E, mask, F, schedule_after(self.base, E, E))
+            run = self.retrain(f"{sgd.name}-dense-F{F}", sgd, "finetune", E, mask, F, self.after(E))
             self.record("sgd_dense", 1.0, run, None, dense_epochs=E + F)
         _unless_unfinished(dense, self.say)
         self.sparse_runs = self.sparsity_runs()
@@ -388,7 +403,7 @@ class _Bench:
             def scratch() -> None:
                 mask = self.splitlbi_mask(lbi, self.s.k[0], self.s.normalize[0], target)
                 config = dataclasses.replace(self.base, epochs=E + F, optimizer="sgd",
-                                             lr_milestones=tuple(self.base.lr_milestones) + (E,))
+                                             lr_milestones=self.whole_schedule())
                 run = self.baseline("scratch-e", f"{self.info['model']}-scratch-e-{mask.stem}", config, masks=mask)
                 self.record("scratch_e", target, run, run / "mask.pt")
             parts.append(scratch)
@@ -471,7 +486,7 @@ class _Bench:
         mask = self.mask_file(f"{run.name}-{method}-macs{target:g}.pt", masks, run, E, method)
         before = self.accuracy_before(f"{run.name}-{method}-macs{target:g}", run, E, mask)
         tuned = self.retrain(f"{run.name}-{method}-macs{target:g}-F{F}", run, "finetune", E, mask, F,
-                             schedule_after(self.base, E, E))
+                             self.after(E))
         self.record(method, target, tuned, mask, before=before, dense_epochs=E)
 
     def splitlbi_mask(self, lbi: Path, k: int, norm: str, target: float) -> Path:
@@ -503,7 +518,7 @@ class _Bench:
                     continue
                 if not default and not variants:
                     continue  # trained in the variants pass
-                schedule = schedule_after(self.base, k, E)
+                schedule = self.after(k)
                 for method, mode in (("splitlbi_finetune", "finetune"), ("splitlbi_lottery", "lottery")):
                     if method not in self.s.methods or (mode == "lottery" and not default):
                         continue  # lottery retraining: default variant only (it costs E + F - K epochs each)
@@ -525,7 +540,7 @@ class _Bench:
     def sfp(self, target: float) -> None:
         E, F = self.E, self.F
         keep = sfp_keep(self.model_at_init(), self.example(), target)
-        config = dataclasses.replace(self.base, epochs=E + F, lr_milestones=tuple(self.base.lr_milestones) + (E,))
+        config = dataclasses.replace(self.base, epochs=E + F, lr_milestones=self.whole_schedule())
         run = self.baseline("sfp", f"{self.info['model']}-sfp-keep{keep:.4g}-seed{self.seed}", config, keep=keep)
         self.record("sfp", target, run, run / "mask.pt", dense_epochs=E + F)
 

@@ -53,11 +53,16 @@ Log = Optional[Callable[[str], None]]
 def _label(config: TrainConfig) -> str:
     if config.optimizer != "splitlbi":
         return f"{config.model}-{config.optimizer}-seed{config.seed}"
+    from splitlbi.models import create_model, is_model
+    from splitlbi.train.optimizers import resolve_coupling
+
+    if is_model(config.model):  # "auto" couplings are named by what they are for this model
+        config = resolve_coupling(config, create_model(config.model))
     penalty = "" if config.penalty == "auto" else f"-{config.penalty}"
     penalty += "" if config.update == "paper" else f"-{config.update}"
     penalty += "" if config.couple == "filters" else f"-{config.couple}"
-    penalty += "" if config.couple_stem else "-stemfree"
-    penalty += "" if config.lam_scale == "none" else f"-lam{config.lam:g}{config.lam_scale}"
+    penalty += "-stemfree" if config.couple_stem is False else ""
+    penalty += "" if config.lam_scale == "none" else f"-lam{config.lam if config.lam is not None else 'auto'}{config.lam_scale}"
     return f"{config.model}-splitlbi{penalty}-k{config.kappa:g}-nu{config.nu:g}-seed{config.seed}"
 
 
@@ -309,7 +314,7 @@ def _subnetworks(ws: Workspace, recipe: Recipe, penalty: str, baselines: bool = 
     # Single weights are far smaller than filter norms: the l1 run takes its own λ (subnet.l1_lam).
     lbi_config = dataclasses.replace(base, optimizer="splitlbi", **({} if penalty == "group" else
                                                                      {"penalty": penalty,
-                                                                      "lam": float(sub.get("l1_lam", base.lam))}))
+                                                                      "lam": float(sub.get("l1_lam", base.lam if base.lam is not None else 1.0))}))
     lbi = _train(ws, lbi_config)
     sgd = _train(ws, dataclasses.replace(base, optimizer="sgd"))
     settings = _retrain_settings(recipe, base, "retrain")

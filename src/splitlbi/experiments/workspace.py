@@ -27,9 +27,12 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from splitlbi.errors import SplitLBIError
+from splitlbi.models import create_model, is_model
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig
+from splitlbi.train.optimizers import resolve_coupling
 from splitlbi.train.rundir import (
-    CHECKPOINT_DIR, CONFIG_FILE, JOB_FILE, LAST_CHECKPOINT, changed_settings, job_done, job_lock, mark_job_done,
+    CHECKPOINT_DIR, CONFIG_FILE, JOB_FILE, LAST_CHECKPOINT, SPLITLBI_ONLY, changed_settings, job_done, job_lock,
+    mark_job_done,
     read_train_config, train_or_resume,
 )
 
@@ -40,8 +43,7 @@ MASKS_DIR = "masks"
 # Settings that do not change what a run computes (the hash ignores them).
 _NOT_HASHED = frozenset(RESUME_OVERRIDABLE_FIELDS - {"epochs"})
 # Settings that only SplitLBI reads: an SGD run is the same run whatever they say.
-_SPLITLBI_ONLY = frozenset({"kappa", "nu", "lam", "penalty", "linear_penalty", "update", "couple", "couple_stem",
-                            "lam_scale"})
+_SPLITLBI_ONLY = SPLITLBI_ONLY
 # Settings added after runs were hashed: left out at these values (their defaults) so those runs keep their names.
 _HASHED_UNLESS = {"update": "paper", "couple": "filters", "couple_stem": True, "lam_scale": "none"}
 
@@ -98,9 +100,13 @@ class Workspace:
 
     # ----------------------------------------------------------------- plumbing
     def config(self, config: TrainConfig) -> TrainConfig:
-        """``config`` with this workspace's data folder, device and progress setting."""
-        return dataclasses.replace(config, data_dir=self.data_dir if self.data_dir is not None else config.data_dir,
-                                   device=self.device, progress=self.progress)
+        """``config`` with this workspace's data folder, device and progress setting, and its coupling
+        made concrete for its model (``couple="auto"`` and friends, as the run will store them)."""
+        config = dataclasses.replace(config, data_dir=self.data_dir if self.data_dir is not None else config.data_dir,
+                                     device=self.device, progress=self.progress)
+        if config.optimizer == "splitlbi" and is_model(config.model):
+            config = resolve_coupling(config, create_model(config.model))
+        return config
 
     def run_dir(self, label: str, spec: Mapping[str, Any]) -> Path:
         """Where the job with these settings lives."""

@@ -42,12 +42,14 @@ def _translated(model: nn.Module, values: Mapping[str, Tensor], example_input: O
 
 def filter_masks(model: nn.Module, masks: Mapping[str, Tensor],
                  example_input: Optional[Tensor] = None) -> Dict[str, Tensor]:
-    """``masks`` with every BatchNorm-scale mask replaced by the mask of its conv's filters
-    (a filter is kept where its channel is), and-ed with a mask the conv already has.
-    Other entries are returned unchanged."""
+    """``masks`` with, for every BatchNorm-scale mask, the mask of its conv's filters (a filter
+    is kept where its channel is), and-ed with a mask the conv already has. Every given entry
+    stays."""
     moved, out = _translated(model, masks, example_input)
     if not moved:
         return out
+    out.update({name: mask for name, mask in masks.items() if name not in out and name.endswith(".weight")
+                and mask.dim() == 1})  # the BatchNorm masks stay too (retraining holds those scales at zero)
     parameters = dict(model.named_parameters())
     for conv_weight, channels in moved.items():
         weight = parameters[conv_weight]

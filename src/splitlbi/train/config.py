@@ -13,11 +13,12 @@ import torch
 from splitlbi.data.augment import AUGMENTATIONS
 from splitlbi.errors import SplitLBIError
 from splitlbi.optim.functional import UPDATES
-from splitlbi.optim.groups import COUPLINGS, LAM_SCALES
+from splitlbi.optim.groups import COUPLING_LAM, COUPLINGS, LAM_SCALES
 from splitlbi.optim.penalties import PENALTIES
 
 __all__ = [
     "AUGMENTATIONS",
+    "COUPLING_LAM",
     "DEFAULT_LR",
     "NONFINITE_CHOICES",
     "OPTIMIZER_NAMES",
@@ -88,17 +89,20 @@ class TrainConfig:
     lr: Optional[float] = None
     kappa: float = 1.0
     nu: float = 3.0
-    lam: float = 1.0
+    # None: the coupling's own default (COUPLING_LAM), filled in with the coupling (resolve_coupling).
+    lam: Optional[float] = None
     penalty: str = "auto"
     linear_penalty: str = "none"
     # SplitLBI's update, one of UPDATES: "paper" (the reference) or "release" (the release code's
     # variant, SplitLBI(update="release")). Runs written before the field existed used "paper".
     update: str = "paper"
-    # What carries Γ in the conv layers (splitlbi.optim.groups.COUPLINGS), whether the stem conv
-    # does, and λ per conv layer (LAM_SCALES). Runs written before these fields existed coupled
-    # every conv filter with one λ, which the defaults reproduce.
-    couple: str = "filters"
-    couple_stem: bool = True
+    # What carries Γ in the conv layers: "auto" (the BatchNorm scales in a network whose convs have
+    # BatchNorm, the filters otherwise; docs/defaults.md) or one of splitlbi.optim.groups.COUPLINGS;
+    # whether the stem conv does (None: not when BatchNorm scales carry Γ, else yes); λ per conv layer
+    # (LAM_SCALES). A run resolves "auto" and the Nones before writing config.json (resolve_coupling);
+    # runs written before these fields existed coupled every filter with one λ.
+    couple: str = "auto"
+    couple_stem: Optional[bool] = None
     lam_scale: str = "none"
     momentum: float = 0.9
     nesterov: bool = False
@@ -136,6 +140,8 @@ class TrainConfig:
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
         if self.lr is None:
             self.lr = DEFAULT_LR.get(self.optimizer, DEFAULT_LR["splitlbi"])
+        if self.lam is None and self.couple in COUPLING_LAM:
+            self.lam = COUPLING_LAM[self.couple]
 
     def to_dict(self) -> dict:
         """The settings as a JSON-ready dict."""
@@ -166,7 +172,7 @@ def _kind(default: Any) -> Tuple[type, ...]:
 
 #: Settings whose default is None, and the type of their value otherwise.
 _OPTIONAL_TYPES = {"data_dir": (str,), "train_split": (int,), "pad_to": (int,), "limit_train": (int,),
-                   "limit_test": (int,)}
+                   "limit_test": (int,), "lam": (int, float), "couple_stem": (bool,)}
 
 
 def check_setting_types(values: Mapping[str, Any]) -> None:
@@ -179,7 +185,7 @@ def check_setting_types(values: Mapping[str, Any]) -> None:
             continue
         if name in _OPTIONAL_TYPES:
             kinds: Tuple[type, ...] = _OPTIONAL_TYPES[name]
-            ok = value is None or (isinstance(value, kinds) and not isinstance(value, bool))
+            ok = value is None or (isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool)))
         else:
             # lr defaults to None (DEFAULT_LR by optimizer) but, once given, is a number.
             kinds = (int, float) if name == "lr" else _kind(defaults[name])
@@ -232,10 +238,12 @@ def validate_config(config: TrainConfig) -> None:
     _require(config.linear_penalty in ("auto", "l1", "neuron", "none"),
              f"unknown --linear-penalty {config.linear_penalty!r} (choose from auto, l1, neuron, none)")
     _require(config.update in UPDATES, f"unknown --update {config.update!r} (choose from {', '.join(UPDATES)})")
-    _require(config.couple in COUPLINGS, f"unknown --couple {config.couple!r} (choose from {', '.join(COUPLINGS)})")
+    _require(config.couple in ("auto",) + COUPLINGS,
+             f"unknown --couple {config.couple!r} (choose from auto, {', '.join(COUPLINGS)})")
+    _require(config.lam is not None or config.couple == "auto", "--lam must be a finite number")
     _require(config.lam_scale in LAM_SCALES,
              f"unknown --lam-scale {config.lam_scale!r} (choose from {', '.join(LAM_SCALES)})")
-    _require(config.update == "paper" or (config.couple == "filters" and config.couple_stem
+    _require(config.update == "paper" or (config.couple in ("auto", "filters") and config.couple_stem is not False
                                           and config.lam_scale == "none"),
              "--update release runs with the paper's grouping only (--couple filters, the stem coupled, "
              "--lam-scale none)")
@@ -246,16 +254,20 @@ def validate_config(config: TrainConfig) -> None:
     _require(config.optimizer in OPTIMIZER_NAMES,
              f"unknown optimizer {config.optimizer!r} (choose from {', '.join(OPTIMIZER_NAMES)})")
     for name in ("lr", "kappa", "nu", "lam", "momentum", "weight_decay", "lr_gamma"):
+        if name == "lam" and config.lam is None:
+            continue  # "auto": the coupling's default, checked above
         _require(_is_finite_number(getattr(config, name)), f"--{name.replace('_', '-')} must be a finite number")
     _require(config.lr > 0, f"--lr must be > 0, got {config.lr}")
     _require(config.kappa > 0, f"--kappa must be > 0, got {config.kappa}")
     _require(config.nu > 0, f"--nu must be > 0, got {config.nu}")
-    _require(config.lam >= 0, f"--lam must be >= 0, got {config.lam}")
+    _require(config.lam is None or config.lam >= 0, f"--lam must be >= 0, got {config.lam}")
     _require(0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}")
     _require(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}")
     _require(config.lr_gamma > 0, f"--lr-gamma must be > 0, got {config.lr_gamma}")
     _require(config.recalibrate_bn >= 0, f"--recalibrate-bn must be >= 0 images, got {config.recalibrate_bn}")
-    for name in ("sync_bn", "amp", "channels_last", "compile", "tensorboard", "couple_stem"):
+    _require(config.couple_stem in (None, True, False), f"couple_stem must be true, false or none, got "
+                                                         f"{config.couple_stem!r}")
+    for name in ("sync_bn", "amp", "channels_last", "compile", "tensorboard"):
         _require(isinstance(getattr(config, name), bool), f"{name} must be True or False, got {getattr(config, name)!r}")
     _require(config.schedule in SCHEDULES,
              f"unknown schedule {config.schedule!r} (choose from {', '.join(SCHEDULES)})")

@@ -4,20 +4,36 @@ from __future__ import annotations
 
 from typing import List
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.optim import SplitLBI
 from splitlbi.optim.groups import param_groups
+from splitlbi.optim.groups import COUPLING_LAM, resolve
 from splitlbi.train.config import OPTIMIZER_NAMES, TrainConfig
 
-__all__ = ["build_optimizer", "build_scheduler", "is_splitlbi"]
+__all__ = ["build_optimizer", "build_scheduler", "is_splitlbi", "resolve_coupling"]
 
 
 def is_splitlbi(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` carries a structure parameter Γ (support, sparsity, masks)."""
     return isinstance(optimizer, SplitLBI)
+
+
+def resolve_coupling(config: TrainConfig, model: nn.Module) -> TrainConfig:
+    """``config`` with ``couple="auto"``, ``couple_stem=None`` and ``lam=None`` made concrete for
+    ``model``: the BatchNorm scales carry Γ (stem dense, λ = COUPLING_LAM["bn"]) when its convs
+    have BatchNorm, the filters (stem included, λ = 1) otherwise. A run stores the result in its
+    config.json, so what it did does not depend on later defaults."""
+    couple, stem = config.couple, config.couple_stem
+    if couple == "auto" and (config.penalty != "auto" or config.linear_penalty == "auto" or config.update != "paper"):
+        couple = "filters"  # a chosen penalty or the release update: the paper's grouping of the weights
+    couple, stem = resolve(model, couple, stem)
+    lam = config.lam if config.lam is not None else COUPLING_LAM[couple]
+    return dataclasses.replace(config, couple=couple, couple_stem=stem, lam=lam)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -27,6 +43,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     are re-raised as :class:`SplitLBIError` so the CLI prints them as one line.
     """
     name = config.optimizer
+    config = resolve_coupling(config, model)
     try:
         if name == "splitlbi":
             # Named parameters let SplitLBI report support/sparsity by layer name.

@@ -22,7 +22,7 @@ from splitlbi.models import create_model, is_model, list_models
 from splitlbi.train import distributed
 from splitlbi.train.config import TrainConfig, resolve_device, validate_config
 from splitlbi.train.loop import EpochCallback, TrainData, run_epochs, train_one_epoch
-from splitlbi.train.optimizers import build_optimizer, build_scheduler
+from splitlbi.train.optimizers import build_optimizer, build_scheduler, resolve_coupling
 from splitlbi.train.rundir import (  # noqa: F401  (re-exported: the run-directory names callers import from here)
     CHECKPOINT_DIR, CONFIG_FILE, INIT_FILE, LAST_CHECKPOINT, MASK_DIR, METRICS_COLUMNS, METRICS_FILE, PATH_COLUMNS,
     PATH_FILE, RENAMED_METRICS_COLUMNS, RunHistory, check_new_run_dir, check_same_dataset, check_same_world,
@@ -212,6 +212,8 @@ def _run_training(
     if context.rank > 0:
         # Same initial weights on every rank (seeded above), then distinct dropout streams.
         _seed_everything(distributed.rank_seed(config.seed, context.rank))
+    if config.optimizer == "splitlbi":  # "auto" made concrete before config.json is written
+        config = resolve_coupling(config, model)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
 

@@ -642,7 +642,8 @@ def read_train_config(run_dir: PathLike) -> TrainConfig:
 
 
 # Settings whose default changed after runs were written without them: such runs used these values.
-_DEFAULTS_OF_OLDER_RUNS = {"linear_penalty": "auto"}
+_DEFAULTS_OF_OLDER_RUNS = {"linear_penalty": "auto", "couple": "filters", "couple_stem": True, "lam_scale": "none",
+                           "lam": 1.0}
 
 
 def train_config_from_info(info: Dict[str, Any]) -> TrainConfig:
@@ -757,11 +758,30 @@ def open_run_dir(run_dir: Path, *, new: bool, say: Callable[[str], None]) -> Non
 
 def changed_settings(stored: TrainConfig, requested: TrainConfig) -> List[str]:
     """The fields that ``requested`` may not change when it continues a run stored with
-    ``stored`` and does: every :class:`TrainConfig` field outside ``RESUME_OVERRIDABLE_FIELDS``
-    (an SGD run's κ and ν included: one rule for ``splitlbi train --resume``, ``compare``
-    and the reproduce workspace)."""
+    ``stored`` and does: every :class:`TrainConfig` field outside ``RESUME_OVERRIDABLE_FIELDS``,
+    except, for a baseline optimizer, the SplitLBI-only settings it never reads (one rule for
+    ``splitlbi train --resume``, ``compare`` and the reproduce workspace)."""
+    # A SplitLBI run stores its coupling made concrete ("auto" resolved for its model): compare the
+    # request made concrete the same way (both, so that an SGD run's unresolved fields compare too).
+    from splitlbi.models import create_model, is_model
+    from splitlbi.train.optimizers import resolve_coupling
+
+    def concrete(config: TrainConfig) -> TrainConfig:
+        unresolved = config.couple == "auto" or config.couple_stem is None or config.lam is None
+        return resolve_coupling(config, create_model(config.model)) if unresolved and is_model(config.model) \
+            else config
+
+    stored, requested = concrete(stored), concrete(requested)
+    # A baseline never reads SplitLBI's settings: its run is the same run whatever they say.
+    ignored = SPLITLBI_ONLY if stored.optimizer != "splitlbi" and requested.optimizer == stored.optimizer else ()
     return [f.name for f in dataclasses.fields(TrainConfig)
-            if f.name not in RESUME_OVERRIDABLE_FIELDS and getattr(requested, f.name) != getattr(stored, f.name)]
+            if f.name not in RESUME_OVERRIDABLE_FIELDS and f.name not in ignored
+            and getattr(requested, f.name) != getattr(stored, f.name)]
+
+
+#: The settings only SplitLBI reads (κ, ν, λ, the penalties and what carries Γ).
+SPLITLBI_ONLY = frozenset({"kappa", "nu", "lam", "penalty", "linear_penalty", "update", "couple", "couple_stem",
+                           "lam_scale"})
 
 
 def merge_resume_config(run_dir: Path, stored: TrainConfig, requested: Optional[TrainConfig]) -> TrainConfig:
