@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from splitlbi.train.config import MAX_SEED
+
 
 def epoch_list(text: str) -> list[int]:
     """``80,120`` or ``80`` -> epochs; lets ``--lr-milestones 80 120`` and ``80,120`` both work."""
@@ -40,10 +42,6 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
-
-
-#: The largest seed (NumPy's ``np.random.seed`` takes 0 .. 2**32 - 1).
-MAX_SEED = 2**32 - 1
 
 
 def seed(text: str) -> int:

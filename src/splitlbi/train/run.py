@@ -165,7 +165,8 @@ def _run_training(
         if not run_dir.is_dir():
             raise SplitLBIError(f"--resume {run_dir}: no such directory")
         open_run_dir(run_dir, new=False, say=say)
-        info = read_or_rebuild_run_config(run_dir, say) if distributed.is_main_process() else read_run_config(run_dir)
+        # Rank 0 writes a missing config.json back; the other ranks read the same copy.
+        info = read_or_rebuild_run_config(run_dir, say, write=distributed.is_main_process())
         command = written_by(info)
         if command != "train":  # its masks and penalties are not TrainConfig settings: its own command resumes it
             raise SplitLBIError(f"--resume {run_dir}: this run was written by 'splitlbi {command}'; run the same "
@@ -274,11 +275,12 @@ def _run_training(
 
 def check_model_fits(model: nn.Module, data: TrainData, config: TrainConfig) -> None:
     """Refuse (one line) a model whose forward pass fails on the data's images (an input
-    too small for its pooling, e.g. ``vgg16_bn`` on the 8x8 digits), before anything is
+    too small for its pooling, e.g. ``vgg16_bn`` on the 28x28 digits), before anything is
     written. One image, eval mode, no gradient: no RNG and no running statistic changes."""
     if data.train_images.shape[0] == 0:
         return
-    example = data.train_images[:1].float()
+    parameter = next(model.parameters(), None)
+    example = data.train_images[:1].to(parameter.device if parameter is not None else "cpu").float()
     was_training = model.training
     model.eval()
     try:

@@ -930,10 +930,11 @@ def check_checkpoint_settings(checkpoint: Any, info: Mapping[str, Any], path: Pa
                                f"the checkpoint) or start a new run; nothing was changed")
 
 
-def read_or_rebuild_run_config(run_dir: PathLike, say: Callable[[str], None]) -> Dict[str, Any]:
+def read_or_rebuild_run_config(run_dir: PathLike, say: Callable[[str], None], *, write: bool = True
+                               ) -> Dict[str, Any]:
     """:func:`read_run_config`; when ``config.json`` is missing but a checkpoint holds a
     copy of it (:class:`RunHistory`), it is written back from the newest such checkpoint
-    first (call under the run directory's lock)."""
+    first (call under the run directory's lock), or only returned with ``write=False``."""
     run_dir = Path(run_dir)
     if (run_dir / CONFIG_FILE).exists():
         return read_run_config(run_dir)
@@ -944,6 +945,8 @@ def read_or_rebuild_run_config(run_dir: PathLike, say: Callable[[str], None]) ->
             continue
         if stored is not None:
             check_run_info(stored, f"the copy of {CONFIG_FILE} in {path}")
+            if not write:
+                return stored
             write_json(run_dir / CONFIG_FILE, stored)
             say(f"rebuilt {CONFIG_FILE} from {path.parent.name}/{path.name} (the file was missing)")
             return read_run_config(run_dir)
