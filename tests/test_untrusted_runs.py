@@ -423,6 +423,32 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_space_and_the_run_res
     assert run_differences(run, out) == []
 
 
+def test_no_space_left_names_the_folder_and_keeps_the_old_file(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from splitlbi.utils import io as atomic
+
+    target = tmp_path / "checkpoints" / "last.pt"
+    atomic_torch_save({"weights": torch.zeros(1000)}, target)
+    before = target.read_bytes()
+    written = []
+
+    def full_disk(self: object, data: object) -> int:  # the disk fills up after 2 kB
+        written.append(len(memoryview(data).cast("B")))
+        if sum(written) > 2000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.handle.write(data)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(atomic._DigestWriter, "write", full_disk)
+    # torch.save wraps the OSError in a RuntimeError of its own: the cause is found behind it.
+    with pytest.raises(atomic.NoSpaceError, match=rf"cannot write last.pt in {re.escape(str(target.parent))}: no space "
+                                                   r"left on device; it needs about [89]\.\d kB") as raised:
+        atomic_torch_save({"weights": torch.zeros(1000), "more": torch.ones(1000)}, target)
+    assert len(str(raised.value).splitlines()) == 1
+    assert target.read_bytes() == before and not list(target.parent.glob(".*.tmp"))
+
+
 def test_the_listed_mistakes_are_one_line_with_exit_status_2(run: Path, copy: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     out = str(tmp_path / "out")

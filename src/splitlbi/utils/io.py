@@ -218,21 +218,25 @@ class _DigestWriter:
         self.handle.write(struct.pack("<H", len(comment)) + comment)
 
 
-def _storage_bytes(value: Any, seen: set) -> int:
+def _estimated_size(value: Any, seen: set) -> int:
+    """About the bytes ``torch.save`` writes for ``value``: each storage once, its record's
+    header and alignment, the strings; the pickled structure around them is small."""
     if isinstance(value, torch.Tensor):
         storage = value.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
         if key in seen:
-            return 0
+            return 64
         seen.add(key)
-        return storage.nbytes()
+        return storage.nbytes() + 256
     if isinstance(value, dict):
-        return sum(_storage_bytes(item, seen) for item in value.values())
+        return sum(_estimated_size(key, seen) + _estimated_size(item, seen) for key, item in value.items())
     if isinstance(value, (list, tuple)):
-        return sum(_storage_bytes(item, seen) for item in value)
+        return sum(_estimated_size(item, seen) for item in value)
     if isinstance(value, torch.nn.Module):
-        return sum(_storage_bytes(tensor, seen) for tensor in value.state_dict().values())
-    return 0
+        return sum(_estimated_size(tensor, seen) for tensor in value.state_dict().values())
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    return 16
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
@@ -244,8 +248,7 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         torch.save(obj, writer)
         writer.seal()
 
-    # The tensors' bytes plus room for the pickled structure: what the file will take.
-    _atomic_write(path, write, lambda: _storage_bytes(obj, set()) + 64 * 1024)
+    _atomic_write(path, write, lambda: _estimated_size(obj, set()) + 1024)
 
 
 def _check_digest(data: bytes) -> Optional[str]:
