@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from splitlbi.train.config import MAX_SEED
+
 
 def epoch_list(text: str) -> list[int]:
     """``80,120`` or ``80`` -> epochs; lets ``--lr-milestones 80 120`` and ``80,120`` both work."""
@@ -40,3 +42,18 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
+
+
+def seed(text: str) -> int:
+    """A random seed: a whole number from 0 to 2**32 - 1."""
+    value = int(_number(text, int))
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SEED} (2**32 - 1), got {text}")
+    return value
+
+
+def output_path(text: str) -> str:
+    """A file or folder to write: anything but the empty string (which would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text

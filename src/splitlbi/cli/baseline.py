@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitlbi.cli.argtypes import epoch_list, non_negative_int, positive_float, positive_int
+from splitlbi.cli.argtypes import epoch_list, output_path, positive_float, positive_int, seed
 
 __all__ = ["add_parser", "run"]
 
@@ -31,7 +31,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                     "Writes a new run directory with mask.pt.",
     )
     parser.add_argument("method", choices=("slimming", "sfp", "scratch-e", "scratch-b"))
-    parser.add_argument("--out", required=True, metavar="NEW_RUN_DIR", help="new run directory to write")
+    parser.add_argument("--out", required=True, type=output_path, metavar="NEW_RUN_DIR", help="new run directory to write")
     parser.add_argument("--keep", type=positive_float, default=0.5,
                         help="slimming: share of BN channels kept (global); sfp: share of filters kept per "
                              "conv layer (default: 0.5)")
@@ -42,7 +42,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                         help="slimming: L1 penalty on the BN scales (default: 1e-4)")
     parser.add_argument("--finetune-epochs", type=positive_int, help="slimming: fine-tuning epochs (default: --epochs)")
     parser.add_argument("--finetune-lr", type=float, help="slimming: fine-tuning learning rate (default: --lr)")
-    parser.add_argument("--sparse-out", metavar="DIR", help="slimming: run directory of the sparsity training")
+    parser.add_argument("--sparse-out", type=output_path, metavar="DIR", help="slimming: run directory of the sparsity training")
     parser.add_argument("--model", default=default.model, help=f"(default: {default.model})")
     parser.add_argument("--dataset", default=default.dataset, help=f"(default: {default.dataset})")
     parser.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: $SPLITLBI_DATA, else ~/.cache/splitlbi)")
@@ -63,7 +63,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--momentum", type=float, default=default.momentum, help=f"(default: {default.momentum})")
     parser.add_argument("--weight-decay", type=float, default=default.weight_decay,
                         help=f"(default: {default.weight_decay:g})")
-    parser.add_argument("--seed", type=non_negative_int, default=default.seed, help=f"(default: {default.seed})")
+    parser.add_argument("--seed", type=seed, default=default.seed, help=f"(default: {default.seed})")
     parser.add_argument("--device", default=default.device, help="auto, cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--save-every", type=positive_int, default=default.save_every,
                         help=f"keep a checkpoint every N epochs (default: {default.save_every})")

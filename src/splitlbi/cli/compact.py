@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from splitlbi.cli.argtypes import positive_int
+from splitlbi.cli.argtypes import output_path, positive_int
 from splitlbi.errors import SplitLBIError
 
 __all__ = ["add_parser", "run"]
@@ -34,7 +34,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'splitlbi train'")
     parser.add_argument("--epoch", type=positive_int, required=True, metavar="K",
                         help="epoch whose checkpoint (checkpoints/epoch_K.pt) and masks are used")
-    parser.add_argument("--out", required=True, metavar="NAME",
+    parser.add_argument("--out", required=True, type=output_path, metavar="NAME",
                         help="where to save the compact network: NAME.pt2, NAME.state_dict.pt and NAME.pt "
                              "(a .pt or .pt2 suffix of NAME is dropped first)")
     parser.add_argument("--masks", metavar="FILE",

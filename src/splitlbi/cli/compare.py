@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitlbi.cli.argtypes import epoch_list
+from splitlbi.cli.argtypes import epoch_list, output_path, seed
 from splitlbi.data.augment import AUGMENTATIONS
 from splitlbi.experiments.compare import DEFAULT_WEIGHT_DECAY, VARIANT_NAMES, compare
 from splitlbi.train.config import TrainConfig
@@ -54,7 +54,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     optim.add_argument("--penalty", default=defaults.penalty, help="SplitLBI penalty (default: auto)")
 
     schedule = parser.add_argument_group("schedule")
-    schedule.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="SEED",
+    schedule.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2], metavar="SEED",
                           help="one run per seed and variant (default: 0 1 2)")
     schedule.add_argument("--epochs", type=int, default=defaults.epochs, help=f"(default: {defaults.epochs})")
     schedule.add_argument("--batch-size", type=int, default=defaults.batch_size,
@@ -64,7 +64,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     schedule.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma, help=f"(default: {defaults.lr_gamma})")
 
     run_group = parser.add_argument_group("run")
-    run_group.add_argument("--out", required=True, metavar="DIR",
+    run_group.add_argument("--out", required=True, type=output_path, metavar="DIR",
                            help="folder of the comparison; re-use it to continue an interrupted comparison")
     run_group.add_argument("--device", default=defaults.device, help="auto, cpu, cuda or cuda:N (default: auto)")
     run_group.add_argument("--save-every", type=int, metavar="N",

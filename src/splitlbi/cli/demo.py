@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitlbi.cli.argtypes import positive_int
+from splitlbi.cli.argtypes import output_path, positive_int
 from splitlbi.experiments.demo import DEMO_EPOCHS, format_summary, run_demo
 
 __all__ = ["add_parser"]
@@ -20,7 +20,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                     "images of conv3 filters (conv3_filters.png) and write summary.txt. Runs offline on a CPU "
                     "in well under a minute. Re-running into the same --out replaces its previous output.",
     )
-    parser.add_argument("--out", default="splitlbi-demo", metavar="DIR",
+    parser.add_argument("--out", type=output_path, default="splitlbi-demo", metavar="DIR",
                         help="output folder: new, empty or a previous demo's (default: ./splitlbi-demo)")
     parser.add_argument("--epochs", type=positive_int, default=DEMO_EPOCHS, metavar="N",
                         help=f"epochs of each run (default: {DEMO_EPOCHS})")

@@ -6,9 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from splitlbi.cli.argtypes import non_negative_int, positive_float, positive_int
+from splitlbi.cli.argtypes import non_negative_int, output_path, positive_float, positive_int, seed
 
 __all__ = ["add_parser"]
+
+
+def _output_file(text: str) -> Path:
+    return Path(output_path(text))
 
 
 def _cmd_path(args: argparse.Namespace) -> int:
@@ -47,7 +51,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     path.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run directories, one panel each")
     path.add_argument("--layer", required=True, help="layer (module name) as in path.csv, e.g. conv3")
-    path.add_argument("--out", required=True, type=Path, help="output PNG")
+    path.add_argument("--out", required=True, type=_output_file, help="output PNG")
     path.add_argument("--title", default=None, help="figure title")
     path.add_argument("--pdf", action="store_true", help="also save a PDF next to the PNG")
     path.set_defaults(func=_cmd_path)
@@ -62,11 +66,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     filters.add_argument("--layer", required=True, help="conv layer (module name), e.g. conv3")
     filters.add_argument("--epochs", required=True, nargs="+", type=non_negative_int, metavar="EPOCH",
                          help="epochs to show (0 = initialization)")
-    filters.add_argument("--out", required=True, type=Path, help="output PNG")
+    filters.add_argument("--out", required=True, type=_output_file, help="output PNG")
     filters.add_argument("--steps", type=non_negative_int, default=200, help="ascent steps (default 200)")
     filters.add_argument("--lr", type=positive_float, default=0.1,
                          help="ascent step as a fraction of the image-norm bound (default 0.1)")
-    filters.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    filters.add_argument("--seed", type=seed, default=0, help="seed of the starting noise (default 0)")
     filters.add_argument("--filters", type=positive_int, default=None, metavar="N",
                          help="show only the first N filters (default all)")
     filters.add_argument("--support-from", type=Path, default=None, metavar="RUN_DIR",

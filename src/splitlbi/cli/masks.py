@@ -9,7 +9,7 @@ from typing import Mapping
 
 from torch import Tensor
 
-from splitlbi.cli.argtypes import non_negative_int
+from splitlbi.cli.argtypes import non_negative_int, output_path
 from splitlbi.prune.budget import AGGREGATIONS, DEFAULT_NORMALIZE, NORMALIZATIONS
 from splitlbi.errors import SplitLBIError
 
@@ -52,7 +52,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--aggregate", choices=AGGREGATIONS, default="max",
                         help="with --macs/--params: how the filters of residual-coupled channels combine "
                              "(default: max)")
-    parser.add_argument("--out", metavar="FILE", help="where to write the mask file (default: masks.pt; "
+    parser.add_argument("--out", type=output_path, metavar="FILE", help="where to write the mask file (default: masks.pt; "
                         "without --out and --like, masks_epochK.pt, or masks_epochK_macsF.pt with a budget)")
     parser.set_defaults(func=run)
     return parser

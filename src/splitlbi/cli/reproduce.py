@@ -6,6 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
+from splitlbi.cli.argtypes import output_path
 from splitlbi.experiments.recipes import EXPERIMENTS
 from splitlbi.experiments.reproduce import reproduce
 
@@ -24,7 +25,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                         "runs only when named)")
     parser.add_argument("--scale", default="smoke", help="recipe scale: smoke (minutes on a CPU), cpu (the runs "
                         "of docs/results.md), paper (the paper's setting) (default: smoke)")
-    parser.add_argument("--out", metavar="DIR", help="reproduction folder (default: reproduce-<scale>)")
+    parser.add_argument("--out", type=output_path, metavar="DIR", help="reproduction folder (default: reproduce-<scale>)")
     parser.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: $SPLITLBI_DATA, else "
                         "~/.cache/splitlbi)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto)")

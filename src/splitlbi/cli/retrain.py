@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitlbi.cli.argtypes import epoch_list, non_negative_int, positive_int
+from splitlbi.cli.argtypes import epoch_list, non_negative_int, output_path, positive_int, seed
 
 __all__ = ["add_parser", "run"]
 
@@ -25,7 +25,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                         help="epoch K: its support of Γ is the mask and, for prune/finetune, W_K the weights")
     parser.add_argument("--mode", choices=("prune", "finetune", "lottery"), required=True)
     parser.add_argument("--masks", metavar="FILE", help="mask file to use instead of the support of Γ at K")
-    parser.add_argument("--out", required=True, metavar="NEW_RUN_DIR", help="new run directory to write")
+    parser.add_argument("--out", required=True, type=output_path, metavar="NEW_RUN_DIR", help="new run directory to write")
     parser.add_argument("--epochs", type=positive_int, default=20, help="retraining epochs (default: 20)")
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (default: 0.01)")
     parser.add_argument("--lr-milestones", type=epoch_list, nargs="*", default=[], metavar="EPOCHS",
@@ -34,7 +34,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--batch-size", type=positive_int, help="(default: the run's)")
     parser.add_argument("--momentum", type=float, default=0.9, help="(default: 0.9)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="(default: 0)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="(default: 0)")
+    parser.add_argument("--seed", type=seed, default=0, help="(default: 0)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--save-every", type=positive_int, help="keep a checkpoint every N epochs (default: last)")
     parser.add_argument("--allow-empty-mask", action="store_true",

@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict
 
-from splitlbi.cli.argtypes import epoch_list
+from splitlbi.cli.argtypes import epoch_list, output_path, seed
 from splitlbi.errors import SplitLBIError
 from splitlbi.optim.functional import UPDATES
 from splitlbi.optim.groups import COUPLINGS, LAM_SCALES
@@ -119,13 +119,13 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     schedule.add_argument("--lr-milestones", type=epoch_list, nargs="+", metavar="EPOCH", **option,
                           help="epochs after which the learning rate is multiplied by --lr-gamma, e.g. 80 120")
     schedule.add_argument("--lr-gamma", type=float, **option, help=f"(default: {_default('lr_gamma')})")
-    schedule.add_argument("--seed", type=int, **option, help=f"(default: {_default('seed')})")
+    schedule.add_argument("--seed", type=seed, **option, help=f"(default: {_default('seed')})")
 
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--device", **option, help="auto, cpu, cuda or cuda:N (default: auto)")
     where = run_group.add_mutually_exclusive_group()
-    where.add_argument("--out", metavar="RUN_DIR", help="new run directory (default: runs/MODEL-DATASET-OPTIMIZER-TIME)")
-    where.add_argument("--resume", metavar="RUN_DIR",
+    where.add_argument("--out", type=output_path, metavar="RUN_DIR", help="new run directory (default: runs/MODEL-DATASET-OPTIMIZER-TIME)")
+    where.add_argument("--resume", type=output_path, metavar="RUN_DIR",
                        help="continue the run in RUN_DIR from its last checkpoint; --epochs may extend it")
     run_group.add_argument("--save-every", type=int, metavar="N", **option,
                            help="keep checkpoints/epoch_XXXX.pt every N epochs; the last epoch and last.pt "

@@ -226,11 +226,16 @@ def _check_train_split_fits(train_split: int, total: int, what: str) -> None:
         raise DataError(f"train_split={train_split} must be between 1 and {total - 1}: {what} has {total} images")
 
 
+#: The largest ``pad_to``: far above any dataset here (28x28, 32x32), small enough that the
+#: padded sizes stay ordinary integers.
+MAX_PAD_TO = 4096
+
+
 def _check_pad_to(pad_to: int | None) -> None:
     if pad_to is None:
         return
-    if isinstance(pad_to, bool) or not isinstance(pad_to, (int, np.integer)) or pad_to <= 0:
-        raise DataError(f"pad_to must be a positive integer image size, got {pad_to!r}")
+    if isinstance(pad_to, bool) or not isinstance(pad_to, (int, np.integer)) or not 0 < pad_to <= MAX_PAD_TO:
+        raise DataError(f"pad_to must be an image size from 1 to {MAX_PAD_TO}, got {pad_to!r}")
 
 
 def _pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -238,7 +243,12 @@ def _pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
     if size < height or size < width:
         raise DataError(f"pad_to={size} is smaller than the images ({height}x{width}); it can only pad")
     top, left = (size - height) // 2, (size - width) // 2
-    return F.pad(images, (left, size - width - left, top, size - height - top))
+    try:
+        return F.pad(images, (left, size - width - left, top, size - height - top))
+    except RuntimeError as error:  # the allocator's "can't allocate memory"
+        needed = images.shape[0] * images.shape[1] * size * size * images.element_size()
+        raise DataError(f"pad_to={size}: the {images.shape[0]} padded images need {needed / 1e9:.1f} GB, more "
+                        f"than this machine can allocate ({' '.join(str(error).split())[:120]})") from None
 
 
 def _split_in_order(split: Split, n_first: int) -> tuple[Split, Split]:

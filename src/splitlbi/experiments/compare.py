@@ -60,6 +60,7 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import TrainConfig, validate_config
 from splitlbi.train.run import (
     CHECKPOINT_DIR,
+    CONFIG_FILE,
     LAST_CHECKPOINT,
     METRICS_FILE,
     read_run_config,
@@ -360,6 +361,9 @@ def compare(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SplitLBIError(f"--out {out} exists and is not a directory")
+    if (out / CONFIG_FILE).exists():
+        raise SplitLBIError(f"--out {out} is a run directory (it has {CONFIG_FILE}); a comparison needs a folder "
+                            f"of its own for its runs and tables")
     total = len(configs)
     actions: Dict[str, int] = {}
     started_all = time.perf_counter()

@@ -18,8 +18,13 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.config import TrainConfig, check_setting_types, validate_config
 
-__all__ = ["FIGURES", "BENCHMARKS", "EXPERIMENTS", "RECIPE_DIR", "RECIPE_TABLES", "Recipe", "load_recipe",
+__all__ = ["SCALES", "FIGURES", "BENCHMARKS", "EXPERIMENTS", "RECIPE_DIR", "RECIPE_TABLES", "Recipe", "load_recipe",
            "recipe_path", "parse_override"]
+
+#: The scales a recipe file may define (a top-level table each).
+SCALES = ("smoke", "cpu", "paper")
+#: The other top-level entries of a recipe file, with the type each must have.
+_TOP_LEVEL = {"figure": str, "title": str}
 
 #: The experiments ``splitlbi reproduce`` knows, in paper order.
 FIGURES = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "table1")
@@ -182,6 +187,18 @@ def load_recipe(figure: str, scale: str, *, path: Optional[Path] = None,
         document = tomllib.loads(file.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise SplitLBIError(f"recipe {file} is not valid TOML: {error}") from None
+    for name, value in document.items():  # a typo at the top level would be ignored otherwise
+        if name in SCALES:
+            if not isinstance(value, dict):
+                raise SplitLBIError(f"recipe {file}: {name} must be a table of tables ([{name}.train], ...)")
+        elif name in _TOP_LEVEL:
+            if not isinstance(value, _TOP_LEVEL[name]):
+                raise SplitLBIError(f"recipe {file}: {name} must be a string, got {value!r}")
+        elif isinstance(value, dict):
+            raise SplitLBIError(f"recipe {file}: unknown scale [{name}] (scales: {', '.join(SCALES)})")
+        else:
+            raise SplitLBIError(f"recipe {file}: unknown entry {name!r} (a recipe has figure, title and the "
+                                f"scale tables {', '.join(SCALES)})")
     scales = {name: value for name, value in document.items() if isinstance(value, dict)}
     if scale not in scales:
         raise SplitLBIError(f"recipe {file} has no scale {scale!r} (it has: {', '.join(scales) or 'none'})")

@@ -27,6 +27,7 @@ Which runs each figure uses:
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import statistics
 import textwrap
@@ -41,7 +42,7 @@ from splitlbi.train.config import TrainConfig
 from splitlbi.train.runfiles import read_metric_columns
 from splitlbi.utils.io import atomic_write_csv, atomic_write_text
 
-__all__ = ["reproduce", "FIGURE_FUNCTIONS", "sweep_settings", "mask_facts"]
+__all__ = ["reproduce", "FIGURE_FUNCTIONS", "sweep_settings", "mask_facts", "check_figure_settings"]
 
 FIGURES_DIR = "figures"
 Log = Optional[Callable[[str], None]]
@@ -580,6 +581,66 @@ FIGURE_FUNCTIONS: Dict[str, Callable[[Workspace, Recipe, Path], List[Path]]] = {
 }
 
 
+# --------------------------------------------------------------------------- checked before any run
+
+
+def _require(condition: bool, recipe: Recipe, table: str, message: str) -> None:
+    if not condition:
+        raise SplitLBIError(f"recipe {recipe.path} [{recipe.scale}.{table}]: {message}")
+
+
+def check_figure_settings(recipe: Recipe) -> None:
+    """Refuse (one line) the figure-specific settings of ``recipe`` that would fail only
+    after its runs trained: ``fig1.layer`` / ``fig1.steps``, the epochs K of
+    ``subnet.epochs`` and ``subnet.finetune_from`` (within the run, with a kept
+    checkpoint), the retraining settings and the baselines of ``[subnet]``, ``[fig2]``."""
+    from splitlbi.models import create_model
+
+    base = recipe.train_config()
+    epochs = base.epochs
+    if recipe.figure == "fig1":
+        from torch import nn
+
+        from splitlbi.experiments.demo import LAYER
+
+        options = recipe.sections.get("fig1", {})
+        layer = options.get("layer", LAYER)
+        model = create_model(base.model, num_classes=10, in_channels=1)  # layer names do not depend on either
+        layers = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
+        _require(layer in layers, recipe, "fig1", f"layer {layer!r} is not a conv or linear layer of {base.model} "
+                                                  f"({', '.join(layers[:12])}{' ...' if len(layers) > 12 else ''})")
+        _require(int(options.get("steps", 100)) >= 0, recipe, "fig1", "steps must be >= 0")
+    if recipe.figure in ("fig5", "fig7"):
+        sub = recipe.section("subnet", ["epochs"])
+        for key in ("epochs", "finetune_from"):
+            ks = sub.get(key, sub["epochs"])
+            _require(bool(ks) and all(1 <= k <= epochs for k in ks), recipe, "subnet",
+                     f"{key} must be epochs K from 1 to the runs' {epochs}, got {ks}")
+        kept = [k for k in sub.get("finetune_from", sub["epochs"]) if k % base.save_every and k != epochs]
+        _require(recipe.figure != "fig7" or not kept, recipe, "subnet",
+                 f"finetune_from {kept} have no checkpoint (train.save_every = {base.save_every})")
+        for key in ("retrain_epochs", "finetune_epochs"):
+            _require(sub.get(key, 1) >= 1, recipe, "subnet", f"{key} must be >= 1, got {sub.get(key)}")
+        for key in ("retrain_lr", "finetune_lr", "l1_lam"):
+            value = sub.get(key, 1.0)
+            _require(math.isfinite(value) and value > 0, recipe, "subnet", f"{key} must be a number > 0, got {value}")
+        for key in ("retrain_milestones", "finetune_milestones"):
+            value = sub.get(key, [1])
+            _require(all(m >= 1 for m in value) and value == sorted(set(value)), recipe, "subnet",
+                     f"{key} must be increasing epochs >= 1, got {value}")
+        unknown = sorted(set(sub.get("baselines", [])) - {"slimming", "sfp", "scratch-e", "scratch-b"})
+        _require(not unknown, recipe, "subnet", f"unknown baselines {unknown} (slimming, sfp, scratch-e, scratch-b)")
+        _penalties(recipe)
+    if recipe.figure == "fig2":
+        options = recipe.section("fig2", ["kappa", "epochs"])
+        _require(bool(options["epochs"]) and all(1 <= e <= epochs for e in options["epochs"]), recipe, "fig2",
+                 f"epochs must lie in 1..{epochs}, got {options['epochs']}")
+        _require(bool(options["kappa"]) and all(k > 0 for k in options["kappa"]), recipe, "fig2",
+                 f"kappa must be numbers > 0, got {options['kappa']}")
+        for key in ("images", "filters"):
+            _require(options.get(key, 1) >= 1, recipe, "fig2", f"{key} must be >= 1, got {options.get(key)}")
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -609,7 +670,7 @@ def reproduce(figures: Sequence[str], scale: str = "smoke", out_dir: Optional[Pa
         raise SplitLBIError("--recipe takes one figure")
     recipes = [load_recipe(name, scale, path=recipe_file, overrides=overrides) for name in names]
     for recipe in recipes:  # bad settings fail now, not after hours of other figures
-        recipe.train_config()
+        check_figure_settings(recipe)
     out = Path(out_dir) if out_dir is not None else Path(f"reproduce-{scale}")
     ws = Workspace(out, data_dir=data_dir, device=device, progress=progress, log=say, reuse=reuse)
     written: List[Path] = []

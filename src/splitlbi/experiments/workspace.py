@@ -31,9 +31,8 @@ from splitlbi.models import create_model, is_model
 from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig
 from splitlbi.train.optimizers import resolve_coupling
 from splitlbi.train.rundir import (
-    CHECKPOINT_DIR, CONFIG_FILE, JOB_FILE, LAST_CHECKPOINT, SPLITLBI_ONLY, changed_settings, job_done, job_lock,
-    mark_job_done,
-    read_train_config, train_or_resume,
+    CHECKPOINT_DIR, CONFIG_FILE, JOB_FILE, LAST_CHECKPOINT, LOCK_FILE, SPLITLBI_ONLY, changed_settings, job_done,
+    job_lock, mark_job_done, read_train_config, train_or_resume,
 )
 
 __all__ = ["JOB_FILE", "Workspace", "job_hash", "config_settings"]
@@ -156,8 +155,11 @@ class Workspace:
         copied = False
         if reusable and not run_dir.exists():
             self.say(f"{label}: copying the matching run {reusable[0]}")
-            shutil.copytree(reusable[0], run_dir.with_name(run_dir.name + ".partial"))
-            os.replace(run_dir.with_name(run_dir.name + ".partial"), run_dir)
+            partial = run_dir.with_name(run_dir.name + ".partial")
+            if partial.exists():  # a copy interrupted before its rename (we hold the job's lock)
+                shutil.rmtree(partial)
+            shutil.copytree(reusable[0], partial, ignore=shutil.ignore_patterns(LOCK_FILE))
+            os.replace(partial, run_dir)
             copied = True
 
         def announce(step: str) -> None:

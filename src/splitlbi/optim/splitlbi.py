@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import operator
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -458,8 +459,25 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+_NUMERIC_KEYS = ("lr", "kappa", "nu", "lam", "momentum", "dampening", "weight_decay")
+
+
+def _as_number(value: Any) -> Any:
+    """A NumPy scalar or a one-element tensor as the Python number it holds (as torch.optim
+    accepts them); anything else as it is, for :func:`_validate` to judge."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.requires_grad:
+        return value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
+
+
 def _validate(hyper: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first invalid hyperparameter and its value."""
+    """Raise ``ValueError`` naming the first invalid hyperparameter and its value (NumPy
+    scalars and one-element tensors are first replaced by their numbers, in ``hyper``)."""
+    for key in _NUMERIC_KEYS:
+        if key in hyper:
+            hyper[key] = _as_number(hyper[key])
     checks = [
         ("lr", lambda x: x > 0, "> 0"),
         ("kappa", lambda x: x > 0, "> 0"),
@@ -484,8 +502,9 @@ def _validate(hyper: dict[str, Any]) -> None:
         )
     if not isinstance(hyper["penalty"], str) or hyper["penalty"] not in _penalties.PENALTIES:
         raise ValueError(f"Invalid penalty: {hyper['penalty']!r} (expected one of {_penalties.PENALTIES})")
-    if hyper.get("foreach") not in (None, True, False):  # "yes" would silently mean True
-        raise ValueError(f"Invalid foreach: {hyper['foreach']!r} (expected None, True or False)")
+    for key in ("foreach", "fused"):  # "yes" or "no" would silently mean True
+        if not (hyper.get(key) is None or isinstance(hyper[key], bool)):
+            raise ValueError(f"Invalid {key}: {hyper[key]!r} (expected None, True or False)")
     update = hyper.get("update", "paper")  # absent from states saved before the option existed
     if not isinstance(update, str) or update not in UPDATES:
         raise ValueError(f"Invalid update: {update!r} (expected one of {UPDATES})")

@@ -240,12 +240,12 @@ def load_state_dict_at(run_dir: Path, epoch: int) -> dict[str, Tensor]:
     if epoch not in available:
         listed = ", ".join(str(e) for e in available) or "none"
         raise SplitLBIError(f"{run_dir}: no checkpoint for epoch {epoch}; available epochs: {listed}")
-    try:
-        checkpoint = torch.load(available[epoch], map_location="cpu", weights_only=False)
-    except Exception as exc:  # corrupt/truncated files raise many different types
-        raise SplitLBIError(f"{available[epoch]}: cannot load checkpoint ({exc})") from exc
+    from splitlbi.utils.io import load_torch_file  # late, like create_model below
+
+    # weights_only (through load_torch_file): a run directory from elsewhere cannot run code here.
+    checkpoint = load_torch_file(available[epoch])
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
         raise SplitLBIError(f"{available[epoch]}: no model state_dict in checkpoint")
     return {_strip_wrapper_prefix(key): value for key, value in state.items()}
 

@@ -10,7 +10,6 @@ same filters.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -55,15 +54,14 @@ class FilterPaths:
 
 def read_run_config(run_dir: Path, required: bool = False) -> dict[str, Any]:
     """``config.json`` of a run as a dict ({} when absent and not ``required``)."""
+    from splitlbi.train.rundir import read_run_config as read_checked  # the one checked reader
+
     config_path = Path(run_dir) / "config.json"
     if not config_path.is_file():
         if required:
             raise SplitLBIError(f"{run_dir}: no config.json; is this a run directory?")
         return {}
-    try:
-        return json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise SplitLBIError(f"{config_path}: not valid JSON ({exc})") from exc
+    return read_checked(run_dir)
 
 
 def read_filter_paths(run_dir: Path, layer: str) -> FilterPaths:
@@ -82,7 +80,13 @@ def read_filter_paths(run_dir: Path, layer: str) -> FilterPaths:
 def _paths_from_rows(layer: str, rows: list[tuple[int, int, float, Optional[bool]]]) -> FilterPaths:
     """Pivot (epoch, filter, norm, flag) rows into an epochs × filters array."""
     epochs = np.array(sorted({epoch for epoch, _, _, _ in rows}))
-    num_filters = max(f for _, f, _, _ in rows) + 1
+    filters = {f for _, f, _, _ in rows}
+    num_filters = max(filters) + 1
+    if min(filters) < 0 or num_filters != len(filters):
+        # The trainer writes filters 0..n-1 of a layer; anything else is a damaged file (and a
+        # filter 999999999 would size the array by it).
+        raise SplitLBIError(f"path.csv rows of layer {layer!r} name filters {min(filters)} to {max(filters)} but "
+                            f"only {len(filters)} distinct ones: a damaged path.csv?")
     epoch_index = {int(e): i for i, e in enumerate(epochs)}
     norms = np.full((len(epochs), num_filters), np.nan)
     last_epoch = int(epochs[-1])

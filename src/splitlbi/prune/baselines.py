@@ -38,6 +38,7 @@ removed (the convention of :func:`splitlbi.prune.compact.apply_filter_masks`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
@@ -50,7 +51,7 @@ from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model
 from splitlbi.prune.compact import _bn_after, apply_filter_masks, compact_model, count_macs_params
 from splitlbi.prune.masks import Masks, apply_masks_, check_not_empty, load_mask_file, mask_sparsity, save_mask_file
-from splitlbi.prune.retrain import MASK_FILE, MaskedSGD, retrain, start_run_dir
+from splitlbi.prune.retrain import MASK_FILE, MaskedSGD, ensure_mask_file, retrain
 from splitlbi.train import run as run_module
 from splitlbi.train import rundir
 from splitlbi.train.config import TrainConfig, resolve_device, validate_config
@@ -192,22 +193,26 @@ def _new_run(config: TrainConfig, out: Path, info: Dict[str, Any], *, init_seed:
     bn_scales = [m.weight for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine]
     if l1_bn and not bn_scales:
         raise SplitLBIError(f"network slimming needs BatchNorm layers; model {config.model} has none")
+    run_module.check_model_fits(model, data, config)
     run_module._seed_everything(config.seed)
     parameters = dict(model.named_parameters())
-    optimizer = _PenalizedMaskedSGD(
-        model.parameters(), {parameters[n]: m.to(device=dev, dtype=parameters[n].dtype) for n, m in arch.items()},
-        l1_params=bn_scales, lam=l1_bn, regularize=regularizer(model, example) if regularizer else None,
-        lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
-        nesterov=config.nesterov)
-    scheduler = build_scheduler(config, optimizer)
-    kept = mask_sparsity(masks).overall if masks else None
 
-    history = start_run_dir(out, {**rundir.run_info(config, data.facts), "world_size": 1, "baseline": info}, model,
-                            optimizer, scheduler)
+    def build() -> Tuple[torch.optim.Optimizer, Any]:
+        optimizer = _PenalizedMaskedSGD(
+            model.parameters(), {parameters[n]: m.to(device=dev, dtype=parameters[n].dtype) for n, m in arch.items()},
+            l1_params=bn_scales, lam=l1_bn, regularize=regularizer(model, example) if regularizer else None,
+            lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+            nesterov=config.nesterov)
+        return optimizer, build_scheduler(config, optimizer)
+
+    kept = mask_sparsity(masks).overall if masks else None
+    optimizer, scheduler, start_epoch, history = rundir.start_or_continue(
+        out, {**rundir.run_info(config, data.facts), "world_size": 1, "baseline": info}, config, model, build,
+        say=say)
     if masks is not None:
-        save_mask_file(out / MASK_FILE, arch, model=config.model, source=info.get("masks"), kind=info["name"])
+        ensure_mask_file(out / MASK_FILE, arch, model=config.model, source=info.get("masks"), kind=info["name"])
     say(f"run directory: {out}")
-    run_epochs(out, model, optimizer, scheduler, data, config, start_epoch=0, history=history, say=say,
+    run_epochs(out, model, optimizer, scheduler, data, config, start_epoch=start_epoch, history=history, say=say,
                description=info["name"], kept=kept, after_epoch=after_epoch, resumable=False)
     return out, model
 
@@ -218,7 +223,8 @@ def _prepare(config: TrainConfig, outs: Iterable[Path]) -> TrainConfig:
     run_module._check_model_name(config.model)
     canonical_dataset_name(config.dataset)
     for out in outs:
-        rundir.check_new_run_dir(out)
+        # New, or this baseline's own run to continue (slimming's result is a retrain it amends).
+        rundir.check_can_write(out, ("baseline", "retrain"))
     return config
 
 
@@ -233,6 +239,8 @@ def slimming(config: TrainConfig, out_dir: PathLike, *, keep: float, sparsity_la
     """Network Slimming; returns the fine-tuned run directory ``out_dir`` (see the module doc)."""
     say = _say(log)
     _check_keep(keep)
+    if not (isinstance(sparsity_lambda, (int, float)) and math.isfinite(sparsity_lambda) and sparsity_lambda >= 0):
+        raise SplitLBIError(f"--sparsity-lambda must be a finite number >= 0, got {sparsity_lambda}")
     out = Path(out_dir)
     sparse = Path(sparse_out) if sparse_out is not None else out.with_name(out.name + "_sparse")
     config = _prepare(dataclasses.replace(config, save_every=config.epochs), [out, sparse])
@@ -247,8 +255,8 @@ def slimming(config: TrainConfig, out_dir: PathLike, *, keep: float, sparsity_la
                                     torch.device("cpu")).train_images[:1].float()
     masks = slimming_masks(model, keep, example)
     arch = architecture_masks(model, masks, example)
-    mask_path = save_mask_file(sparse / "slimming_mask.pt", arch, model=config.model, epoch=config.epochs,
-                               source=sparse, kind="slimming")
+    mask_path = sparse / "slimming_mask.pt"
+    ensure_mask_file(mask_path, arch, model=config.model, epoch=config.epochs, source=sparse, kind="slimming")
     sparsity = mask_sparsity(masks)
     say(f"slimming: kept {sum(sparsity.filters_kept.values())}/{sum(sparsity.filters_total.values())} BN channels; "
         f"fine-tuning")
@@ -307,8 +315,11 @@ def soft_filter_pruning(config: TrainConfig, out_dir: PathLike, *, keep: float,
         return mask_sparsity(masks).overall if masks else None
 
     info = {"name": "sfp", "keep": keep}
-    _new_run(config, out, info, init_seed=config.seed, masks=None, after_epoch=zero_smallest, say=say)
-    save_mask_file(out / MASK_FILE, last["masks"], model=config.model, epoch=config.epochs, source=out, kind="sfp")
+    _, model = _new_run(config, out, info, init_seed=config.seed, masks=None, after_epoch=zero_smallest, say=say)
+    if "masks" not in last:
+        # Continued after its last epoch: the zeroing is idempotent, so the last epoch's set comes back.
+        zero_smallest(model, config.epochs)
+    ensure_mask_file(out / MASK_FILE, last["masks"], model=config.model, epoch=config.epochs, source=out, kind="sfp")
     return out
 
 

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.train.run import MASK_DIR, epoch_file_name, read_run_config
-from splitlbi.utils.io import atomic_torch_save
+from splitlbi.models import create_model
+from splitlbi.utils.io import DamagedFileError, atomic_torch_save, load_torch_file
 
 __all__ = [
     "Masks", "MaskSparsity", "available_mask_epochs", "load_run_masks", "save_mask_file", "load_mask_file",
@@ -58,6 +59,11 @@ def _check_mask_dict(masks: Any, where: str) -> Masks:
     if not isinstance(masks, dict) or not masks or not all(
             isinstance(name, str) and isinstance(mask, Tensor) for name, mask in masks.items()):
         raise SplitLBIError(f"{where} does not hold masks (a dict of parameter name -> tensor)")
+    for name, mask in masks.items():
+        # A number other than 0 and 1 (a nan, a score) is no mask: bool() would read it as "keep".
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise SplitLBIError(f"{where}: the mask of {name!r} holds values other than 0 and 1 "
+                                f"(nan or a score?); a mask is True/False (or 1/0) per weight")
     return {name: mask.to(torch.bool) for name, mask in masks.items()}
 
 
@@ -68,17 +74,16 @@ def load_run_masks(run_dir: PathLike, epoch: int) -> Masks:
     epochs it has) or the file is damaged.
     """
     run_dir = Path(run_dir)
-    read_run_config(run_dir)  # a clear error for a directory that is no run at all
+    info = read_run_config(run_dir)  # a clear error for a directory that is no run at all
     path = run_dir / MASK_DIR / epoch_file_name(epoch)
     if not path.is_file():
         epochs = available_mask_epochs(run_dir)
         have = ", ".join(map(str, epochs)) if epochs else "none (not a SplitLBI run?)"
         raise SplitLBIError(f"{run_dir} has no masks for epoch {epoch}; epochs with masks: {have}")
-    try:
-        masks = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # damaged file: many exception types
-        raise SplitLBIError(f"cannot read {path}: {error}") from None
-    return _check_mask_dict(masks, str(path))
+    masks = _check_mask_dict(load_torch_file(path), str(path))
+    model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
+    validate_masks(masks, model, where=f"the masks in {path} (the run's model is {info['model']})")
+    return masks
 
 
 def save_mask_file(path: PathLike, masks: Mapping[str, Tensor], *, model: str, epoch: Optional[int] = None,
@@ -100,9 +105,9 @@ def read_mask_file(path: PathLike) -> Dict[str, Any]:
     if not path.is_file():
         raise SplitLBIError(f"mask file {path} does not exist")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise SplitLBIError(f"cannot read mask file {path}: {error}") from None
+        content = load_torch_file(path)
+    except DamagedFileError as error:
+        raise SplitLBIError(f"cannot read mask file {path}: {error.reason}") from None
     if not isinstance(content, dict) or "masks" not in content:
         raise SplitLBIError(f"{path} is not a splitlbi mask file (no 'masks' entry)")
     content["masks"] = _check_mask_dict(content["masks"], str(path))

@@ -14,7 +14,9 @@ masked weights stay exactly zero whatever momentum or weight decay do.
 
 The result is an ordinary run directory (config.json with a ``retrain`` entry, init.pt =
 the masked starting weights, metrics.csv, path.csv, checkpoints/, and ``mask.pt``, the
-mask file used). Retraining runs cannot be resumed.
+mask file used). An interrupted retraining continues when the same command is given
+again (same source, mode, epoch, mask and settings; a larger ``epochs`` extends it) and
+ends as an uninterrupted one would (:func:`splitlbi.train.rundir.start_or_continue`).
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from splitlbi.data import canonical_dataset_name, normalize
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model
 from splitlbi.prune.masks import (
-    Masks, apply_masks_, check_not_empty, load_mask_file, load_run_masks, mask_sparsity, save_mask_file,
-    validate_masks,
+    Masks, apply_masks_, check_not_empty, load_mask_file, load_run_masks, mask_sparsity, read_mask_file,
+    save_mask_file, validate_masks,
 )
 from splitlbi.train import run as run_module
 from splitlbi.train import rundir
@@ -42,7 +44,7 @@ from splitlbi.train.loop import evaluate, run_epochs
 from splitlbi.train.optimizers import build_scheduler
 from splitlbi.train.rundir import INIT_FILE, holds_run_dirs, list_checkpoints, load_checkpoint, read_run_config
 
-__all__ = ["RETRAIN_MODES", "MASK_FILE", "MaskedSGD", "retrain", "start_run_dir"]
+__all__ = ["RETRAIN_MODES", "MASK_FILE", "MaskedSGD", "retrain", "ensure_mask_file"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -79,12 +81,17 @@ def _checkpoint_epochs_text(run_dir: Path) -> str:
     return ", ".join(map(str, epochs)) if epochs else "none"
 
 
-def start_run_dir(out: Path, info: Dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-                  scheduler: Any) -> rundir.RunHistory:
-    """Open a new run directory ``out`` (its lock held until the enclosing command returns)
-    and write its epoch 0 (:func:`splitlbi.train.rundir.start_run`); return its history."""
-    rundir.open_run_dir(out, new=True, say=lambda line: None)
-    return rundir.start_run(out, info, model, optimizer, scheduler, [rundir.rng_state()])
+def ensure_mask_file(path: Path, masks: Mapping[str, Tensor], **details: Any) -> None:
+    """Write the mask file ``path`` (:func:`save_mask_file`) unless it already holds exactly
+    ``masks``: a continued run keeps the file it wrote, a missing or damaged one is written."""
+    try:
+        saved = read_mask_file(path)["masks"]
+    except SplitLBIError:
+        saved = None
+    if saved is not None and saved.keys() == masks.keys() and all(
+            torch.equal(saved[name], mask.to("cpu", torch.bool)) for name, mask in masks.items()):
+        return
+    save_mask_file(path, masks, **details)
 
 
 @holds_run_dirs
@@ -168,32 +175,39 @@ def retrain(
         sync_bn=False, amp=False, compile=False, tensorboard=False)
     validate_config(dataclasses.replace(config, epochs=max(config.epochs, 1)))
     canonical_dataset_name(config.dataset)
-    rundir.check_new_run_dir(out)
+    rundir.check_can_write(out, ("retrain",))
 
     dev = resolve_device(device)
     data = run_module._load_data(config, dev)
     rundir.check_same_dataset(run_dir, info, data.facts)
     run_module._seed_everything(seed)
     model = model.to(dev)
+    run_module.check_model_fits(model, data, config)
     apply_masks_(model, mask_dict)
     parameters = dict(model.named_parameters())
     device_masks = {parameters[name]: mask.to(device=dev, dtype=parameters[name].dtype)
                     for name, mask in mask_dict.items()}
-    optimizer = MaskedSGD(model.parameters(), device_masks, lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
-    scheduler = build_scheduler(config, optimizer)
-    kept = mask_sparsity(mask_dict).overall
 
+    def build() -> Tuple[torch.optim.Optimizer, Any]:
+        optimizer = MaskedSGD(model.parameters(), device_masks, lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
+        return optimizer, build_scheduler(config, optimizer)
+
+    kept = mask_sparsity(mask_dict).overall
     retrain_info = {"mode": mode, "source": str(run_dir), "epoch": epoch, "masks": mask_source,
                     "kept": kept, "source_optimizer": source.optimizer}
-    history = start_run_dir(out, {**rundir.run_info(config, data.facts), "world_size": 1, "retrain": retrain_info},
-                            model, optimizer, scheduler)
-    save_mask_file(out / MASK_FILE, mask_dict, model=info["model"], epoch=epoch, source=run_dir)
+    optimizer, scheduler, start_epoch, history = rundir.start_or_continue(
+        out, {**rundir.run_info(config, data.facts), "world_size": 1, "retrain": retrain_info}, config, model,
+        build, say=say)
+    ensure_mask_file(out / MASK_FILE, mask_dict, model=info["model"], epoch=epoch, source=run_dir)
     say(f"run directory: {out}")
     say(f"{mode}: {info['model']} from {run_dir} ({'init' if mode == 'lottery' else f'epoch {epoch}'}), "
         f"mask {mask_source}, {100.0 * kept:.2f}% of the masked weights kept")
 
     if mode == "prune":
+        if 0 in rundir.csv_epochs(history.metrics):
+            say(f"{out} holds the pruned model's evaluation already")
+            return out
         # The network a user gets: the filters outside the mask removed for real (compact_model).
         from splitlbi.prune.compact import compact_model
 
@@ -211,6 +225,6 @@ def retrain(
         say(f"pruned model (no training): test loss {test.loss:.4f} acc {test.accuracy:6.2f}%")
         return out
 
-    run_epochs(out, model, optimizer, scheduler, data, config, start_epoch=0, history=history, say=say,
+    run_epochs(out, model, optimizer, scheduler, data, config, start_epoch=start_epoch, history=history, say=say,
                description=mode, kept=kept, resumable=False)
     return out

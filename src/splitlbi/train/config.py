@@ -24,6 +24,8 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "PAPER_SCHEDULE",
     "RESUME_OVERRIDABLE_FIELDS",
+    "MAX_SEED",
+    "FLOAT32_MAX",
     "SCHEDULES",
     "apply_schedule_preset",
     "check_setting_types",
@@ -64,7 +66,14 @@ SCHEDULES: Tuple[str, ...] = ("step", "paper", "cosine")
 PAPER_SCHEDULE: Mapping[str, Any] = {"epochs": 160, "lr": 0.1, "lr_milestones": (80, 120), "lr_gamma": 0.1,
                                      "batch_size": 128}
 
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# A device index of more than 4 digits is no device (and overflows torch's parser).
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,4})?)$")
+
+#: The largest seed: NumPy's ``np.random.seed`` takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+#: The largest float32: a hyperparameter above it overflows in the optimizer's float32 step.
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -194,7 +203,8 @@ def check_setting_types(values: Mapping[str, Any]) -> None:
                 ok = all(isinstance(m, int) and not isinstance(m, bool) for m in value)
         if not ok:
             expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-                        list: "a list of integers"}[kinds[-1] if kinds != (int, float) else float]
+                        list: "a list of integers", tuple: "a list of integers"}[
+                kinds[-1] if kinds != (int, float) else float]
             raise SplitLBIError(f"setting {name} must be {expected}"
                                 f"{' or none' if name in _OPTIONAL_TYPES else ''}, got {value!r}")
 
@@ -284,15 +294,23 @@ def validate_config(config: TrainConfig) -> None:
     for name in ("train_split", "pad_to", "limit_train", "limit_test"):
         value = getattr(config, name)
         _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    _require(isinstance(config.seed, int) and config.seed >= 0, f"--seed must be an integer >= 0, got {config.seed}")
+    _require(isinstance(config.seed, int) and 0 <= config.seed <= MAX_SEED,
+             f"--seed must be an integer from 0 to {MAX_SEED} (2**32 - 1, NumPy's limit), got {config.seed}")
     _require(bool(_DEVICE_PATTERN.match(config.device)),
              f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    for name in ("lr", "kappa", "nu", "lam", "weight_decay"):
+        if getattr(config, name) is None:  # lam None: the coupling's own default
+            continue
+        _require(abs(getattr(config, name)) <= FLOAT32_MAX,
+                 f"--{name.replace('_', '-')} must be at most {FLOAT32_MAX:.4g} (float32), got {getattr(config, name)}")
 
 
 def resolve_device(name: str) -> torch.device:
     """Turn ``auto|cpu|cuda|cuda:N|mps`` into a usable :class:`torch.device`, or raise SplitLBIError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, str) or not _DEVICE_PATTERN.match(name):
+        raise SplitLBIError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():

@@ -487,6 +487,13 @@ def run_epochs(
             skip = ", or resume with --nonfinite skip to leave such batches out" if resumable else ""
             raise SplitLBIError(f"training stopped at {error}; {last} keeps epoch {epoch - 1}, the last good "
                                 f"one ({advice}{skip})") from None
+        except RuntimeError as error:
+            if "overflow" not in str(error):
+                raise
+            # A step size beyond float32 (lr 1e300, or a product of large settings): as good as a nan.
+            raise SplitLBIError(f"training stopped at {where}: a step size overflows float32 "
+                                f"({' '.join(str(error).split())}); {last} keeps epoch {epoch - 1}, the last good "
+                                f"one ({advice})") from None
         if train.skipped:
             say(f"warning: {label}epoch {epoch}: skipped {train.skipped} batch(es) whose loss was not finite")
         if after_epoch is not None:

@@ -25,11 +25,11 @@ from splitlbi.train.loop import EpochCallback, TrainData, run_epochs, train_one_
 from splitlbi.train.optimizers import build_optimizer, build_scheduler, resolve_coupling
 from splitlbi.train.rundir import (  # noqa: F401  (re-exported: the run-directory names callers import from here)
     CHECKPOINT_DIR, CONFIG_FILE, INIT_FILE, LAST_CHECKPOINT, MASK_DIR, METRICS_COLUMNS, METRICS_FILE, PATH_COLUMNS,
-    PATH_FILE, RENAMED_METRICS_COLUMNS, RunHistory, check_new_run_dir, check_same_dataset, check_same_world,
-    epoch_file_name, epoch_from_name, filter_path_rows, holds_run_dirs, list_checkpoints, load_checkpoint, load_masks,
-    load_model_from_run, merge_resume_config, newest_valid_checkpoint, open_run_dir, read_run_config,
-    read_train_config, restore_rng_state, rewind, rng_state, run_info, start_run, train_config_from_info,
-    upgrade_metrics_row, validate_checkpoint,
+    PATH_FILE, RENAMED_METRICS_COLUMNS, RunHistory, check_new_run_dir, check_run_files, check_same_dataset,
+    check_same_world, epoch_file_name, epoch_from_name, filter_path_rows, holds_run_dirs, list_checkpoints,
+    load_checkpoint, load_masks, load_model_from_run, load_resume_point, merge_resume_config, newest_valid_checkpoint,
+    open_run_dir, read_or_rebuild_run_config, read_run_config, read_train_config, restore_rng_state, rewind, rng_state,
+    run_info, start_run, train_config_from_info, upgrade_metrics_row, validate_checkpoint, written_by,
 )
 
 __all__ = [
@@ -158,16 +158,19 @@ def _run_training(
     on_epoch_end: Optional[EpochCallback],
 ) -> Path:
     say = log if log is not None else _silent
+    if not os.fspath(out_dir):
+        raise SplitLBIError("the run directory is an empty path; give a folder name")
     run_dir = Path(out_dir)
     if resume:
         if not run_dir.is_dir():
             raise SplitLBIError(f"--resume {run_dir}: no such directory")
         open_run_dir(run_dir, new=False, say=say)
-        info = read_run_config(run_dir)
-        for command in ("retrain", "baseline"):  # masks/penalties outside TrainConfig: a resume would drop them
-            if command in info:
-                raise SplitLBIError(f"--resume {run_dir}: this run was written by 'splitlbi {command}', which "
-                                    f"cannot be resumed; run 'splitlbi {command}' again")
+        # Rank 0 writes a missing config.json back; the other ranks read the same copy.
+        info = read_or_rebuild_run_config(run_dir, say, write=distributed.is_main_process())
+        command = written_by(info)
+        if command != "train":  # its masks and penalties are not TrainConfig settings: its own command resumes it
+            raise SplitLBIError(f"--resume {run_dir}: this run was written by 'splitlbi {command}'; run the same "
+                                f"'splitlbi {command}' command again to continue it")
         config = merge_resume_config(run_dir, train_config_from_info(info), config)
     else:
         if config is None:
@@ -204,6 +207,7 @@ def _run_training(
     # init.pt and path.csv use it; DDP and torch.compile only wrap it for the forward.
     model = create_model(config.model, num_classes=data.facts["num_classes"],
                          in_channels=data.facts["in_channels"])
+    check_model_fits(model, data, config)
     if config.sync_bn and context.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -223,7 +227,8 @@ def _run_training(
     if resume:
         check_same_dataset(run_dir, info, data.facts)
         check_same_world(run_dir, info, config, context)
-        resumed, rejected = _load_newest_valid_checkpoint(run_dir, config, model, context, say)
+        initial_state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+        resumed, rejected = _load_newest_valid_checkpoint(run_dir, info, config, model, context, say)
         if resumed is None:
             restart = True
         else:
@@ -233,6 +238,7 @@ def _run_training(
             with distributed.agreement(context):
                 if context.is_main:
                     history = rewind(run_dir, info, config, start_epoch, history, rejected, say)
+                    check_run_files(run_dir, initial_state, start_epoch, say)
             say(f"resuming {run_dir} from epoch {start_epoch}/{config.epochs}")
     if not resume or restart:
         rng_states = distributed.all_gather_objects(context, rng_state())
@@ -269,42 +275,41 @@ def _run_training(
     return run_dir
 
 
+def check_model_fits(model: nn.Module, data: TrainData, config: TrainConfig) -> None:
+    """Refuse (one line) a model whose forward pass fails on the data's images (an input
+    too small for its pooling, e.g. ``vgg16_bn`` on the 28x28 digits), before anything is
+    written. One image, eval mode, no gradient: no RNG and no running statistic changes."""
+    if data.train_images.shape[0] == 0:
+        return
+    parameter = next(model.parameters(), None)
+    example = data.train_images[:1].to(parameter.device if parameter is not None else "cpu").float()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())[:200]
+        size = "x".join(str(s) for s in example.shape[2:])
+        raise SplitLBIError(f"model {config.model} does not run on the {size} images of {config.dataset} ({detail}); "
+                            f"choose another model or enlarge the images (--pad-to)") from None
+    finally:
+        model.train(was_training)
+
+
 def _load_newest_valid_checkpoint(
-    run_dir: Path, config: TrainConfig, model: nn.Module, context: distributed.DistributedContext,
-    say: Callable[[str], None],
+    run_dir: Path, info: Dict[str, Any], config: TrainConfig, model: nn.Module,
+    context: distributed.DistributedContext, say: Callable[[str], None],
 ) -> Tuple[Optional[Tuple[torch.optim.Optimizer, Any, int, Optional[RunHistory]]], List[Path]]:
     """Load the newest checkpoint of ``run_dir`` that passes validation into ``model``, new
     optimizer and scheduler and the RNGs: ``((optimizer, scheduler, epoch, history),
     rejected files)``. With none usable: ``(None, rejected)``, the model and RNGs as they
-    were (a freshly seeded run), ready to restart from epoch 0."""
-    pristine = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
-    rng_before = rng_state()
-    chosen: Dict[str, Any] = {}
-
-    def accept(checkpoint: Dict[str, Any], path: Path) -> None:
-        epoch = validate_checkpoint(checkpoint, pristine,
-                                    epoch=None if path.name == LAST_CHECKPOINT else epoch_from_name(path))
-        if not isinstance(checkpoint["scheduler"], dict) or "last_epoch" not in checkpoint["scheduler"]:
-            raise ValueError("its 'scheduler' is not a scheduler state_dict")
-        # Fresh optimizer and scheduler per try: a rejected file leaves nothing half-loaded behind.
+    were (a freshly seeded run), ready to restart from epoch 0. A checkpoint trained with
+    other settings than config.json (``info``) now gives is a :class:`RunMismatchError`."""
+    def build() -> Tuple[torch.optim.Optimizer, Any]:
         optimizer = build_optimizer(config, model)
-        scheduler = build_scheduler(config, optimizer)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        model.load_state_dict(checkpoint["model"])
-        # Each rank continues its own RNG stream (older and one-process checkpoints: "rng").
-        restore_rng_state(checkpoint.get("rng_ranks", [checkpoint["rng"]] * context.world_size)[context.rank])
-        chosen.update(optimizer=optimizer, scheduler=scheduler, epoch=epoch)
+        return optimizer, build_scheduler(config, optimizer)
 
-    found, rejected = newest_valid_checkpoint(run_dir, accept, say=say if context.is_main else _silent)
-    if found is None:
-        model.load_state_dict(pristine)
-        restore_rng_state(rng_before)
-        return None, rejected
-    path, checkpoint = found
-    if rejected:
-        say(f"resuming from {CHECKPOINT_DIR}/{path.name}, the newest valid checkpoint")
-    history = RunHistory.from_state(checkpoint.get("history"))
-    return (chosen["optimizer"], chosen["scheduler"], chosen["epoch"], history), rejected
+    return load_resume_point(run_dir, info, model, build, context=context, say=say)
 
 

@@ -71,8 +71,11 @@ from splitlbi.models import create_model
 from splitlbi.optim import SplitLBI
 from splitlbi.optim import penalties as _penalties
 from splitlbi.train import distributed
-from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig
-from splitlbi.utils.io import atomic_torch_save, atomic_write_text, fsync_directory
+from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig, check_setting_types
+from splitlbi.utils.io import (
+    DamagedFileError, append_text, atomic_torch_save, atomic_write_text, check_torch_file, fsync_directory,
+    load_torch_file,
+)
 
 __all__ = [
     # the layout
@@ -84,17 +87,19 @@ __all__ = [
     "remove_stale_temporaries", "is_empty_run_dir",
     # reading
     "read_run_config", "read_train_config", "train_config_from_info", "list_checkpoints", "torch_load",
-    "load_checkpoint", "load_masks", "load_model_from_run",
+    "load_checkpoint", "load_masks", "load_model_from_run", "check_run_info", "read_or_rebuild_run_config",
+    "saved_config", "written_by",
     # creating, opening, the settings rule
     "check_new_run_dir", "open_run_dir", "changed_settings", "merge_resume_config", "check_same_settings",
     "check_same_dataset", "check_same_world", "run_info", "write_json", "record_resume", "completed_epochs",
-    "remove_unstarted_run",
+    "remove_unstarted_run", "run_differences", "check_can_write", "start_or_continue", "check_checkpoint_settings", "RunMismatchError",
     "train_or_resume", "JOB_FILE", "job_done", "mark_job_done", "job_lock",
     # rows and checkpoints
     "filter_path_rows", "metrics_row", "append_rows", "file_columns", "restore_rows",
     "rng_state", "restore_rng_state", "checkpoint_state", "save_checkpoint", "remove_epoch_files_after",
     "start_run", "rewind", "write_epoch",
-    "checkpoint_candidates", "newest_valid_checkpoint", "set_aside", "CheckpointError", "validate_checkpoint",
+    "checkpoint_candidates", "newest_valid_checkpoint", "set_aside", "CheckpointError", "CheckpointMisfit",
+    "validate_checkpoint", "check_same_hyperparameters", "load_resume_point", "check_run_files",
     "epoch_from_name", "RunHistory", "restore_table", "csv_epochs",
 ]
 
@@ -405,6 +410,18 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be resumed from (the message says why)."""
 
 
+class CheckpointMisfit(CheckpointError):
+    """A checkpoint that loads but does not fit the run that ``config.json`` describes
+    (another model, other hyperparameters): either the file or ``config.json`` changed.
+    A resume falls back past it like past a damaged file, but when no checkpoint fits,
+    the run is not restarted over its history (:class:`RunMismatchError`)."""
+
+
+class RunMismatchError(SplitLBIError):
+    """``config.json`` and the checkpoints of a run describe different runs (``config.json``
+    edited): a resume refuses, before it changes anything."""
+
+
 def epoch_from_name(path: Path) -> Optional[int]:
     """7 for ``epoch_0007.pt``; None for other names."""
     try:
@@ -466,22 +483,72 @@ def validate_checkpoint(checkpoint: Any, model_state: Mapping[str, Tensor], *,
     weights = checkpoint["model"]
     if not isinstance(weights, Mapping):
         raise CheckpointError("its 'model' is not a state_dict")
-    if set(weights) != set(model_state):
-        extra, lacking = sorted(set(weights) - set(model_state)), sorted(set(model_state) - set(weights))
-        detail = f"lacks {lacking[0]!r}" if lacking else f"has an unknown {extra[0]!r}"
-        raise CheckpointError(f"its weights are not of this model (it {detail})")
-    for name, expected in model_state.items():
-        tensor = weights[name]
-        if not isinstance(tensor, Tensor) or tuple(tensor.shape) != tuple(expected.shape):
-            shape = list(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise CheckpointError(f"weight {name!r} has shape {shape}, the model {list(expected.shape)}")
     optimizer = checkpoint["optimizer"]
     if not isinstance(optimizer, Mapping) or "state" not in optimizer or "param_groups" not in optimizer:
         raise CheckpointError("its 'optimizer' is not an optimizer state_dict")
+    scheduler = checkpoint["scheduler"]
+    if not isinstance(scheduler, Mapping) or "last_epoch" not in scheduler:
+        raise CheckpointError("its 'scheduler' is not a scheduler state_dict")
+    if not isinstance(scheduler["last_epoch"], int) or scheduler["last_epoch"] != stored_epoch:
+        raise CheckpointError(f"its scheduler is at epoch {scheduler['last_epoch']!r}, the checkpoint at {stored_epoch}")
+    if not all(isinstance(tensor, Tensor) for tensor in weights.values()):
+        raise CheckpointError("its 'model' holds something other than tensors")
+    if set(weights) != set(model_state):
+        extra, lacking = sorted(set(weights) - set(model_state)), sorted(set(model_state) - set(weights))
+        detail = f"lacks {lacking[0]!r}" if lacking else f"has an unknown {extra[0]!r}"
+        raise CheckpointMisfit(f"its weights are not of this model (it {detail})")
+    for name, expected in model_state.items():
+        if tuple(weights[name].shape) != tuple(expected.shape):
+            raise CheckpointMisfit(f"weight {name!r} has shape {list(weights[name].shape)}, "
+                                   f"the model {list(expected.shape)}")
     bad = _first_non_finite(weights, "model") or _first_non_finite(optimizer.get("state"), "optimizer state")
     if bad is not None:
         raise CheckpointError(f"{bad} is not finite (nan or inf)")
     return stored_epoch
+
+
+#: Optimizer and scheduler settings that a checkpoint's state must share with the ones
+#: config.json gives (``torch.optim``'s ``load_state_dict`` would silently take the
+#: checkpoint's): a difference means config.json was edited since.
+_OPTIMIZER_SETTINGS = ("initial_lr", "momentum", "dampening", "weight_decay", "nesterov", "betas", "eps", "amsgrad",
+                       "alpha", "centered", "lr_decay", "kappa", "nu", "lam", "penalty", "update")
+_SCHEDULER_SETTINGS = ("milestones", "gamma", "base_lrs", "T_max", "eta_min")
+
+
+def check_same_hyperparameters(checkpoint: Mapping[str, Any], optimizer: torch.optim.Optimizer,
+                               scheduler: Any) -> None:
+    """Raise :class:`CheckpointMisfit` when the optimizer or scheduler state of
+    ``checkpoint`` (validated by :func:`validate_checkpoint`) was made with other settings
+    than the fresh ``optimizer`` and ``scheduler`` (built from config.json) have."""
+    saved_groups = checkpoint["optimizer"].get("param_groups")
+    groups = optimizer.state_dict()["param_groups"]
+    if not isinstance(saved_groups, list) or len(saved_groups) != len(groups):
+        count = len(saved_groups) if isinstance(saved_groups, list) else "no"
+        raise CheckpointMisfit(f"its optimizer has {count} parameter group(s), config.json's {len(groups)}")
+    for index, (saved, fresh) in enumerate(zip(saved_groups, groups)):
+        if not isinstance(saved, Mapping):
+            raise CheckpointError(f"its optimizer's parameter group {index} is not a dict")
+        for key in _OPTIMIZER_SETTINGS:
+            if key in fresh and key in saved and _plain(saved[key]) != _plain(fresh[key]):
+                raise CheckpointMisfit(f"its optimizer has {key} {_plain(saved[key])!r}, config.json gives "
+                                       f"{_plain(fresh[key])!r}")
+    fresh_scheduler = scheduler.state_dict()
+    for key in _SCHEDULER_SETTINGS:
+        if key in fresh_scheduler and key in checkpoint["scheduler"] \
+                and _plain(checkpoint["scheduler"][key]) != _plain(fresh_scheduler[key]):
+            raise CheckpointMisfit(f"its learning-rate schedule has {key} {_plain(checkpoint['scheduler'][key])!r}, "
+                                   f"config.json gives {_plain(fresh_scheduler[key])!r}")
+
+
+def _plain(value: Any) -> Any:
+    """Settings in comparable form: tuples as lists, Counters (MultiStepLR's milestones) as sorted items."""
+    if isinstance(value, Mapping):
+        return sorted((str(key), _plain(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return value.item()
+    return value
 
 
 def _reason(error: BaseException) -> str:
@@ -501,13 +568,22 @@ def newest_valid_checkpoint(
     """The newest checkpoint of ``run_dir`` that loads and that ``accept`` takes (``(path,
     checkpoint)`` or None), and the newer files it rejected.
 
-    Tries :func:`checkpoint_candidates` in order. Each is read with ``torch.load(...,
-    weights_only=True)`` and passed to ``accept(checkpoint, path)``, which validates it
+    Tries :func:`checkpoint_candidates` in order. Each is read with
+    :func:`splitlbi.utils.io.load_torch_file` (its content digest checked,
+    ``weights_only=True``) and passed to ``accept(checkpoint, path)``, which validates it
     (e.g. :func:`validate_checkpoint`) and loads it into the model and optimizer, raising
     any exception to reject it. A rejected file is reported through ``say`` with the
     reason; :func:`set_aside` renames them so that no later resume trips on them again.
+
+    Raises:
+        RunMismatchError: ``accept`` raised it (config.json and the checkpoint describe
+            different runs), or no file was accepted and some loaded but did not fit
+            (:class:`CheckpointMisfit`): config.json changed, not the files. Nothing is
+            said or renamed then.
     """
     rejected: List[Path] = []
+    misfits: List[Tuple[Path, str]] = []
+    lines: List[str] = []
     found: Optional[Tuple[Path, Dict[str, Any]]] = None
     seen: List[Path] = []
     for path in checkpoint_candidates(run_dir):
@@ -515,15 +591,104 @@ def newest_valid_checkpoint(
             continue  # last.pt is a hard link to the newest kept epoch file: tried already
         seen.append(path)
         try:
-            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+            checkpoint = load_torch_file(path, map_location)
             accept(checkpoint, path)
-        except Exception as error:  # torch.load raises many types for a damaged file
-            say(f"skipping {path.parent.name}/{path.name}: {_reason(error)}")
+        except RunMismatchError:
+            raise
+        except Exception as error:  # a damaged file raises many types
+            reason = error.reason if isinstance(error, DamagedFileError) else _reason(error)
+            if isinstance(error, CheckpointMisfit):
+                misfits.append((path, reason))
+            lines.append(f"skipping {path.parent.name}/{path.name}: {reason}")
             rejected.append(path)
             continue
         found = (path, checkpoint)
         break
+    if found is None and misfits:
+        # Files that load but fit none of config.json's model or settings: config.json is what
+        # changed. Restarting would train another network over the run's history.
+        path, reason = misfits[0]
+        raise RunMismatchError(f"no checkpoint of {run_dir} fits its {CONFIG_FILE} ({path.parent.name}/{path.name}: "
+                               f"{reason}); was {CONFIG_FILE} edited? Restore it or start a new run (nothing was "
+                               f"changed)")
+    for line in lines:
+        say(line)
     return found, rejected
+
+
+Build = Callable[[], Tuple[torch.optim.Optimizer, Any]]
+
+
+def load_resume_point(
+    run_dir: Path, info: Mapping[str, Any], model: nn.Module, build: Build, *,
+    context: Optional[distributed.DistributedContext] = None, say: Callable[[str], None],
+) -> Tuple[Optional[Tuple[torch.optim.Optimizer, Any, int, Optional[RunHistory]]], List[Path]]:
+    """Load the newest checkpoint of ``run_dir`` that passes validation into ``model``, a
+    fresh optimizer and scheduler from ``build()`` and the RNGs: ``((optimizer, scheduler,
+    epoch, history), rejected files)``. With none usable: ``(None, rejected)``, the model
+    and RNGs as they were (freshly seeded), ready to restart from epoch 0.
+
+    A candidate is checked in this order: its copy of config.json against ``info``
+    (:func:`check_checkpoint_settings`: a difference is a :class:`RunMismatchError`, no
+    fall-back), its structure and weights (:func:`validate_checkpoint`), its optimizer
+    and scheduler settings (:func:`check_same_hyperparameters`), then the optimizer's and
+    scheduler's own ``load_state_dict``.
+    """
+    context = context if context is not None else distributed.DistributedContext()
+    pristine = {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    rng_before = rng_state()
+    chosen: Dict[str, Any] = {}
+
+    def accept(checkpoint: Dict[str, Any], path: Path) -> None:
+        check_checkpoint_settings(checkpoint, info, path)
+        epoch = validate_checkpoint(checkpoint, pristine,
+                                    epoch=None if path.name == LAST_CHECKPOINT else epoch_from_name(path))
+        # Fresh optimizer and scheduler per try: a rejected file leaves nothing half-loaded behind.
+        optimizer, scheduler = build()
+        check_same_hyperparameters(checkpoint, optimizer, scheduler)
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise CheckpointMisfit(f"its optimizer state does not fit: {_reason(error)}") from None
+        model.load_state_dict(checkpoint["model"])
+        # Each rank continues its own RNG stream (older and one-process checkpoints: "rng").
+        restore_rng_state(checkpoint.get("rng_ranks", [checkpoint["rng"]] * context.world_size)[context.rank])
+        chosen.update(optimizer=optimizer, scheduler=scheduler, epoch=epoch)
+
+    found, rejected = newest_valid_checkpoint(run_dir, accept, say=say if context.is_main else (lambda line: None))
+    if found is None:
+        model.load_state_dict(pristine)
+        restore_rng_state(rng_before)
+        return None, rejected
+    path, checkpoint = found
+    if rejected:
+        say(f"resuming from {CHECKPOINT_DIR}/{path.name}, the newest valid checkpoint")
+    history = RunHistory.from_state(checkpoint.get("history"))
+    return (chosen["optimizer"], chosen["scheduler"], chosen["epoch"], history), rejected
+
+
+def check_run_files(run_dir: Path, initial: Mapping[str, Tensor], epoch: int, say: Callable[[str], None]) -> None:
+    """After a resume chose the checkpoint of ``epoch``: ``init.pt``, when missing or
+    damaged, is written again from ``initial`` (the run's initial weights, which its seed
+    gives again), and every ``masks/epoch_XXXX.pt`` up to ``epoch`` whose content digest
+    fails is named (they cannot be rebuilt; :func:`load_masks` refuses them)."""
+    init = run_dir / INIT_FILE
+    try:
+        load_torch_file(init)
+    except SplitLBIError as error:
+        reason = error.reason if isinstance(error, DamagedFileError) else "it was missing"
+        atomic_torch_save(dict(initial), init)
+        say(f"rebuilt {INIT_FILE} from the run's seed ({reason})")
+    for path in sorted((run_dir / MASK_DIR).glob("epoch_*.pt")):
+        number = epoch_from_name(path)
+        if number is None or number > epoch:
+            continue
+        try:
+            check_torch_file(path)
+        except DamagedFileError as error:
+            say(f"warning: {MASK_DIR}/{path.name} is damaged ({error.reason}); the support of Γ of epoch {number} "
+                f"is lost (the other epochs' masks and the checkpoints are intact)")
 
 
 def set_aside(paths: List[Path]) -> None:
@@ -547,20 +712,29 @@ def _same_file(first: Path, second: Path) -> bool:
 
 class RunHistory:
     """The text of ``metrics.csv`` and ``path.csv`` (header included) up to the last
-    finished epoch. Stored in every checkpoint (:meth:`state`), it lets a resume rebuild
-    both files byte for byte (:func:`restore_table`), even when they were cut or deleted.
+    finished epoch, and the content of ``config.json``. Stored in every checkpoint
+    (:meth:`state`), it lets a resume rebuild the CSV files byte for byte
+    (:func:`restore_table`), even when they were cut or deleted, rebuild a deleted
+    ``config.json``, and refuse a ``config.json`` edited since (:func:`run_differences`).
 
     ``path.csv`` grows by one row per filter and epoch, so it is kept zlib-compressed in
-    the checkpoint (a uint8 tensor: checkpoints still load with ``weights_only=True``).
+    the checkpoint (a uint8 tensor: checkpoints still load with ``weights_only=True``);
+    ``config`` is kept as JSON text. Checkpoints written before ``config`` was saved have
+    ``config`` None.
     """
 
-    def __init__(self, metrics: str, path: str) -> None:
+    def __init__(self, metrics: str, path: str, config: Optional[Dict[str, Any]] = None) -> None:
         self.metrics = metrics
         self.path = path
+        self.config = config
 
     def state(self) -> Dict[str, Any]:
         compressed = zlib.compress(self.path.encode("utf-8"), 1)
-        return {"metrics": self.metrics, "path_zlib": torch.frombuffer(bytearray(compressed), dtype=torch.uint8)}
+        state: Dict[str, Any] = {"metrics": self.metrics,
+                                 "path_zlib": torch.frombuffer(bytearray(compressed), dtype=torch.uint8)}
+        if self.config is not None:
+            state["config_json"] = json.dumps(self.config, sort_keys=True)
+        return state
 
     @classmethod
     def from_state(cls, state: Any) -> Optional["RunHistory"]:
@@ -574,7 +748,21 @@ class RunHistory:
             path = zlib.decompress(compressed.numpy().tobytes()).decode("utf-8")
         except (zlib.error, UnicodeDecodeError):
             return None
-        return cls(state["metrics"], path)
+        return cls(state["metrics"], path, saved_config({"history": state}))
+
+
+def saved_config(checkpoint: Any) -> Optional[Dict[str, Any]]:
+    """The ``config.json`` content a checkpoint holds (``history.config_json``); None for
+    checkpoints written before it was saved (or anything that is not such a checkpoint)."""
+    history = checkpoint.get("history") if isinstance(checkpoint, Mapping) else None
+    text = history.get("config_json") if isinstance(history, Mapping) else None
+    if not isinstance(text, str):
+        return None
+    try:
+        config = json.loads(text)
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def restore_table(path: Path, text: str, say: Callable[[str], None]) -> None:
@@ -633,7 +821,139 @@ def read_run_config(run_dir: PathLike) -> Dict[str, Any]:
         raise SplitLBIError(f"cannot read {path}: {error}") from None
     if not isinstance(info, dict):
         raise SplitLBIError(f"{path} is not a run's config (a JSON {type(info).__name__}, not an object)")
+    check_run_info(info, path)
     return info
+
+
+def _is_count(value: Any, least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+#: The entries of config.json besides the TrainConfig fields that readers rely on: a check
+#: (value -> ok) and what it should be, for the message. ``model`` and the first two are required.
+_RUN_INFO_ENTRIES: Dict[str, Tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: isinstance(v, str) and bool(v), "a model name"),
+    "num_classes": (_is_count, "an integer >= 1"),
+    "in_channels": (_is_count, "an integer >= 1"),
+    "image_size": (lambda v: _is_count(v) or (isinstance(v, list) and len(v) == 2 and all(map(_is_count, v))),
+                   "an integer >= 1 or [height, width]"),
+    "world_size": (_is_count, "an integer >= 1"),
+    "train_size": (lambda v: _is_count(v, 0), "an integer >= 0"),
+    "test_size": (lambda v: _is_count(v, 0), "an integer >= 0"),
+    "mean": (_is_number_list, "a list of numbers"),
+    "std": (_is_number_list, "a list of numbers"),
+    "retrain": (lambda v: isinstance(v, dict), "an object"),
+    "baseline": (lambda v: isinstance(v, dict), "an object"),
+}
+_REQUIRED_RUN_INFO = ("model", "num_classes", "in_channels")
+
+
+def check_run_info(info: Mapping[str, Any], path: PathLike = CONFIG_FILE) -> None:
+    """Raise :class:`SplitLBIError` (one line, naming ``path`` and the entry) when a parsed
+    config.json lacks ``model``, ``num_classes`` or ``in_channels``, or holds a value of the
+    wrong type (``"world_size": "two"``, ``"image_size": "big"``, a setting such as
+    ``"epochs": "6"``). Ranges of the training settings are :func:`validate_config`'s."""
+    for key in _REQUIRED_RUN_INFO:
+        if key not in info:
+            raise SplitLBIError(f"{path} has no {key!r}: not a complete run config (restore it)")
+    for key, (ok, expected) in _RUN_INFO_ENTRIES.items():
+        if key in info and not ok(info[key]):
+            raise SplitLBIError(f"{path}: {key} must be {expected}, got {info[key]!r}")
+    try:
+        check_setting_types({key: value for key, value in info.items() if key != "model"})
+    except SplitLBIError as error:
+        raise SplitLBIError(f"{path}: {error}") from None
+
+
+#: config.json entries besides the TrainConfig fields that continuing a run may not change:
+#: the dataset facts, the number of processes, and what retrain and the baselines record.
+_FIXED_RUN_ENTRIES = {"num_classes": None, "in_channels": None, "image_size": None, "train_size": None,
+                      "test_size": None, "world_size": 1, "retrain": None, "baseline": None}
+
+
+def _same_value(first: Any, second: Any) -> bool:
+    """Equal, where two strings naming the same existing file or folder count as equal
+    (a run directory given as a relative path once and an absolute one next time)."""
+    if isinstance(first, Mapping) and isinstance(second, Mapping):
+        return first.keys() == second.keys() and all(_same_value(first[k], second[k]) for k in first)
+    if isinstance(first, str) and isinstance(second, str) and first != second:
+        return _same_file(Path(first), Path(second))
+    return first == second
+
+
+def run_differences(stored: Mapping[str, Any], current: Mapping[str, Any], *,
+                    commands: Sequence[str] = ("retrain", "baseline")) -> List[str]:
+    """What the run config ``current`` changes of ``stored`` that continuing a run may not
+    (``"model 'lenet5' then, 'resnet20' now"``): every TrainConfig field outside
+    ``RESUME_OVERRIDABLE_FIELDS`` and the entries of ``_FIXED_RUN_ENTRIES``; empty when
+    ``current`` continues ``stored``. ``commands``: which of the ``retrain`` and
+    ``baseline`` entries to compare (a slimming fine-tune is a retrain that the baseline
+    amends afterwards)."""
+    then, now = train_config_from_info(dict(stored)), train_config_from_info(dict(current))
+    changed = [f"{name} {getattr(then, name)!r} then, {getattr(now, name)!r} now"
+               for name in changed_settings(then, now)]
+    for key, default in _FIXED_RUN_ENTRIES.items():
+        if key in ("retrain", "baseline") and key not in commands:
+            continue
+        changed.extend(_value_differences(key, stored.get(key, default), current.get(key, default)))
+    return changed
+
+
+def _value_differences(name: str, before: Any, after: Any) -> List[str]:
+    """``["retrain.epoch 3 then, 2 now"]``: the differing leaves of two config.json values."""
+    if isinstance(before, Mapping) and isinstance(after, Mapping):
+        return [line for key in dict.fromkeys([*before, *after])
+                for line in _value_differences(f"{name}.{key}", before.get(key), after.get(key))]
+    return [] if _same_value(before, after) else [f"{name} {before!r} then, {after!r} now"]
+
+
+def check_checkpoint_settings(checkpoint: Any, info: Mapping[str, Any], path: Path) -> None:
+    """Raise :class:`RunMismatchError` when ``checkpoint`` (the file at ``path``) was
+    written with other settings than the run's config.json ``info`` now has
+    (:func:`run_differences`). Checkpoints without a copy of config.json pass (their
+    fit is checked by :func:`validate_checkpoint` and :func:`check_same_hyperparameters`)."""
+    stored = saved_config(checkpoint)
+    if stored is None:
+        return
+    try:
+        # The command entries the checkpoint knows (a slimming baseline adds its own to the
+        # config.json of its fine-tuning afterwards).
+        changed = run_differences(stored, info, commands=[key for key in ("retrain", "baseline") if key in stored])
+    except SplitLBIError:  # a copy this version cannot read: its fit is checked as for old checkpoints
+        return
+    if changed:
+        run_dir = path.parent.parent
+        raise RunMismatchError(f"{run_dir / CONFIG_FILE} differs from the settings {path.parent.name}/{path.name} was "
+                               f"trained with ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); "
+                               f"continuing would mix two runs. Restore it (or delete it: a resume rebuilds it from "
+                               f"the checkpoint) or start a new run; nothing was changed")
+
+
+def read_or_rebuild_run_config(run_dir: PathLike, say: Callable[[str], None], *, write: bool = True
+                               ) -> Dict[str, Any]:
+    """:func:`read_run_config`; when ``config.json`` is missing but a checkpoint holds a
+    copy of it (:class:`RunHistory`), it is written back from the newest such checkpoint
+    first (call under the run directory's lock), or only returned with ``write=False``."""
+    run_dir = Path(run_dir)
+    if (run_dir / CONFIG_FILE).exists():
+        return read_run_config(run_dir)
+    for path in checkpoint_candidates(run_dir):
+        try:
+            stored = saved_config(load_torch_file(path))
+        except SplitLBIError:
+            continue
+        if stored is not None:
+            check_run_info(stored, f"the copy of {CONFIG_FILE} in {path}")
+            if not write:
+                return stored
+            write_json(run_dir / CONFIG_FILE, stored)
+            say(f"rebuilt {CONFIG_FILE} from {path.parent.name}/{path.name} (the file was missing)")
+            return read_run_config(run_dir)
+    return read_run_config(run_dir)  # the one-line error of a folder without config.json
 
 
 def read_train_config(run_dir: PathLike) -> TrainConfig:
@@ -664,14 +984,9 @@ def list_checkpoints(run_dir: PathLike) -> Dict[int, Path]:
 
 
 def torch_load(path: Path, map_location: Any) -> Any:
-    """``torch.load(path, weights_only=True)``, with a one-line error for a missing or damaged file."""
-    if not path.is_file():
-        raise SplitLBIError(f"{path} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises many types for a damaged file
-        raise SplitLBIError(f"cannot read {path}: {str(error) or type(error).__name__} "
-                            f"(a damaged or truncated file?)") from None
+    """A ``.pt`` file of a run: :func:`splitlbi.utils.io.load_torch_file` (content digest
+    checked, ``weights_only=True``), with a one-line error for a missing or damaged file."""
+    return load_torch_file(path, map_location)
 
 
 def load_checkpoint(run_dir: PathLike, epoch: Optional[int] = None, map_location: Any = "cpu") -> Dict[str, Any]:
@@ -728,10 +1043,91 @@ def check_new_run_dir(run_dir: Path) -> None:
     if distributed.is_main_process():  # under torchrun the other ranks would see rank 0's own lock
         check_not_busy(run_dir)  # a writer at work there: name it rather than what it has written so far
     if (run_dir / CONFIG_FILE).exists() or (run_dir / CHECKPOINT_DIR).exists():
-        raise SplitLBIError(f"{run_dir} already holds a training run; continue it with --resume {run_dir} "
-                            f"or choose another --out")
+        raise SplitLBIError(f"{run_dir} already holds a {_continue_hint(run_dir)} or choose another --out")
     if run_dir.exists() and not is_empty_run_dir(run_dir):
         raise SplitLBIError(f"--out {run_dir} exists and is not empty; choose a new or empty directory")
+
+
+def check_can_write(run_dir: Path, commands: Sequence[str]) -> None:
+    """The early check of a command that writes ``run_dir`` and continues its own
+    interrupted runs (retrain, the baselines): refuse (one line) a file, a busy directory,
+    a run written by a command outside ``commands``, or a folder holding other things.
+    Whether a run there is the same run is :func:`start_or_continue`'s to check."""
+    if not os.fspath(run_dir):
+        raise SplitLBIError("--out is an empty path; give a folder name")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise SplitLBIError(f"--out {run_dir} exists and is not a directory")
+    check_not_busy(run_dir)
+    if (run_dir / CONFIG_FILE).exists():
+        if written_by(read_run_config(run_dir)) not in commands:
+            raise SplitLBIError(f"{run_dir} already holds a {_continue_hint(run_dir)} or choose another --out")
+    elif run_dir.exists() and not is_empty_run_dir(run_dir) and not checkpoint_candidates(run_dir):
+        raise SplitLBIError(f"--out {run_dir} exists and is not empty; choose a new or empty directory")
+
+
+def start_or_continue(
+    run_dir: Path, info: Dict[str, Any], config: TrainConfig, model: nn.Module, build: Build, *,
+    say: Callable[[str], None], initial: Optional[Mapping[str, Tensor]] = None,
+) -> Tuple[torch.optim.Optimizer, Any, int, RunHistory]:
+    """Take ``run_dir`` for a command that has no ``--resume`` (retrain, the baselines): a
+    new run, or the same run continued when the same command is typed again.
+
+    Holds the directory's lock (until the enclosing :func:`holds_run_dirs` call returns).
+    An empty or new directory gets :func:`start_run` (``info`` as config.json, ``model``'s
+    weights as init.pt, ``build()``'s optimizer and scheduler). A directory holding a run
+    with the same settings (:func:`run_differences` against ``info``, comparing the command's
+    own entry; a missing config.json is rebuilt from a checkpoint) continues from its newest
+    valid checkpoint (:func:`load_resume_point`, :func:`rewind`) or, with none usable,
+    starts again from epoch 0; a run with other settings is refused (one line).
+    ``initial``: the weights init.pt should hold (default ``model``'s now).
+
+    Returns ``(optimizer, scheduler, epoch to start from, history)``.
+    """
+    lock_run_dir(run_dir)
+    removed = remove_stale_temporaries(run_dir)
+    if removed:
+        say(f"removed {len(removed)} temporary file(s) left by an interrupted write in {run_dir}")
+    if is_empty_run_dir(run_dir):
+        optimizer, scheduler = build()
+        return optimizer, scheduler, 0, start_run(run_dir, info, model, optimizer, scheduler, [rng_state()])
+    stored = read_or_rebuild_run_config(run_dir, say)
+    command = written_by(info)
+    changed = run_differences(stored, info, commands=(command,)) if command in stored else [
+        f"written by 'splitlbi {written_by(stored)}'"]
+    if changed:
+        raise SplitLBIError(f"{run_dir} holds another run ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})"
+                            f"; choose another --out, or give the settings it was started with to continue it")
+    initial = dict(initial) if initial is not None else {
+        name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
+    resumed, rejected = load_resume_point(run_dir, stored, model, build, say=say)
+    if resumed is None:
+        rewind(run_dir, stored, config, None, None, rejected, say)
+        optimizer, scheduler = build()
+        say(f"no usable checkpoint in {run_dir}: starting it again from epoch 0")
+        return optimizer, scheduler, 0, start_run(run_dir, None, model, optimizer, scheduler, [rng_state()])
+    optimizer, scheduler, epoch, history = resumed
+    if config.epochs < epoch:
+        raise SplitLBIError(f"--epochs {config.epochs} is below the {epoch} epochs {run_dir} already has")
+    history = rewind(run_dir, stored, config, epoch, history, rejected, say)
+    check_run_files(run_dir, initial, epoch, say)
+    say(f"continuing {run_dir} from epoch {epoch}/{config.epochs}")
+    return optimizer, scheduler, epoch, history  # type: ignore[return-value]
+
+
+def written_by(info: Mapping[str, Any]) -> str:
+    """The command that wrote a run's config.json: ``"train"``, ``"retrain"`` or ``"baseline"``."""
+    return next((command for command in ("retrain", "baseline") if command in info), "train")
+
+
+def _continue_hint(run_dir: Path) -> str:
+    """How to continue the run in ``run_dir``, for messages that refuse to write over it."""
+    try:
+        command = written_by(read_run_config(run_dir))
+    except SplitLBIError:
+        command = "train"
+    if command != "train":
+        return f"run of 'splitlbi {command}'; run the same 'splitlbi {command}' command again to continue it,"
+    return f"training run; continue it with 'splitlbi train --resume {run_dir}'"
 
 
 def open_run_dir(run_dir: Path, *, new: bool, say: Callable[[str], None]) -> None:
@@ -926,15 +1322,28 @@ def save_checkpoint(run_dir: Path, state: Dict[str, Any], keep_epoch_file: bool)
         return
     epoch_path = directory / epoch_file_name(state["epoch"])
     atomic_torch_save(state, epoch_path)
-    # last.pt becomes a second name of the same file (no second copy on disk), swapped in atomically.
+    _link_last(epoch_path)
+
+
+def _link_last(epoch_path: Path) -> None:
+    """Make ``last.pt`` a second name of ``epoch_path`` (no second copy on disk), swapped in atomically."""
+    directory = epoch_path.parent
     temporary = directory / f".{LAST_CHECKPOINT}.link.tmp"
     temporary.unlink(missing_ok=True)
     try:
         os.link(epoch_path, temporary)
     except OSError:  # file systems without hard links
         shutil.copyfile(epoch_path, temporary)
-    os.replace(temporary, last)
+    os.replace(temporary, directory / LAST_CHECKPOINT)
     fsync_directory(directory)
+
+
+def _relink_last(directory: Path, epoch: int) -> None:
+    """A resume from ``epoch_XXXX.pt`` after ``last.pt`` was set aside: ``last.pt`` names it
+    again (a finished run resumed has no epoch left to write one)."""
+    epoch_path = directory / epoch_file_name(epoch)
+    if not (directory / LAST_CHECKPOINT).exists() and epoch_path.is_file():
+        _link_last(epoch_path)
 
 
 def remove_epoch_files_after(directory: Path, epoch: int) -> None:
@@ -1025,10 +1434,7 @@ def append_rows(path: Path, rows: Iterable[Sequence[str]]) -> str:
     """Append ``rows`` to the CSV file at ``path`` (fsynced); return the text appended."""
     # Values never contain commas or quotes (numbers, module names), so plain joins are valid CSV.
     text = "".join(",".join(row) + "\n" for row in rows)
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_text(path, text)
     return text
 
 
@@ -1165,7 +1571,8 @@ def start_run(run_dir: Path, info: Optional[Dict[str, Any]], model: nn.Module, o
         write_json(run_dir / CONFIG_FILE, info)
     atomic_torch_save({name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
                       run_dir / INIT_FILE)
-    history = RunHistory(",".join(METRICS_COLUMNS) + "\n", ",".join(PATH_COLUMNS) + "\n")
+    history = RunHistory(",".join(METRICS_COLUMNS) + "\n", ",".join(PATH_COLUMNS) + "\n",
+                         info if info is not None else read_run_config(run_dir))
     atomic_write_text(run_dir / METRICS_FILE, history.metrics)
     atomic_write_text(run_dir / PATH_FILE, history.path)
     history.path += append_rows(run_dir / PATH_FILE, filter_path_rows(model, optimizer, 0))
@@ -1190,6 +1597,8 @@ def rewind(run_dir: Path, info: Dict[str, Any], config: TrainConfig, epoch: Opti
     (:func:`record_resume`).
     """
     set_aside(rejected)
+    if epoch is not None:
+        _relink_last(run_dir / CHECKPOINT_DIR, epoch)
     history = None
     if epoch is not None:
         history = RunHistory(
@@ -1198,6 +1607,8 @@ def rewind(run_dir: Path, info: Dict[str, Any], config: TrainConfig, epoch: Opti
     remove_epoch_files_after(run_dir / MASK_DIR, epoch or 0)
     remove_epoch_files_after(run_dir / CHECKPOINT_DIR, epoch or 0)
     record_resume(run_dir, info, config, epoch or 0)
+    if history is not None:
+        history.config = info  # the checkpoints from now on carry config.json as it is now
     return history
 
 
@@ -1248,7 +1659,9 @@ def job_lock(run_dir: Path, say: Callable[[str], None], wait: bool = True) -> It
     Two reproductions sharing an ``--out`` (e.g. two figures that need the same run) thus
     never train one run twice: the second waits, then finds it finished. Unlike
     :class:`RunDirLock` (one writer, the second refused) this one waits. An OS file lock
-    (``flock``): a killed process leaves nothing stale behind.
+    (``flock``): a killed process leaves no stale lock, and the holder removes the file
+    when the job ends, however it ends short of a kill (a lock taken on a file removed
+    meanwhile is let go and taken again on the new one).
     """
     try:
         import fcntl
@@ -1256,13 +1669,30 @@ def job_lock(run_dir: Path, say: Callable[[str], None], wait: bool = True) -> It
         yield True
         return
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(run_dir.with_name(run_dir.name + ".lock"), "w") as handle:
+    path = run_dir.with_name(run_dir.name + ".lock")
+    while True:
+        handle = open(path, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if not wait:
+                handle.close()
                 yield False
                 return
             say(f"waiting for another process that is running {run_dir.name}")
             fcntl.flock(handle, fcntl.LOCK_EX)
+        # The holder before us removes the file when it is done: a lock on a removed file
+        # excludes no one, so take the one now at that path.
+        try:
+            current = os.stat(path)
+        except FileNotFoundError:
+            current = None
+        if current is not None and os.path.samestat(current, os.fstat(handle.fileno())):
+            break
+        handle.close()
+    try:
         yield True
+    finally:
+        # Removed while still held, so that no lock file stays behind (also when the job failed).
+        path.unlink(missing_ok=True)
+        handle.close()
