@@ -361,18 +361,24 @@ def test_compact_writes_a_program_that_runs_without_splitlbi(tiny_runs: dict, tm
     assert result.returncode == 0, result.stderr
     written = {p.name for p in tmp_path.iterdir()}
     assert {"lenet5-compact.pt2", "lenet5-compact.state_dict.pt", "lenet5-compact.pt"} <= written
-    # The report: parameters, MACs, latency and the test accuracy, equal for masked and compact.
-    accuracy = re.search(r"test acc ([\d.]+)% \(masked\) -> ([\d.]+)% \(compact\)", result.stdout)
-    assert accuracy and accuracy.group(1) == accuracy.group(2), result.stdout
-    for word in ("params", "MACs", "latency"):
+    # The report: parameters, MACs, latency and the test accuracy, equal for masked, compact and the
+    # written program (on the test images scaled to [0, 1]).
+    accuracy = re.search(r"test acc ([\d.]+)% \(masked\) -> ([\d.]+)% \(compact\) -> ([\d.]+)% "
+                         r"\(lenet5-compact.pt2 on the images scaled to \[0, 1\]\)", result.stdout)
+    assert accuracy and accuracy.group(1) == accuracy.group(2) == accuracy.group(3), result.stdout
+    for word in ("params", "MACs", "latency", "input: float32 [N, 1, 28, 28] images scaled to [0, 1]"):
         assert word in result.stdout
 
-    inputs = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # not the export's batch size
+    # The program takes images in [0, 1]: the run's normalization is inside it.
+    info = json.loads((tiny_runs["lbi"] / "config.json").read_text())
+    inputs = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # not the export's batch size
+    normalized = (inputs - torch.tensor(info["mean"]).view(1, -1, 1, 1)) / torch.tensor(info["std"]).view(1, -1, 1, 1)
     with torch.no_grad():
-        expected = mask_network(model, masks, inputs[:1]).model(inputs)
+        expected = mask_network(model, masks, normalized[:1]).model(normalized)
     assert (_run_exported(tmp_path / "lenet5-compact.pt2", inputs, tmp_path) - expected).abs().max() <= 1e-4
     state = torch.load(tmp_path / "lenet5-compact.state_dict.pt", weights_only=True)
-    assert state["conv3.weight"].shape[0] == int(masks["conv3.weight"].flatten(1).any(1).sum())
+    assert state["network.conv3.weight"].shape[0] == int(masks["conv3.weight"].flatten(1).any(1).sum())
+    assert torch.allclose(state["mean"].flatten(), torch.tensor(info["mean"]))
 
 
 def test_option_a_resnet_with_index_shortcuts_exports(tmp_path: Path) -> None:
