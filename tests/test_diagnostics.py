@@ -21,7 +21,7 @@ from splitlbi.errors import SplitLBIWarning
 from splitlbi.models import create_model
 from splitlbi.optim import diagnostics
 
-from test_own_model import _environment
+from helpers import cli_environment
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -143,7 +143,7 @@ def test_command_line_warns_once_per_run(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "splitlbi", "train", "--dataset", "digits", "--limit-train", "64",
                              "--limit-test", "32", "--batch-size", "32", "--epochs", "2", "--nu", "100",
                              "--device", "cpu", "--no-progress", "--out", str(tmp_path / "run")],
-                            capture_output=True, text=True, env=_environment(), timeout=600)
+                            capture_output=True, text=True, env=cli_environment(), timeout=600)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("splitlbi: warning:")]
     assert len(lines) == 2, result.stderr

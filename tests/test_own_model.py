@@ -15,46 +15,28 @@ import re
 import shlex
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
 import torch
 
+from helpers import NO_SPLITLBI, cli_environment
+
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "own-model.md"
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-#: Refuses any import of splitlbi: the deployed program must run on torch alone.
-_NO_SPLITLBI = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class NoSplitLBI(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "splitlbi" or name.startswith("splitlbi."):
-                raise ImportError("splitlbi must not be needed to run the exported program")
-            return None
-
-    sys.meta_path.insert(0, NoSplitLBI())
-""")
-
 
 def doc_blocks() -> List[Tuple[str, str]]:
     """(info string, code) of every fenced block of docs/own-model.md, in order."""
     return [(info.strip(), code) for info, code in re.findall(r"```([^\n]*)\n(.*?)```", DOC.read_text("utf-8"), re.S)]
 
 
-def _environment() -> Dict[str, str]:
-    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "SPLITLBI_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
 def _fresh_interpreter(code: str, cwd: Path) -> str:
     """Run ``code`` in a new Python that cannot import splitlbi; return its stdout."""
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", _NO_SPLITLBI + code], capture_output=True, text=True, cwd=cwd,
+    result = subprocess.run([sys.executable, "-c", NO_SPLITLBI + code], capture_output=True, text=True, cwd=cwd,
                             timeout=600, env={**environment, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -115,7 +97,7 @@ def test_own_network_from_the_docs_to_a_deployed_program(tmp_path: Path, monkeyp
     for command in commands:
         arguments = shlex.split(command)[1:] + ["--no-progress"] * (shlex.split(command)[1] != "masks")
         done = subprocess.run([sys.executable, "-m", "splitlbi", *arguments], capture_output=True, text=True,
-                              cwd=tmp_path, env=_environment(), timeout=900)
+                              cwd=tmp_path, env=cli_environment(), timeout=900)
         assert done.returncode == 0, (command, done.stdout, done.stderr)
         outputs.append(done.stdout)
     assert '"model": "mynets:small_net"' in (tmp_path / "runs" / "small" / "config.json").read_text()
@@ -172,7 +154,7 @@ def test_a_registered_model_is_found_by_later_commands(tmp_path: Path) -> None:
 
     def run(*arguments: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, *arguments], capture_output=True, text=True, cwd=tmp_path,
-                              env=_environment(), timeout=600)
+                              env=cli_environment(), timeout=600)
 
     for model, out in (("regnet_small", "run"), ("script_net", "script_run")):
         trained = run("-c", _TRAIN, model, out)

@@ -33,7 +33,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from splitlbi.prune.budget import AGGREGATIONS, NORMALIZATIONS, aggregate_scores, normalize_scores, path_scores
+from splitlbi.prune.budget import AGGREGATIONS, NORMALIZATIONS, normalize_scores, path_scores
 from splitlbi.prune.compact import IndexShortcut
 
 __all__ = ["IndexShortcutPruner", "PathImportance", "prepare_torch_pruning"]
