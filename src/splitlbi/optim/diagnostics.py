@@ -132,10 +132,13 @@ def empty_gamma_message(optimizer: Any) -> Optional[str]:
 
 
 def empty_layers(optimizer: Any) -> Tuple[List[str], float]:
-    """(coupled parameters with no filter in the support, share of the other coupled filters
-    that are in it) when some other coupled parameter has filters in the support; else ([], 0)."""
+    """(coupled conv weights and BatchNorm scales with no filter in the support, share of the
+    other coupled filters that are in it) when some other has filters in the support; else
+    ([], 0). Linear layers are left out: the sparse model (the compacted network) keeps them."""
     empty, selected, total = [], 0, 0
     for c in optimizer.named_coupled():
+        if c.param.dim() == 2:
+            continue
         support = _penalties.filter_support_from_v(c.v, c.lam, c.penalty)
         if support.numel() == 0:
             continue

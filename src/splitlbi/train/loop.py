@@ -529,7 +529,7 @@ def run_epochs(
                                    keep=epoch % config.save_every == 0 or epoch == config.epochs)
                 say(summary_line(metrics, config.epochs, splitlbi=lbi is not None))
                 if lbi is not None and epoch == config.epochs:
-                    diagnostics.check_support(lbi, stacklevel=2)  # Γ empty, or layers empty, at the end
+                    diagnostics.check_support(lbi, stacklevel=3)  # Γ empty, or layers empty, at the end
                 if board is not None:
                     board.log_epoch(epoch, metrics, model, optimizer)
                 if on_epoch_end is not None:
