@@ -80,13 +80,14 @@ def _test_images(info: Dict[str, Any], data_dir: Optional[str]):
     return splits.test.images[:limit], splits.test.labels[:limit], splits.mean, splits.std
 
 
-def _test_accuracies(info: Dict[str, Any], data_dir: Optional[str], models: Dict[str, torch.nn.Module],
+def _test_accuracies(info: Dict[str, Any], test: tuple, models: Dict[str, torch.nn.Module],
                      progress: bool, program: Optional[torch.nn.Module] = None) -> Dict[str, float]:
-    """Test accuracy (percent) of each model on the run's held-out images, in eval mode on the
-    CPU; with ``program`` (the exported one) also of it on the images scaled to [0, 1]."""
+    """Test accuracy (percent) of each model on the run's held-out images (``test``, from
+    :func:`_test_images`), in eval mode on the CPU; with ``program`` (the exported one) also of
+    it on the images scaled to [0, 1]."""
     from splitlbi.train.loop import evaluate
 
-    images, labels, mean, std = _test_images(info, data_dir)
+    images, labels, mean, std = test
     batch_size = int(info.get("eval_batch_size", 1000))
     accuracies = {name: evaluate(model, images, labels, batch_size=batch_size, mean=mean, std=std,
                                  progress=None if progress else False, description=f"test accuracy, {name}").accuracy
@@ -125,6 +126,13 @@ def run(args: argparse.Namespace) -> int:
     if mean is None or std is None:
         raise SplitLBIError(f"{run_dir}/config.json has no mean and std (the input normalization the network was "
                             f"trained with)")
+    test = None
+    if not args.no_accuracy:  # before anything is written: a missing dataset is an error of its own
+        try:
+            test = _test_images(info, args.data_dir)
+        except SplitLBIError as error:
+            raise SplitLBIError(f"{error} (the test accuracy needs the run's dataset: give --data-dir, or "
+                                f"--no-accuracy)") from None
 
     shape = _input_shape(info)
     generator = torch.Generator().manual_seed(0)
@@ -139,15 +147,11 @@ def run(args: argparse.Namespace) -> int:
         say(line)
     say("exporting (torch.export) ...")
     paths = save_compact(compact, images, args.out, mean=mean, std=std)
-    if not args.no_accuracy:
+    if test is not None:
         masked = mask_network(model, masks, batch[:1]).model
         program = torch.export.load(paths["program"]).module()
-        try:
-            accuracy = _test_accuracies(info, args.data_dir, {"masked": masked, "compact": compact},
-                                        progress=not args.no_progress, program=program)
-        except SplitLBIError as error:
-            raise SplitLBIError(f"{error} (the test accuracy needs the run's dataset: give --data-dir, or "
-                                f"--no-accuracy)") from None
+        accuracy = _test_accuracies(info, test, {"masked": masked, "compact": compact},
+                                    progress=not args.no_progress, program=program)
         say(f"test acc {accuracy['masked']:.2f}% (masked) -> {accuracy['compact']:.2f}% (compact) -> "
             f"{accuracy['program']:.2f}% ({paths['program'].name} on the images scaled to [0, 1]), "
             f"{info.get('test_size', '?')} held-out images of {info['dataset']}")
