@@ -154,10 +154,10 @@ class SplitLBI(Optimizer):
         _validate(defaults)
         super().__init__(params, defaults)
         if not any(True for _ in self.named_coupled()):
-            warnings.warn(f"SplitLBI: no parameter carries Γ (penalty {penalty!r} couples conv weights only, and none "
-                          f"was given): this is plain SGD. Couple linear layers with penalty='l1' or 'neuron' in a "
-                          f"parameter group (splitlbi.param_groups(model, linear_penalty='l1'))", SplitLBIWarning,
-                          stacklevel=2)
+            warnings.warn(f"SplitLBI: no parameter carries Γ with penalty {penalty!r} and the groups given, so this is "
+                          f"plain SGD (the default 'conv' couples conv weights only); couple linear layers with "
+                          f"penalty='l1' or 'neuron' (e.g. splitlbi.param_groups(model, linear_penalty='l1'))",
+                          SplitLBIWarning, stacklevel=2)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group = dict(param_group)
