@@ -3,8 +3,34 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
+import textwrap
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli_environment() -> dict:
+    """The environment of a child ``python -m splitlbi``: it imports splitlbi from this checkout
+    even where it is not installed, never downloads, and takes one thread."""
+    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "SPLITLBI_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+#: Python source that makes any later import of splitlbi fail: put before code that must run on
+#: torch alone (a deployed ``.pt2``).
+NO_SPLITLBI = textwrap.dedent("""
+    import importlib.abc, sys
+
+    class NoSplitLBI(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "splitlbi" or name.startswith("splitlbi."):
+                raise ImportError("splitlbi must not be needed to run the exported program")
+            return None
+
+    sys.meta_path.insert(0, NoSplitLBI())
+""")
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

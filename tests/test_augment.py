@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from splitlbi.data import DatasetSplits, load_dataset, normalize
 from splitlbi.data.augment import augment_generator, random_crop_flip, train_transform
+from helpers import read_rows
 
 PADDING = 4
 OFFSETS = 2 * PADDING + 1  # 9 offsets per axis
@@ -231,11 +232,9 @@ def test_crop_flip_training_runs_and_resumes_bitwise(tmp_path: Path, capsys: pyt
     assert main(["train", "--resume", str(resumed), "--epochs", "2", "--no-progress"]) == 0
     assert main(["train", *QUICK, "--augment", "crop-flip", "--epochs", "2", "--out", str(straight)]) == 0
     assert_same_checkpoint(straight, resumed)
-    def metrics(run: Path) -> list:  # all but epoch_seconds
-        with open(run / "metrics.csv") as handle:
-            return [{k: v for k, v in row.items() if k != "epoch_seconds"} for row in csv.DictReader(handle)]
-
-    assert metrics(straight) == metrics(resumed)
+    metrics = lambda run: [{k: v for k, v in row.items() if k != "epoch_seconds"}  # noqa: E731
+                           for row in read_rows(run / "metrics.csv")]
+    assert metrics(straight) == metrics(resumed)  # all but epoch_seconds (columns were added after it)
     # The augmentation does change training: the same run without it ends elsewhere.
     assert main(["train", *QUICK, "--epochs", "2", "--out", str(plain)]) == 0
     assert read_run_config(plain)["augment"] == "none"

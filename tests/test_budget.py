@@ -369,3 +369,86 @@ def test_path_importance_ranks_by_the_normalized_path_score(lenet_run: Path):
     assert kept["run"] == kept["live"] and kept["run"] != [6, 16, 120, 84, 10]
     with pytest.raises(SplitLBIError, match="give the epoch"):
         PathImportance(lenet_run)
+
+
+# --------------------------------------------------------------------------- one ranking (issue 22)
+
+
+def _mobile_net() -> nn.Module:
+    """BatchNorm, a depthwise conv and a residual add: the channel groups a budget must respect."""
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self, c: int) -> None:
+            super().__init__()
+            self.expand, self.bn1 = nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c)
+            self.dw, self.bn2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c, bias=False), nn.BatchNorm2d(2 * c)
+            self.project, self.bn3 = nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            y = F.relu(self.bn2(self.dw(F.relu(self.bn1(self.expand(x))))))
+            return x + self.bn3(self.project(y))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+            self.block1, self.block2 = Block(8), Block(8)
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            x = self.block2(self.block1(F.relu(self.bn(self.conv(x)))))
+            return self.fc(x.mean(dim=(2, 3)))
+
+    return Net()
+
+
+@pytest.mark.parametrize("name, couple", [("resnet20", "filters"), ("mobile", "filters"), ("mobile", "bn"),
+                                          ("mobile", "both")])
+def test_a_path_importance_ranks_as_its_scores_given_as_a_dict(name: str, couple: str):
+    """budget_masks(PathImportance(opt)) and budget_masks(opt.path_scores()) are one ranking (the
+    importance route normalized the per-group scores a second time: different masks on residual
+    networks), whatever carries Γ and also for an optimizer given unnamed parameters."""
+    import splitlbi
+
+    model = create_model("resnet20", num_classes=10, in_channels=1) if name == "resnet20" else _mobile_net()
+    x = torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    groups = splitlbi.param_groups(model, couple=couple)
+    unnamed = [{**group, "params": [p for _, p in group["params"]]} for group in groups]
+    opt = SplitLBI(unnamed, lr=0.1, nu=1.0, lam=0.01)
+    y = torch.arange(16) % 10
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    model.eval()
+    with pytest.raises(SplitLBIError, match="name_parameters"):
+        budget_masks(model, x[:1], opt.path_scores(), macs=0.5)  # keyed param0, ...: said so
+    by_dict = budget_masks(model, x[:1], opt.name_parameters(model).path_scores(), macs=0.5)
+    by_importance = budget_masks(model, x[:1], PathImportance(opt), macs=0.5)
+    assert by_dict.reached and by_importance.normalize == by_dict.normalize == "mean"
+    assert by_dict.kept_channels == by_importance.kept_channels
+    assert all(torch.equal(by_dict.masks[k], by_importance.masks[k]) for k in by_dict.masks)
+    with pytest.raises(SplitLBIError, match="PathImportance was built with normalize='mean'"):
+        budget_masks(model, x[:1], PathImportance(opt), macs=0.5, normalize="max")
+    if couple != "filters":
+        # With Torch-Pruning's own pruners the BatchNorm scales' scores count too: every group is scored.
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+        importance = PathImportance(opt)
+        conv = model.conv
+        scored = importance(graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(range(8))))
+        assert scored is not None and torch.isfinite(scored).all()
+
+
+def test_results_and_reports_print_readably(tmp_path: Path):
+    from splitlbi.prune import save_mask_file
+
+    model = create_model("lenet5", num_classes=10, in_channels=1)
+    scores = {f"{n}.weight": torch.rand(m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    result = budget_masks(model, torch.randn(1, 1, 28, 28), scores, macs=0.5)
+    assert str(result).splitlines() == result.lines() and "achieved MACs" in str(result)
+    # a mask file from Python needs no model name: the network itself checks the masks
+    path = save_mask_file(tmp_path / "m.pt", result.masks, model=model)
+    assert read_mask_file(path)["model"] is None
+    with pytest.raises(SplitLBIError, match="do not fit the model"):
+        save_mask_file(tmp_path / "bad.pt", {"conv9.weight": torch.ones(3, dtype=torch.bool)}, model=model)

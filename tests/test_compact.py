@@ -148,7 +148,7 @@ def test_option_a_resnet_streams_are_pruned_through_the_pad_shortcuts():
     _set_stream_masks(model, masks, streams[3], [16, 17, 18, 19, 20, 28])
     masks["layer2.1.conv2.weight"][31] = True  # selected in one member only: kept
 
-    compact, report = compact_model(model, masks, x[:1], measure=True, latency_repeats=2)
+    compact, report = compact_model(model, masks, x[:1], measure=True, latency_repeats=2, latency_rounds=3)
     assert not report.skipped_groups
     modules = dict(compact.named_modules())
     for stream, width in ((1, 12), (2, 32 - 13), (3, 64 - 5)):
@@ -160,9 +160,13 @@ def test_option_a_resnet_streams_are_pruned_through_the_pad_shortcuts():
     masked = mask_network(model, masks, x[:1]).model.eval()
     with torch.no_grad():
         assert (compact.eval()(x) - masked(x)).abs().max().item() <= 1e-4
-    text = "\n".join(report.lines())
-    assert "params" in text and "MACs" in text and "latency" in text
+    text = str(report)  # print(report): its lines
+    assert text == "\n".join(report.lines())
+    assert "params" in text and "MACs" in text and "latency" in text and "3 rounds of medians" in text
     assert report.latency_before_ms > 0 and report.latency_after_ms > 0
+    # The ratio is the median of the rounds' ratios, inside their range (not one median over another).
+    low, high = report.latency_ratio_range
+    assert report.latency_rounds == 3 and low <= report.latency_ratio <= high
 
 
 class _PadAdd(nn.Module):
@@ -236,8 +240,11 @@ def tiny_run(tmp_path_factory) -> Path:
 
 
 def _masked_reference(run_dir: Path, masks: Dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    from splitlbi.train import load_model_from_run
+    """The masked network's outputs for images ``x`` in [0, 1] (normalized as the run was)."""
+    from splitlbi.train import load_model_from_run, read_run_config
 
+    info = read_run_config(run_dir)
+    x = (x - torch.tensor(info["mean"]).view(1, -1, 1, 1)) / torch.tensor(info["std"]).view(1, -1, 1, 1)
     model = load_model_from_run(run_dir, weights=2).eval()
     with torch.no_grad():
         return mask_network(model, masks, x[:1]).model(x)
@@ -248,12 +255,13 @@ def test_cli_compacts_a_run(tiny_run: Path, tmp_path: Path):
 
     out = tmp_path / "m.pt"
     # After two tiny epochs the support of Γ may still be empty, which compact refuses unless allowed.
-    result = _run_cli(str(tiny_run), "--epoch", "2", "--out", str(out), "--repeats", "3", "--allow-empty-mask")
+    result = _run_cli(str(tiny_run), "--epoch", "2", "--out", str(out), "--repeats", "3", "--rounds", "2",
+                      "--allow-empty-mask")
     assert result.returncode == 0, result.stderr
     for word in ("params", "MACs", "latency", "->"):
         assert word in result.stdout
     compact = torch.load(out, weights_only=False).eval()
-    x = torch.randn(4, 1, 28, 28)
+    x = torch.rand(4, 1, 28, 28)  # the files take images in [0, 1]
     with torch.no_grad():
         assert (compact(x) - _masked_reference(tiny_run, load_masks(tiny_run, 2), x)).abs().max().item() <= 1e-4
     # The module, the torch.export program and the state_dict; no temporary file left.
@@ -268,12 +276,13 @@ def test_cli_with_a_mask_file(tiny_run: Path, tmp_path: Path):
     mask_file = tmp_path / "masks.pt"
     torch.save({"masks": masks}, mask_file)
     out = tmp_path / "m.pt"
-    result = _run_cli(str(tiny_run), "--epoch", "2", "--out", str(out), "--masks", str(mask_file), "--repeats", "2")
+    result = _run_cli(str(tiny_run), "--epoch", "2", "--out", str(out), "--masks", str(mask_file), "--repeats", "2",
+                      "--rounds", "2")
     assert result.returncode == 0, result.stderr
     compact = torch.load(out, weights_only=False).eval()
     kept = [m.out_channels for m in compact.modules() if isinstance(m, nn.Conv2d)]
     assert kept == [int(masks[f"conv{i}.weight"].flatten(1).any(1).sum()) for i in (1, 2, 3)]
-    x = torch.randn(4, 1, 28, 28)
+    x = torch.rand(4, 1, 28, 28)  # the files take images in [0, 1]
     with torch.no_grad():
         assert (compact(x) - _masked_reference(tiny_run, masks, x)).abs().max().item() <= 1e-4
 

@@ -73,12 +73,14 @@ def test_readme_snippet_gives_a_useful_path() -> None:
     assert sparse_accuracy >= dense_accuracy - 3.0, (sparse_accuracy, dense_accuracy)
 
 
-def test_splitlbi_train_with_every_default_gives_a_useful_path(tmp_path: Path) -> None:
+def test_splitlbi_train_with_every_default_gives_a_useful_path(tmp_path: Path, capsys) -> None:
     """``splitlbi train`` with no option (LeNet-5 on digits, 20 epochs): the last epoch has
-    Γ between 10% and 90% non-zeros and the sparse model within 3 points of the dense one."""
+    Γ between 10% and 90% non-zeros and the sparse model within 3 points of the dense one,
+    and nothing warns (enough steps for ν, no coupled layer left empty)."""
     from splitlbi.cli.main import main
 
     assert main(["train", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "warning" not in capsys.readouterr().err
     header, *rows = (tmp_path / "run" / "metrics.csv").read_text(encoding="utf-8").splitlines()
     last = dict(zip(header.split(","), rows[-1].split(",")))
     share = float(last.get("gamma_nonzero_share", last.get("sparsity")))

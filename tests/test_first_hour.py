@@ -22,18 +22,12 @@ import torch
 from torch import nn
 
 from splitlbi.cli import main as cli_main
-from helpers import read_rows
+from helpers import NO_SPLITLBI, cli_environment, read_rows
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--dataset", "digits", "--limit-train", "64", "--limit-test", "32", "--batch-size", "16",
          "--eval-batch-size", "16", "--epochs", "1", "--device", "cpu"]
 BAR = re.compile(rb"\d+%\|.*\| *\d+/\d+ \[")  # tqdm's "  40%|████   | 2/5 [" part
-
-
-def _environment() -> dict:
-    # The child imports splitlbi from this checkout even where it is not installed.
-    path = os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "SPLITLBI_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _run_in_pseudo_terminal(arguments: List[str], cwd: Path) -> bytes:
@@ -43,7 +37,7 @@ def _run_in_pseudo_terminal(arguments: List[str], cwd: Path) -> bytes:
     if pid == 0:  # the child: its stdin/stdout/stderr are the pseudo-terminal
         try:
             os.chdir(cwd)
-            os.execve(sys.executable, [sys.executable, "-m", "splitlbi", *arguments], _environment())
+            os.execve(sys.executable, [sys.executable, "-m", "splitlbi", *arguments], cli_environment())
         finally:
             os._exit(127)
     output = bytearray()
@@ -78,7 +72,7 @@ def test_no_bar_with_no_progress_or_into_a_pipe(tmp_path: Path) -> None:
     assert not BAR.search(quiet) and b"batch/s" not in quiet, quiet
     assert re.search(rb"epoch +1/1 +lr", quiet)
     piped = subprocess.run([sys.executable, "-m", "splitlbi", "train", *QUICK, "--out", "piped"], cwd=tmp_path,
-                           env=_environment(), capture_output=True, timeout=300)
+                           env=cli_environment(), capture_output=True, timeout=300)
     assert piped.returncode == 0, piped.stderr
     assert not BAR.search(piped.stdout + piped.stderr) and b"batch/s" not in piped.stderr, piped.stderr
     assert re.search(rb"epoch +1/1 +lr", piped.stdout)
@@ -304,16 +298,7 @@ def test_tensorboard_event_files_read_back(tiny_runs: dict) -> None:
 
 # --------------------------------------------------------------------------- 6. deployable compact network
 
-_FRESH_INTERPRETER = textwrap.dedent("""
-    import importlib.abc, sys
-
-    class NoSplitLBI(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "splitlbi" or name.startswith("splitlbi."):
-                raise ImportError("splitlbi must not be needed to run the exported program")
-            return None
-
-    sys.meta_path.insert(0, NoSplitLBI())
+_FRESH_INTERPRETER = NO_SPLITLBI + textwrap.dedent("""
     import torch
     program = torch.export.load(sys.argv[1])
     inputs = torch.load(sys.argv[2], weights_only=True)
@@ -357,22 +342,28 @@ def test_compact_writes_a_program_that_runs_without_splitlbi(tiny_runs: dict, tm
     result = subprocess.run([sys.executable, "-m", "splitlbi", "compact", str(tiny_runs["lbi"]), "--epoch", "2",
                              "--masks", str(tmp_path / "masks.pt"), "--out", str(tmp_path / "lenet5-compact.pt"),
                              "--repeats", "2", "--no-progress"],
-                            capture_output=True, text=True, env=_environment(), timeout=300)
+                            capture_output=True, text=True, env=cli_environment(), timeout=300)
     assert result.returncode == 0, result.stderr
     written = {p.name for p in tmp_path.iterdir()}
     assert {"lenet5-compact.pt2", "lenet5-compact.state_dict.pt", "lenet5-compact.pt"} <= written
-    # The report: parameters, MACs, latency and the test accuracy, equal for masked and compact.
-    accuracy = re.search(r"test acc ([\d.]+)% \(masked\) -> ([\d.]+)% \(compact\)", result.stdout)
-    assert accuracy and accuracy.group(1) == accuracy.group(2), result.stdout
-    for word in ("params", "MACs", "latency"):
+    # The report: parameters, MACs, latency and the test accuracy, equal for masked, compact and the
+    # written program (on the test images scaled to [0, 1]).
+    accuracy = re.search(r"test acc ([\d.]+)% \(masked\) -> ([\d.]+)% \(compact\) -> ([\d.]+)% "
+                         r"\(lenet5-compact.pt2 on the images scaled to \[0, 1\]\)", result.stdout)
+    assert accuracy and accuracy.group(1) == accuracy.group(2) == accuracy.group(3), result.stdout
+    for word in ("params", "MACs", "latency", "input: float32 [N, 1, 28, 28] images scaled to [0, 1]"):
         assert word in result.stdout
 
-    inputs = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # not the export's batch size
+    # The program takes images in [0, 1]: the run's normalization is inside it.
+    info = json.loads((tiny_runs["lbi"] / "config.json").read_text())
+    inputs = torch.rand(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # not the export's batch size
+    normalized = (inputs - torch.tensor(info["mean"]).view(1, -1, 1, 1)) / torch.tensor(info["std"]).view(1, -1, 1, 1)
     with torch.no_grad():
-        expected = mask_network(model, masks, inputs[:1]).model(inputs)
+        expected = mask_network(model, masks, normalized[:1]).model(normalized)
     assert (_run_exported(tmp_path / "lenet5-compact.pt2", inputs, tmp_path) - expected).abs().max() <= 1e-4
     state = torch.load(tmp_path / "lenet5-compact.state_dict.pt", weights_only=True)
-    assert state["conv3.weight"].shape[0] == int(masks["conv3.weight"].flatten(1).any(1).sum())
+    assert state["network.conv3.weight"].shape[0] == int(masks["conv3.weight"].flatten(1).any(1).sum())
+    assert torch.allclose(state["mean"].flatten(), torch.tensor(info["mean"]))
 
 
 def test_option_a_resnet_with_index_shortcuts_exports(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -70,3 +72,82 @@ def test_register_model(monkeypatch: pytest.MonkeyPatch) -> None:
 
     with pytest.raises(ValueError, match="already registered"):
         register_model(other, name="lenet5")
+
+
+# --------------------------------------------------------------------------- your own model (issue 22)
+
+_USER_MODULE = '''
+from torch import nn
+from splitlbi.models import register_model
+
+
+def plain(num_classes=10, in_channels=1):
+    return nn.Sequential(nn.Conv2d(in_channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, num_classes))
+
+
+def timm_style(num_classes=10, in_chans=3):
+    return plain(num_classes, in_chans)
+
+
+def fixed():
+    return plain(10, 3)
+
+
+class Net(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc = nn.Linear(4, num_classes)
+
+
+@register_model
+def user_registered_net(num_classes=10, in_channels=1):
+    return plain(num_classes, in_channels)
+'''
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A module of the user's in the current directory, which is not on sys.path (as for the
+    ``splitlbi`` console script)."""
+    import sys
+
+    name = f"user_nets_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(_USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.setattr(registry, "_model_factories", dict(registry._model_factories))
+    yield name
+    sys.modules.pop(name, None)
+
+
+def test_a_model_by_import_path(user_module: str) -> None:
+    model = create_model(f"{user_module}:plain", num_classes=3, in_channels=2)
+    assert model[0].in_channels == 2 and model[-1].out_features == 3
+    assert is_model(f"{user_module}:plain") and not is_model(f"{user_module}:nothing")
+    assert create_model(f"{user_module}:timm_style", 5, 1)[0].in_channels == 1  # in_chans, timm's name
+    assert create_model(f"{user_module}:Net", 4).fc.out_features == 4  # a class; no in_channels to give
+    assert registry.model_module("user_registered_net") == user_module  # what config.json records
+    assert registry.model_module("lenet5") is None
+    cases = [(f"{user_module}:fixed", "first conv reads 3 channels, the data has 1"),
+             ("no_such_module_here:f", "cannot import 'no_such_module_here'"),
+             (f"{user_module}:nothing", "has no attribute 'nothing'"),
+             ("lenet6", "package.module:factory")]
+    for name, message in cases:
+        with pytest.raises(SplitLBIError, match=re.escape(message)):
+            create_model(name, num_classes=10, in_channels=1)
+
+
+def test_list_models_filters_as_timm() -> None:
+    assert list_models("resnet*") == [name for name in list_models() if name.startswith("resnet")]
+    assert "resnet20" in list_models("resnet*") and "lenet5" not in list_models("resnet*")
+    assert list_models(["lenet*", "vgg*"]) == ["lenet5", "vgg16_bn"]
+    assert "resnet18" not in list_models(module="resnet_cifar") and "resnet20" in list_models(module="resnet_cifar")
+    assert "resnet110" not in list_models("resnet*", exclude_filters="resnet1*")
+    assert list_models(pretrained=True) == []
+
+
+def test_in_chans_is_in_channels() -> None:
+    assert create_model("lenet5", in_chans=3).conv1.in_channels == 3
+    with pytest.raises(SplitLBIError, match="in_chans is timm's name"):
+        create_model("lenet5", in_channels=1, in_chans=3)

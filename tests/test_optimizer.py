@@ -275,11 +275,12 @@ def test_penalty_that_does_not_fit_the_shape_names_the_parameter(penalty, bad):
 
 def test_names_from_named_parameters_and_positional():
     model = make_model()
-    named = SplitLBI(model.named_parameters(), lr=0.1)
+    named = SplitLBI(model.named_parameters(), lr=0.1, penalty="auto")
     assert list(named.support()) == ["0.weight", "3.weight"]
-    plain = SplitLBI(model.parameters(), lr=0.1)
+    plain = SplitLBI(model.parameters(), lr=0.1, penalty="auto")
     assert list(plain.support()) == ["param0", "param2"]
-    groups = SplitLBI([{"params": [model[0].bias]}, {"params": [model[3].weight]}], lr=0.1)
+    assert list(SplitLBI(model.parameters(), lr=0.1).support()) == ["param0"]  # the default: conv weights only
+    groups = SplitLBI([{"params": [model[0].bias]}, {"params": [model[3].weight]}], lr=0.1, penalty="auto")
     assert list(groups.support()) == ["param1"]
 
 
@@ -293,7 +294,7 @@ def _train(model, opt, steps=30):
 
 def test_path_readers_shapes_and_consistency():
     model = make_model(torch.float32)
-    opt = SplitLBI(model.named_parameters(), lr=0.05, kappa=2, nu=0.5, lam=0.05)
+    opt = SplitLBI(model.named_parameters(), lr=0.05, kappa=2, nu=0.5, lam=0.05, penalty="auto")
     assert opt.nonzero_share().overall == 0.0  # empty support before any step
     _train(model, opt)
     support = opt.support()
@@ -321,7 +322,7 @@ def test_path_readers_shapes_and_consistency():
 
 def test_sparse_model_projects_and_restores_exactly():
     model = make_model(torch.float32)
-    opt = SplitLBI(model.named_parameters(), lr=0.05, kappa=2, nu=0.5, lam=0.05)
+    opt = SplitLBI(model.named_parameters(), lr=0.05, kappa=2, nu=0.5, lam=0.05, penalty="auto")
     _train(model, opt)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     support = opt.support()
@@ -353,7 +354,8 @@ def test_per_group_hyperparameters_are_used():
     model = make_model(torch.float32)
     conv = [p for p in model.parameters() if p.dim() == 4]
     rest = [p for p in model.parameters() if p.dim() != 4]
-    opt = SplitLBI([{"params": conv, "lam": 1e9}, {"params": rest}], lr=0.05, kappa=2, nu=0.5, lam=0.05)
+    opt = SplitLBI([{"params": conv, "lam": 1e9}, {"params": rest, "penalty": "auto"}], lr=0.05, kappa=2, nu=0.5,
+                   lam=0.05)
     _train(model, opt)
     assert not opt.filter_support()["param0"].any()  # λ huge: nothing ever enters
     assert opt.filter_support()["param2"].any()

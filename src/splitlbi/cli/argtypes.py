@@ -57,3 +57,10 @@ def output_path(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("expected a path, got an empty string")
     return text
+def add_model_option(parser: argparse.ArgumentParser) -> None:
+    """``--model MODULE:FACTORY`` of the commands that read a run (masks, retrain, compact):
+    the factory of a model that the run's config.json names but this process cannot build."""
+    parser.add_argument("--model", metavar="MODULE:FACTORY",
+                        help="the run's network as package.module:factory, for a run whose config.json names a "
+                             "model this process cannot build (one registered by your own code); runs trained "
+                             "with --model MODULE:FACTORY need nothing")

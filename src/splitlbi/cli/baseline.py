@@ -43,7 +43,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--finetune-epochs", type=positive_int, help="slimming: fine-tuning epochs (default: --epochs)")
     parser.add_argument("--finetune-lr", type=float, help="slimming: fine-tuning learning rate (default: --lr)")
     parser.add_argument("--sparse-out", type=output_path, metavar="DIR", help="slimming: run directory of the sparsity training")
-    parser.add_argument("--model", default=default.model, help=f"(default: {default.model})")
+    parser.add_argument("--model", default=default.model, metavar="NAME|MODULE:FACTORY",
+                        help=f"a registered model name or your own network as package.module:factory, as for "
+                             f"'splitlbi train' (default: {default.model})")
     parser.add_argument("--dataset", default=default.dataset, help=f"(default: {default.dataset})")
     parser.add_argument("--data-dir", metavar="DIR", help="dataset folder (default: $SPLITLBI_DATA, else ~/.cache/splitlbi)")
     parser.add_argument("--train-split", type=int, metavar="N",

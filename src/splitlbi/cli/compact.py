@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from splitlbi.cli.argtypes import output_path, positive_int
+from splitlbi.cli.argtypes import add_model_option, output_path, positive_int
 from splitlbi.errors import SplitLBIError
 
 __all__ = ["add_parser", "run"]
@@ -29,9 +29,12 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                     "removed only when unselected in every coupled conv. Writes NAME.pt2 (a torch.export "
                     "program: torch.export.load(path).module() runs it without splitlbi), "
                     "NAME.state_dict.pt (weights_only=True) and NAME.pt (the pickled module: "
-                    "torch.load(path, weights_only=False) with splitlbi installed).",
+                    "torch.load(path, weights_only=False) with splitlbi installed). All three take images "
+                    "scaled to [0, 1] (uint8 / 255), float32 [N, C, H, W] at the run's image size: the run's "
+                    "normalization (mean, std in config.json) is inside them.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by 'splitlbi train'")
+    add_model_option(parser)
     parser.add_argument("--epoch", type=positive_int, required=True, metavar="K",
                         help="epoch whose checkpoint (checkpoints/epoch_K.pt) and masks are used")
     parser.add_argument("--out", required=True, type=output_path, metavar="NAME",
@@ -45,7 +48,10 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     parser.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                         help="batch size of the latency measurement (default: 16)")
     parser.add_argument("--repeats", type=positive_int, default=20, metavar="N",
-                        help="timed forward passes; the median is reported (default: 20)")
+                        help="timed forward passes per round; each round's median counts (default: 20)")
+    parser.add_argument("--rounds", type=positive_int, default=5, metavar="N",
+                        help="rounds timing the masked and the compact network alternately; the latency ratio is "
+                             "the median of the rounds' ratios, printed with their range (default: 5)")
     parser.add_argument("--data-dir", metavar="DIR",
                         help="dataset folder for the test accuracy (default: the run's, else $SPLITLBI_DATA, "
                              "else ~/.cache/splitlbi)")
@@ -63,31 +69,49 @@ def _input_shape(info: Dict[str, Any]) -> tuple:
     return int(info.get("in_channels", 3)), height, width
 
 
-def _test_accuracies(info: Dict[str, Any], data_dir: Optional[str], models: Dict[str, torch.nn.Module],
-                     progress: bool) -> Dict[str, float]:
-    """Test accuracy (percent) of each model on the run's held-out images (its config: dataset,
-    --train-split, --pad-to, --limit-test), in eval mode on the CPU."""
+def _test_images(info: Dict[str, Any], data_dir: Optional[str]):
+    """The run's held-out images (uint8) and labels, and its normalization (its config: dataset,
+    --train-split, --pad-to, --limit-test)."""
     from splitlbi.data import load_dataset
-    from splitlbi.train.loop import evaluate
 
     splits = load_dataset(info["dataset"], data_dir or info.get("data_dir"), train_split=info.get("train_split"),
                           pad_to=info.get("pad_to"))
     limit = info.get("limit_test")
-    images, labels = splits.test.images[:limit], splits.test.labels[:limit]
-    return {name: evaluate(model, images, labels, batch_size=int(info.get("eval_batch_size", 1000)),
-                           mean=splits.mean, std=splits.std, progress=None if progress else False,
-                           description=f"test accuracy, {name}").accuracy
-            for name, model in models.items()}
+    return splits.test.images[:limit], splits.test.labels[:limit], splits.mean, splits.std
+
+
+def _test_accuracies(info: Dict[str, Any], test: tuple, models: Dict[str, torch.nn.Module],
+                     progress: bool, program: Optional[torch.nn.Module] = None) -> Dict[str, float]:
+    """Test accuracy (percent) of each model on the run's held-out images (``test``, from
+    :func:`_test_images`), in eval mode on the CPU; with ``program`` (the exported one) also of
+    it on the images scaled to [0, 1]."""
+    from splitlbi.train.loop import evaluate
+
+    images, labels, mean, std = test
+    batch_size = int(info.get("eval_batch_size", 1000))
+    accuracies = {name: evaluate(model, images, labels, batch_size=batch_size, mean=mean, std=std,
+                                 progress=None if progress else False, description=f"test accuracy, {name}").accuracy
+                  for name, model in models.items()}
+    if program is not None:
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch_size):
+                scaled = images[start:start + batch_size].float() / 255.0  # what a user feeds the .pt2
+                correct += int((program(scaled).argmax(1) == labels[start:start + batch_size]).sum())
+        accuracies["program"] = 100.0 * correct / max(1, images.shape[0])
+    return accuracies
 
 
 def run(args: argparse.Namespace) -> int:
     from splitlbi.prune.compact import compact_model, mask_network
     from splitlbi.prune.export import save_compact
     from splitlbi.prune.masks import check_not_empty, load_run_masks, read_mask_file
+    from splitlbi.models.registry import provide_model
     from splitlbi.train.run import list_checkpoints, load_model_from_run, read_run_config
 
     run_dir = Path(args.run_dir)
     info = read_run_config(run_dir)
+    provide_model(info["model"], args.model)
     available = list(list_checkpoints(run_dir))
     if args.epoch not in available:
         listed = ", ".join(map(str, available)) or "none"
@@ -98,28 +122,43 @@ def run(args: argparse.Namespace) -> int:
         masks = load_run_masks(run_dir, args.epoch)
     check_not_empty(masks, f"the masks ({args.masks or f'{run_dir} epoch {args.epoch}'})", args.allow_empty_mask)
     model = load_model_from_run(run_dir, weights=args.epoch).eval()
-
-    shape = _input_shape(info)
-    generator = torch.Generator().manual_seed(0)
-    batch = torch.randn(args.batch_size, *shape, generator=generator)
-    say = print
-    say(f"{info.get('model', 'model')} epoch {args.epoch}: input {list(shape)}, latency batch {args.batch_size}")
-    say("compacting (torch-pruning) and timing ...")
-    compact, report = compact_model(model, masks, batch[:1], latency_repeats=args.repeats, latency_input=batch)
-    for line in report.lines():
-        say(line)
-    if not args.no_accuracy:
-        masked = mask_network(model, masks, batch[:1]).model
+    mean, std = info.get("mean"), info.get("std")
+    if mean is None or std is None:
+        raise SplitLBIError(f"{run_dir}/config.json has no mean and std (the input normalization the network was "
+                            f"trained with)")
+    test = None
+    if not args.no_accuracy:  # before anything is written: a missing dataset is an error of its own
         try:
-            accuracy = _test_accuracies(info, args.data_dir, {"masked": masked, "compact": compact},
-                                        progress=not args.no_progress)
+            test = _test_images(info, args.data_dir)
         except SplitLBIError as error:
             raise SplitLBIError(f"{error} (the test accuracy needs the run's dataset: give --data-dir, or "
                                 f"--no-accuracy)") from None
-        say(f"test acc {accuracy['masked']:.2f}% (masked) -> {accuracy['compact']:.2f}% (compact), "
-            f"{info.get('test_size', '?')} held-out images of {info['dataset']}")
+
+    shape = _input_shape(info)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(args.batch_size, *shape, generator=generator)  # images in [0, 1], as the .pt2 takes them
+    batch = (images - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    say = print
+    say(f"{info.get('model', 'model')} epoch {args.epoch}: input {list(shape)}, latency batch {args.batch_size}")
+    say("compacting (torch-pruning) and timing ...")
+    compact, report = compact_model(model, masks, batch[:1], latency_repeats=args.repeats, latency_input=batch,
+                                    latency_rounds=args.rounds)
+    for line in report.lines():
+        say(line)
     say("exporting (torch.export) ...")
-    paths = save_compact(compact, batch, args.out)
+    paths = save_compact(compact, images, args.out, mean=mean, std=std)
+    if test is not None:
+        masked = mask_network(model, masks, batch[:1]).model
+        program = torch.export.load(paths["program"]).module()
+        accuracy = _test_accuracies(info, test, {"masked": masked, "compact": compact},
+                                    progress=not args.no_progress, program=program)
+        say(f"test acc {accuracy['masked']:.2f}% (masked) -> {accuracy['compact']:.2f}% (compact) -> "
+            f"{accuracy['program']:.2f}% ({paths['program'].name} on the images scaled to [0, 1]), "
+            f"{info.get('test_size', '?')} held-out images of {info['dataset']}")
+    channels, height, width = shape
+    say(f"input: float32 [N, {channels}, {height}, {width}] images scaled to [0, 1] (uint8 / 255"
+        f"{', zero-padded as --pad-to' if info.get('pad_to') else ''}); the normalization mean "
+        f"{[round(m, 4) for m in mean]}, std {[round(v, 4) for v in std]} is inside the files")
     say(f"wrote {paths['program']} (torch.export.load(path).module(): runs without splitlbi)")
     say(f"wrote {paths['state_dict']} (state_dict, weights_only=True)")
     say(f"wrote {paths['module']} (whole module: torch.load(path, weights_only=False), needs splitlbi)")

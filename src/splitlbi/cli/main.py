@@ -1,7 +1,9 @@
 """The ``splitlbi`` command: one subcommand per module, each with ``add_parser(subparsers)``.
 
 Every user error ends as ONE line ``splitlbi: error: <message>`` on stderr with exit
-status 2 and no traceback: argparse errors and :class:`SplitLBIError` alike.
+status 2 and no traceback: argparse errors and :class:`SplitLBIError` alike. A
+:class:`~splitlbi.errors.SplitLBIWarning` (a path that is not useful) is one line
+``splitlbi: warning: <message>`` on stderr.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import List, NoReturn, Optional, Sequence
 
 import splitlbi
-from splitlbi.errors import SplitLBIError
+from splitlbi.errors import SplitLBIError, SplitLBIWarning
 
 __all__ = ["ArgumentParser", "build_parser", "main"]
 
@@ -111,7 +114,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command_parser = vars(namespace).pop(_COMMAND_PARSER, parser)
         if unknown:
             command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-        return int(namespace.func(namespace) or 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", SplitLBIWarning)  # each is given once per run already
+            shown = warnings.showwarning
+
+            def show(message, category, filename, lineno, file=None, line=None) -> None:
+                if issubclass(category, SplitLBIWarning):
+                    report_warning(message)
+                else:
+                    shown(message, category, filename, lineno, file, line)
+
+            warnings.showwarning = show
+            return int(namespace.func(namespace) or 0)
     except SplitLBIError as error:
         report_error(error)
         return 2

@@ -9,7 +9,7 @@ from typing import Mapping
 
 from torch import Tensor
 
-from splitlbi.cli.argtypes import non_negative_int, output_path
+from splitlbi.cli.argtypes import add_model_option, non_negative_int, output_path
 from splitlbi.prune.budget import AGGREGATIONS, DEFAULT_NORMALIZE, NORMALIZATIONS
 from splitlbi.errors import SplitLBIError
 
@@ -32,6 +32,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                     "largest |w|): the pruning step of SGD (Lottery).",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory")
+    add_model_option(parser)
     parser.add_argument("--epoch", type=non_negative_int, metavar="K",
                         help="epoch whose support of Γ to save (SplitLBI runs; not with --like)")
     parser.add_argument("--like", metavar="MASK_FILE",
@@ -74,9 +75,11 @@ def format_sparsity(masks: Mapping[str, Tensor]) -> str:
 
 def run(arguments: argparse.Namespace) -> int:
     from splitlbi.prune import load_run_masks, magnitude_masks_like, read_mask_file, save_mask_file
+    from splitlbi.models.registry import provide_model
     from splitlbi.train.run import load_checkpoint, read_run_config
 
     info = read_run_config(arguments.run_dir)
+    provide_model(info["model"], arguments.model)
     budget = [(flag, value) for flag, value in (("--macs", arguments.macs), ("--params", arguments.params))
               if value is not None]
     if budget:

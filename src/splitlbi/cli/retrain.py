@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from splitlbi.cli.argtypes import epoch_list, non_negative_int, output_path, positive_int, seed
+from splitlbi.cli.argtypes import add_model_option, epoch_list, non_negative_int, output_path, positive_int, seed
 
 __all__ = ["add_parser", "run"]
 
@@ -21,6 +21,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                     "--like'). Writes a new run directory.",
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run whose sub-network to take")
+    add_model_option(parser)
     parser.add_argument("--epoch", type=non_negative_int, metavar="K",
                         help="epoch K: its support of Γ is the mask and, for prune/finetune, W_K the weights")
     parser.add_argument("--mode", choices=("prune", "finetune", "lottery"), required=True)
@@ -46,7 +47,11 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
 
 
 def run(arguments: argparse.Namespace) -> int:
+    from splitlbi.models.registry import provide_model
     from splitlbi.prune import retrain
+    from splitlbi.train.run import read_run_config
+
+    provide_model(read_run_config(arguments.run_dir)["model"], arguments.model)
 
     milestones = [epoch for group in arguments.lr_milestones for epoch in group]
     retrain(arguments.run_dir, arguments.out, mode=arguments.mode, epoch=arguments.epoch, masks=arguments.masks,

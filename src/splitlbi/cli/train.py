@@ -41,7 +41,11 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     # --resume, given options must agree with the run's config.json.
     option = dict(default=argparse.SUPPRESS)
     model = parser.add_argument_group("model and data")
-    model.add_argument("--model", **option, help=f"model name (default: {_default('model')})")
+    model.add_argument("--model", **option, metavar="NAME|MODULE:FACTORY",
+                       help=f"a registered model name, or your own network as package.module:factory (any "
+                            f"importable callable returning an nn.Module, given num_classes and in_channels where it "
+                            f"takes them; stored in config.json so that masks, retrain and compact find it) "
+                            f"(default: {_default('model')})")
     model.add_argument("--dataset", **option,
                        help=f"mnist, fashion-mnist, cifar10, digits (default: {_default('dataset')})")
     model.add_argument("--data-dir", **option, metavar="DIR",
@@ -184,7 +188,8 @@ def config_from_arguments(namespace: argparse.Namespace) -> TrainConfig:
 
 def _default_run_dir(config: TrainConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.model}-{config.dataset}-{config.optimizer}-{stamp}"
+    model = config.model.rsplit(":", 1)[-1]  # an import path: its factory's name
+    return Path("runs") / f"{model}-{config.dataset}-{config.optimizer}-{stamp}"
 
 
 def run(namespace: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""Models by name: ``create_model("lenet5", num_classes=10, in_channels=1)``.
+"""Models by name: ``create_model("lenet5", num_classes=10, in_channels=1)``, or your own
+network by import path: ``create_model("mymodels:make_net", num_classes=10, in_channels=3)``.
 
 One module per model family (``lenet.py``, ``resnet.py``, ...) registers its
 factories with ``@register_model``. Every module of this package is imported
@@ -8,7 +9,7 @@ here, so a new family needs no edit to this file.
 import importlib
 import pkgutil
 
-from splitlbi.models.registry import create_model, is_model, list_models, register_model
+from splitlbi.models.registry import create_model, is_model, list_models, model_factory, register_model
 
 
 def _import_model_families() -> None:
@@ -21,4 +22,4 @@ _import_model_families()
 
 from splitlbi.models.lenet import LeNet5, lenet5  # noqa: E402  (already imported above)
 
-__all__ = ["LeNet5", "create_model", "is_model", "lenet5", "list_models", "register_model"]
+__all__ = ["LeNet5", "create_model", "is_model", "lenet5", "list_models", "model_factory", "register_model"]

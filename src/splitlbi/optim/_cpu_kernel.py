@@ -6,7 +6,8 @@ source, the torch version, the compiler flags and the CPU, so a build happens on
 machine and torch, not once per process. When no compiler is found or the build fails,
 :func:`load` returns False and the optimizer silently keeps its ``_foreach`` path
 (set ``SPLITLBI_NO_CPP=1`` to force that path). Build errors are kept in the cache
-folder's ``build.log``.
+folder's ``build.log``. A build says so on stderr, one line before (where it goes) and one
+after (how long it took): the first ``opt.step()`` on a machine otherwise seems to hang.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -89,6 +91,21 @@ def _build(compiler: str, target: Path) -> None:
             os.unlink(partial)
 
 
+def build_with_notice(compiler: str, target: Path) -> None:
+    """:func:`_build`, announced on stderr (a build takes 30-70 s, once per machine and torch)."""
+    print(f"splitlbi: compiling the fused CPU step once for this machine and torch (about a minute); cached in "
+          f"{target.parent}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    try:
+        _build(compiler, target)
+    except Exception:
+        print(f"splitlbi: the fused CPU step did not build (see {target.parent / 'build.log'}); using the "
+              f"multi-tensor step", file=sys.stderr, flush=True)
+        raise
+    print(f"splitlbi: compiled the fused CPU step in {time.perf_counter() - started:.0f} s", file=sys.stderr,
+          flush=True)
+
+
 def load() -> bool:
     """Compile (once per machine) and load the kernel; True when
     ``torch.ops.splitlbi.fused_step_`` is available. Never raises."""
@@ -115,7 +132,7 @@ def _try_load() -> bool:
     try:
         target = library_path(compiler)
         if not target.exists():
-            _build(compiler, target)
+            build_with_notice(compiler, target)
         torch.ops.load_library(str(target))
         torch.ops.splitlbi.fused_step_
         return True

@@ -41,14 +41,17 @@ def resolve(model: nn.Module, couple: str = "auto", stem: Optional[bool] = None,
             example_input: Optional[Tensor] = None) -> tuple:
     """``(couple, stem)`` made concrete for ``model``: ``"auto"`` is ``"bn"`` when a conv of the
     model has BatchNorm, else ``"filters"``; ``stem=None`` couples the stem unless its BatchNorm
-    scale would carry Γ (``"bn"`` and a stem with BatchNorm): pruning usually leaves it dense."""
+    scale would carry Γ (``"bn"`` and a stem with BatchNorm): pruning usually leaves it dense (a
+    network with no other conv keeps it coupled)."""
     norms = conv_batchnorms(model, example_input)
     if couple == "auto":
         couple = "bn" if norms else "filters"
     if couple not in COUPLINGS:
         raise ValueError(f"couple must be auto or one of {', '.join(COUPLINGS)}, got {couple!r}")
     if stem is None:
-        stem = not (couple == "bn" and stem_conv(model) in norms)
+        convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+        # A network whose only conv is its stem keeps it coupled: otherwise nothing would carry Γ.
+        stem = not (couple == "bn" and stem_conv(model) in norms and len(convs) > 1)
     return couple, bool(stem)
 
 

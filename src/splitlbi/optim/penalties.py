@@ -17,17 +17,21 @@ import functools
 import torch
 from torch import Tensor
 
-PENALTIES = ("auto", "group", "neuron", "l1", "none")
+#: ``"conv"`` and ``"auto"`` choose by shape (:func:`resolve_penalty`); the others are penalties.
+PENALTIES = ("conv", "auto", "group", "neuron", "l1", "none")
 GROUPED = ("group", "neuron")
 
 
 def resolve_penalty(penalty: str, shape: torch.Size | tuple[int, ...], name: str = "parameter") -> str:
-    """The concrete penalty of a tensor of ``shape``: ``"auto"`` means 4-D (and other
-    conv weights, 3-D to 5-D) → group, 2-D → l1, anything else → none.
+    """The concrete penalty of a tensor of ``shape``: ``"conv"`` (SplitLBI's default, what
+    ``splitlbi train`` couples by default) means conv weights (3-D to 5-D) → group, anything
+    else → none; ``"auto"`` means conv weights → group, 2-D → l1, anything else → none.
 
     Raises ``ValueError`` naming the parameter when the penalty does not fit its shape.
     """
     ndim = len(shape)
+    if penalty == "conv":
+        return "group" if ndim >= 3 else "none"
     if penalty == "auto":
         if ndim >= 3:
             return "group"

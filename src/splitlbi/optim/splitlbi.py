@@ -14,10 +14,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from splitlbi.errors import SplitLBIWarning
+
 from . import penalties as _penalties
 from .functional import (
     UPDATES, StepPlan, default_wave_numel, multi_tensor_splitlbi, plan_step, release_gamma, splitlbi_update,
 )
+from .diagnostics import check_support
 from .fused import NormCache, fused_splitlbi, fused_supported
 
 ParamsT = Union[Iterable[Tensor], Iterable[tuple[str, Tensor]], Iterable[dict[str, Any]]]
@@ -77,8 +80,10 @@ class SplitLBI(Optimizer):
     updates, so :meth:`support`, :meth:`path_scores` and the masks read the same way.
 
     Args:
-        params: parameters, ``model.named_parameters()`` (names are used by
-            :meth:`support` and friends), or parameter groups (dicts). Every
+        params: ``model.parameters()``, ``model.named_parameters()`` (names are used by
+            :meth:`support` and friends; parameters given without names get the model's
+            names from :meth:`name_parameters`), or parameter groups (dicts), e.g.
+            :func:`splitlbi.param_groups`\ ``(model)``, what ``splitlbi train`` uses. Every
             hyperparameter below, ``penalty`` included, can be set per group.
         lr: learning rate ``α``.
         kappa: damping factor ``κ`` (``W`` moves with step ``κα``).
@@ -88,10 +93,14 @@ class SplitLBI(Optimizer):
         update: ``"paper"`` (the equations above; the default and the reference) or
             ``"release"`` (the release code's variant above). ``"release"`` runs on the
             per-tensor path only: ``foreach=True`` or ``fused=True`` with it is an error.
-        penalty: ``"group"`` (one group per output filter of a conv weight),
+        penalty: ``"conv"`` (default; what ``splitlbi train`` couples by default): conv
+            weights → group, everything else (linear layers, the classifier, biases,
+            norms) → none; ``"group"`` (one group per output filter of a conv weight),
             ``"neuron"`` (one group per output row of a linear weight), ``"l1"``
             (elementwise), ``"none"`` (no Γ: plain SGD(-momentum) with step ``κα``), or
-            ``"auto"``: 4-D → group, 2-D → l1, otherwise none.
+            ``"auto"``: conv weights → group, 2-D → l1, otherwise none. The classifier is
+            left uncoupled by default: under lasso its single weights enter long after
+            whole filters, and a sparse model without it is at chance.
         foreach: ``True`` selects the multi-tensor ``_foreach`` path, ``False`` the
             per-tensor reference path; ``None`` (default): the fused step where it
             runs, else the multi-tensor path.
@@ -106,12 +115,17 @@ class SplitLBI(Optimizer):
     of ``V`` and the current ``W``) and is formed on demand (:meth:`gamma`), which saves
     memory and passes over it.
 
+    Warnings (:class:`~splitlbi.errors.SplitLBIWarning`, once each): :meth:`sparse_model`
+    warns when Γ is still empty or a coupled layer has nothing in the support while
+    others have some (see :mod:`splitlbi.optim.diagnostics`, which also says which ν
+    would act); ``splitlbi train`` also warns before a run too short for its ν.
+
     Example::
 
-        >>> opt = SplitLBI(model.named_parameters(), lr=0.1, kappa=1, nu=100)
+        >>> opt = SplitLBI(splitlbi.param_groups(model), lr=0.1, kappa=1, nu=100)
         >>> loss_fn(model(x), y).backward(); opt.step(); opt.zero_grad()
         >>> opt.nonzero_share().overall, opt.filter_support()["conv3.weight"].sum()
-        >>> with opt.sparse_model():   # W projected onto the support of Γ
+        >>> with opt.sparse_model(model, x[:1]):   # the network `splitlbi compact` cuts out
         ...     evaluate(model)
     """
 
@@ -126,7 +140,7 @@ class SplitLBI(Optimizer):
         dampening: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
-        penalty: str = "auto",
+        penalty: str = "conv",
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         update: str = "paper",
@@ -140,6 +154,11 @@ class SplitLBI(Optimizer):
         )
         _validate(defaults)
         super().__init__(params, defaults)
+        if not any(True for _ in self.named_coupled()):
+            warnings.warn(f"SplitLBI: no parameter carries Γ with penalty {penalty!r} and the groups given, so this is "
+                          f"plain SGD (the default 'conv' couples conv weights only); couple linear layers with "
+                          f"penalty='l1' or 'neuron' (e.g. splitlbi.param_groups(model, linear_penalty='l1'))",
+                          SplitLBIWarning, stacklevel=2)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         param_group = dict(param_group)
@@ -300,18 +319,32 @@ class SplitLBI(Optimizer):
         return params, grads, buffers, vs, penalties, states
 
     # -------------------------------------------------------- reading the path
+    def name_parameters(self, model: torch.nn.Module) -> "SplitLBI":
+        """Name the parameters that were given without names (``SplitLBI(model.parameters())``)
+        after ``model``'s own (found by identity), for :meth:`support`, :meth:`nonzero_share`,
+        the masks and the warnings; returns the optimizer. :meth:`sparse_model` and
+        :meth:`masks_by_module` do this with the model they are given. Names given to the
+        optimizer are kept; the names found are not part of :meth:`state_dict`."""
+        found = {id(p): name for name, p in model.named_parameters()}
+        known = self.__dict__.setdefault("_found_names", {})
+        for group in self.param_groups:
+            if not group.get("param_names"):
+                known.update({id(p): found[id(p)] for p in group["params"] if id(p) in found})
+        return self
+
     def named_coupled(self) -> Iterator[Coupled]:
         """The parameters that carry Γ, with their names, ``V``, penalty, κ and λ.
 
-        Names come from ``named_parameters()`` / a ``param_names`` group key; unnamed
-        parameters are called ``param0, param1, ...`` in the order they were given.
-        Before the first step ``V`` is zero (an empty support).
+        Names come from ``named_parameters()`` / a ``param_names`` group key, else from
+        :meth:`name_parameters`; other unnamed parameters are called ``param0, param1, ...``
+        in the order they were given. Before the first step ``V`` is zero (an empty support).
         """
         position = 0
+        found = self.__dict__.get("_found_names", {})
         for group in self.param_groups:
             names = group.get("param_names")
             for k, p in enumerate(group["params"]):
-                name = names[k] if names else f"param{position}"
+                name = names[k] if names else found.get(id(p), f"param{position}")
                 position += 1
                 penalty = _penalties.resolve_penalty(group["penalty"], p.shape, name)
                 if penalty == "none":
@@ -383,6 +416,7 @@ class SplitLBI(Optimizer):
         """:meth:`masks` keyed by ``model``'s own parameter names (found by identity, so it
         works also when the optimizer was given ``model.parameters()`` without names)."""
         names = {id(p): name for name, p in model.named_parameters()}
+        self.name_parameters(model)
         masks = {}
         for c in self.named_coupled():
             name = names.get(id(c.param))
@@ -408,7 +442,13 @@ class SplitLBI(Optimizer):
         set to zero), the projection of the paper. In a network with BatchNorm that is *not*
         the network you can cut out: a zeroed filter's BatchNorm channel still emits a
         constant that depends on its running mean.
+
+        Warns (once) when Γ is empty or a coupled layer has nothing in the support while
+        others do: that sparse model is cut through (:func:`splitlbi.optim.diagnostics.check_support`).
         """
+        if model is not None:
+            self.name_parameters(model)
+        check_support(self, stacklevel=5)
         if model is None:
             if example_input is not None:
                 raise ValueError("sparse_model: example_input needs the model too: sparse_model(model, example_input)")

@@ -1,5 +1,7 @@
 """Sparse sub-networks from a run: masks (support of Γ, magnitude masks, masks at a MACs or
-parameter budget from path scores), retraining with a fixed mask, Torch-Pruning interoperability."""
+parameter budget from path scores), retraining with a fixed mask, Torch-Pruning interoperability,
+compaction (``compact_model``, ``mask_network``, ``CompactReport``) and the deployable files
+(``save_compact``)."""
 
 from splitlbi.prune.masks import (
     MaskSparsity,
@@ -25,6 +27,8 @@ _LAZY = {
     "PathImportance": "splitlbi.prune.importance", "IndexShortcutPruner": "splitlbi.prune.importance",
     "prepare_torch_pruning": "splitlbi.prune.importance", "normalize_scores": "splitlbi.prune.budget",
     "IndexShortcut": "splitlbi.prune.compact", "compact_model": "splitlbi.prune.compact",
+    "CompactReport": "splitlbi.prune.compact", "mask_network": "splitlbi.prune.compact",
+    "save_compact": "splitlbi.prune.export", "InputNormalization": "splitlbi.prune.export",
 }
 
 

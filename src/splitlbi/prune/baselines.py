@@ -245,14 +245,14 @@ def slimming(config: TrainConfig, out_dir: PathLike, *, keep: float, sparsity_la
     sparse = Path(sparse_out) if sparse_out is not None else out.with_name(out.name + "_sparse")
     config = _prepare(dataclasses.replace(config, save_every=config.epochs), [out, sparse])
     lock_run_dir(out)  # for the whole job: the fine-tuning below writes it, then its config.json is amended
-    probe = create_model(config.model, num_classes=10, in_channels=3)
+    small = run_module._load_data(dataclasses.replace(config, limit_train=1, limit_test=1), torch.device("cpu"))
+    probe = create_model(config.model, num_classes=small.facts["num_classes"], in_channels=small.facts["in_channels"])
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in probe.modules()):
         raise SplitLBIError(f"network slimming needs BatchNorm layers; model {config.model} has none")
     info = {"name": "slimming", "keep": keep, "sparsity_lambda": sparsity_lambda, "stage": "sparsity training"}
     say(f"slimming: sparsity training ({config.epochs} epochs, λ = {sparsity_lambda:g} on the BN scales)")
     _, model = _new_run(config, sparse, info, init_seed=config.seed, masks=None, l1_bn=sparsity_lambda, say=say)
-    example = run_module._load_data(dataclasses.replace(config, limit_train=1, limit_test=1),
-                                    torch.device("cpu")).train_images[:1].float()
+    example = small.train_images[:1].float()
     masks = slimming_masks(model, keep, example)
     arch = architecture_masks(model, masks, example)
     mask_path = sparse / "slimming_mask.pt"

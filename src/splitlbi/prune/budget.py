@@ -365,7 +365,25 @@ def channel_groups(model: nn.Module, example_input: Tensor) -> List[ChannelGroup
 
 @dataclass
 class BudgetResult:
-    """The masks of :func:`budget_masks` and what the compacted network measures."""
+    """The masks of :func:`budget_masks` and what the compacted network measures;
+    ``print(result)`` gives :meth:`lines`.
+
+    Attributes:
+        masks: conv weight name -> bool mask shaped like the weight (whole filters; True =
+            kept): the mask-file format of :func:`splitlbi.prune.save_mask_file`,
+            ``splitlbi compact --masks`` and :func:`splitlbi.prune.compact_model`.
+        kind: ``"macs"`` or ``"params"``, the budgeted quantity.
+        target: the fraction of the dense network asked for.
+        macs_fraction, params_fraction: MACs / parameters of the compacted network over the
+            dense network's, measured (Torch-Pruning's counter).
+        dense_macs, dense_params, macs, params: the counts behind them.
+        removed_channels, kept_channels: conv name -> output channels removed / kept.
+        reached: the achieved fraction lies in ``[target - TOLERANCE, target]``.
+        ranking, normalize, aggregate: how the filters were ranked (see :func:`budget_masks`).
+        compact: the compacted network (eval mode), ready for
+            :func:`splitlbi.prune.save_compact`; it takes what ``model`` takes.
+        achieved: (property) the measured fraction of the budgeted quantity.
+    """
 
     masks: Dict[str, Tensor]        #: conv weight name -> bool mask (whole filters), the mask-file format
     kind: str                       #: "macs" or "params"
@@ -389,6 +407,9 @@ class BudgetResult:
         """The measured fraction of the budgeted quantity."""
         return self.macs_fraction if self.kind == "macs" else self.params_fraction
 
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
     def lines(self) -> List[str]:
         """A short printable report."""
         label = "MACs" if self.kind == "macs" else "params"
@@ -402,6 +423,23 @@ class BudgetResult:
         total = sum(self.removed_channels.values()) + sum(self.kept_channels.values())
         out.append(f"filters  removed {sum(self.removed_channels.values())} of {total}")
         return out
+
+
+def _as_ranking(model: nn.Module, scores: Any, normalize: Optional[str],
+                aggregate: Optional[str]) -> Tuple[Any, str, str]:
+    """(scores, normalize, aggregate) as the ranking uses them: a PathImportance becomes its
+    scores as a dict keyed by ``model``'s parameter names, with its own normalization and
+    aggregation (so that both forms give one ranking: normalized once, per conv)."""
+    from splitlbi.prune.importance import PathImportance
+
+    if isinstance(scores, PathImportance):
+        for option, value, own in (("normalize", normalize, scores.normalize), ("aggregate", aggregate,
+                                                                                  scores.aggregate)):
+            if value is not None and value != own:
+                raise SplitLBIError(f"budget_masks: {option}={value!r}, but the PathImportance was built with "
+                                    f"{option}={own!r}: set it there (PathImportance(..., {option}={value!r}))")
+        return scores.scores_for(model), scores.normalize, scores.aggregate
+    return scores, DEFAULT_NORMALIZE if normalize is None else normalize, "max" if aggregate is None else aggregate
 
 
 def _group_scores(structure: _Structure, scores: Any, normalize: str, aggregate: str) -> np.ndarray:
@@ -438,7 +476,11 @@ def _group_scores(structure: _Structure, scores: Any, normalize: str, aggregate:
         raise SplitLBIError(f"scores must be a dict of parameter name -> tensor or a "
                             f"torch_pruning.importance.Importance, got {type(scores).__name__}")
     if not any(values):
-        raise SplitLBIError("the scores name none of the model's conv weights (scores of another model?)")
+        unnamed = isinstance(scores, Mapping) and any(str(name).startswith("param") for name in scores)
+        raise SplitLBIError("the scores name none of the model's conv weights " + (
+            "(keyed param0, param1, ...: an optimizer given model.parameters() without names; call "
+            "opt.name_parameters(model) first, or build it from splitlbi.param_groups(model))" if unnamed
+            else "(scores of another model?)"))
     out = np.full(len(structure.groups), np.inf)
     for g, parts in enumerate(values):
         if parts:
@@ -532,8 +574,8 @@ def _masks_for(model: nn.Module, structure: _Structure, chosen: Sequence[int]) -
 
 
 def budget_masks(model: nn.Module, example_input: Tensor, scores: Any, *, macs: Optional[float] = None,
-                 params: Optional[float] = None, ranking: str = "global", normalize: str = DEFAULT_NORMALIZE,
-                 aggregate: str = "max", min_channels: int = 1, max_rounds: int = 4) -> BudgetResult:
+                 params: Optional[float] = None, ranking: str = "global", normalize: Optional[str] = None,
+                 aggregate: Optional[str] = None, min_channels: int = 1, max_rounds: int = 4) -> BudgetResult:
     """Filter masks whose compacted network keeps a fraction ``macs`` (or ``params``) of ``model``.
 
     Args:
@@ -541,17 +583,20 @@ def budget_masks(model: nn.Module, example_input: Tensor, scores: Any, *, macs: 
         example_input: an input batch (its first image is used) to trace the network and count MACs.
         scores: ``{conv weight name: tensor[out_channels]}`` (higher = more important;
             e.g. :func:`path_scores`, filter norms, BN scales; entries keyed by a BatchNorm
-            weight count for the conv it normalizes, see :func:`splitlbi.prune.channels.filter_scores`) or a Torch-Pruning
-            ``Importance`` (called on each channel group). Convs without scores keep
-            all their filters.
+            weight count for the conv it normalizes, see :func:`splitlbi.prune.channels.filter_scores`),
+            a :class:`~splitlbi.prune.importance.PathImportance` (ranked exactly as its
+            scores given as a dict, with its own ``normalize`` and ``aggregate``), or another
+            Torch-Pruning ``Importance`` (called on each channel group; its output is
+            normalized per group by ``normalize``). Convs without scores keep all their filters.
         macs / params: the fraction of the dense network's MACs / parameters to keep,
             in (0, 1]; exactly one of them.
         ranking: ``"global"`` (one threshold on the normalized scores across layers) or
             ``"uniform"`` (every layer loses the same share of its channel groups).
         normalize: per-conv normalization of the scores (``"none"``, ``"mean"``,
-            ``"max"``, ``"sqrt_size"``; see :func:`~splitlbi.prune.importance.normalize_scores`).
+            ``"max"``, ``"sqrt_size"``; see :func:`~splitlbi.prune.importance.normalize_scores`);
+            default :data:`DEFAULT_NORMALIZE`, for a PathImportance its own.
         aggregate: how the filters of a coupled channel group combine (``"max"``,
-            ``"mean"``, ``"sum"``).
+            ``"mean"``, ``"sum"``); default ``"max"``, for a PathImportance its own.
         min_channels: filters every conv keeps at least.
 
     Returns a :class:`BudgetResult`; its fractions are measured on the network compacted
@@ -567,6 +612,7 @@ def budget_masks(model: nn.Module, example_input: Tensor, scores: Any, *, macs: 
     target = float(target)
     if ranking not in RANKINGS:
         raise SplitLBIError(f"budget_masks: ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
+    scores, normalize, aggregate = _as_ranking(model, scores, normalize, aggregate)
     if normalize not in NORMALIZATIONS:
         raise SplitLBIError(f"budget_masks: normalize must be one of {', '.join(NORMALIZATIONS)}, got {normalize!r}")
     if aggregate not in AGGREGATIONS:

@@ -51,7 +51,8 @@ from torch import Tensor, nn
 from splitlbi.errors import SplitLBIError
 
 __all__ = ["CompactReport", "ConvGroup", "GroupReport", "IndexShortcut", "MaskedNetwork", "apply_filter_masks",
-           "check_masks", "compact_model", "mask_network", "count_macs_params", "measure_latency", "trace_conv_groups", "unselected_filters"]
+           "check_masks", "compact_model", "compare_latency", "mask_network", "count_macs_params", "measure_latency",
+           "trace_conv_groups", "unselected_filters"]
 
 
 @dataclass
@@ -69,6 +70,24 @@ class GroupReport:
 
 @dataclass
 class CompactReport:
+    """What :func:`compact_model` did and measured; ``print(report)`` gives :meth:`lines`.
+
+    Attributes:
+        params_before, params_after: parameters of the masked network and of the compact one.
+        macs_before, macs_after: multiply-accumulates of one forward pass of the example
+            input (Torch-Pruning's counter), before and after.
+        latency_before_ms, latency_after_ms: CPU milliseconds of a forward pass of the latency
+            input (1 thread): the median over ``latency_rounds`` rounds of each round's
+            median; None without ``measure``.
+        latency_ratio: after / before, the median of the per-round ratios (the rounds time
+            both networks alternately, so a busy machine moves both alike).
+        latency_ratio_range: (lowest, highest) per-round ratio: the spread of that figure.
+        latency_rounds: rounds measured.
+        groups: one :class:`GroupReport` per channel group (coupled convs).
+        kept_channels: conv name -> output channels in the compact network.
+        selected_channels: conv name -> filters its mask selects.
+    """
+
     params_before: int
     params_after: int
     macs_before: int
@@ -78,10 +97,17 @@ class CompactReport:
     groups: List[GroupReport] = field(default_factory=list)
     kept_channels: Dict[str, int] = field(default_factory=dict)   #: conv name -> output channels after
     selected_channels: Dict[str, int] = field(default_factory=dict)  #: conv name -> selected filters
+    latency_ratio: Optional[float] = None
+    latency_ratio_range: Optional[Tuple[float, float]] = None
+    latency_rounds: int = 0
 
     @property
     def skipped_groups(self) -> List[GroupReport]:
+        """The groups that could not be pruned safely (their unselected filters stay, zeroed)."""
         return [group for group in self.groups if group.skipped]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
 
     def lines(self) -> List[str]:
         """The report as text lines (params, MACs, latency before -> after, skipped groups)."""
@@ -92,8 +118,14 @@ class CompactReport:
                f"({ratio(self.params_after, self.params_before)})",
                f"MACs     {self.macs_before:,} -> {self.macs_after:,} ({ratio(self.macs_after, self.macs_before)})"]
         if self.latency_before_ms is not None and self.latency_after_ms is not None:
+            if self.latency_ratio is not None and self.latency_ratio_range is not None:
+                low, high = self.latency_ratio_range
+                spread = (f"{100.0 * self.latency_ratio:.1f}% (per round {100.0 * low:.1f}-{100.0 * high:.1f}%, "
+                          f"{self.latency_rounds} rounds of medians)")
+            else:
+                spread = ratio(self.latency_after_ms, self.latency_before_ms)
             out.append(f"latency  {self.latency_before_ms:.2f} ms -> {self.latency_after_ms:.2f} ms "
-                       f"(CPU, 1 thread, median; {ratio(self.latency_after_ms, self.latency_before_ms)})")
+                       f"(CPU, 1 thread; {spread})")
         removed = sum(group.removed for group in self.groups)
         out.append(f"filters  removed {removed} in {sum(1 for g in self.groups if g.removed)} of "
                    f"{len(self.groups)} channel groups")
@@ -196,6 +228,23 @@ def count_macs_params(model: nn.Module, example_input: Tensor) -> Tuple[int, int
     finally:
         model.train(was_training)
     return int(macs), int(params)
+
+
+def compare_latency(first: nn.Module, second: nn.Module, example_input: Tensor, repeats: int = 20,
+                    rounds: int = 5) -> Tuple[float, float, float, Tuple[float, float]]:
+    """Time two networks alternately: ``rounds`` rounds, each the median of ``repeats`` forward
+    passes of ``first`` then of ``second`` (:func:`measure_latency`). Returns (median ms of
+    ``first``, of ``second``, median of the per-round ratios second/first, (lowest, highest)
+    per-round ratio). Alternating keeps a busy machine's slow spells from landing on one side."""
+    firsts, seconds, ratios = [], [], []
+    for _ in range(max(1, int(rounds))):
+        a = measure_latency(first, example_input, repeats)
+        b = measure_latency(second, example_input, repeats)
+        firsts.append(a)
+        seconds.append(b)
+        ratios.append(b / a if a > 0 else float("nan"))
+    return statistics.median(firsts), statistics.median(seconds), statistics.median(ratios), (min(ratios),
+                                                                                              max(ratios))
 
 
 def measure_latency(model: nn.Module, example_input: Tensor, repeats: int = 20, warmup: int = 3) -> float:
@@ -470,6 +519,7 @@ def compact_model(
     measure: bool = True,
     latency_input: Optional[Tensor] = None,
     fold: bool = True,
+    latency_rounds: int = 5,
 ) -> Tuple[nn.Module, CompactReport]:
     """Remove, for real, the conv filters outside the support; return ``(compact, report)``.
 
@@ -477,8 +527,9 @@ def compact_model(
     constants of removed channels folded into their consumers) and Torch-Pruning removes
     its unselected channels; the compact model equals that copy (same outputs in eval
     mode). ``example_input``: a batch (normally of one image) used to trace the dependency
-    graph and count MACs; with ``measure``, ``latency_repeats`` forward passes of
-    ``latency_input`` (default ``example_input``) are timed before and after.
+    graph and count MACs; with ``measure``, the masked and the compact network are timed
+    alternately on ``latency_input`` (default ``example_input``) by :func:`compare_latency`:
+    ``latency_rounds`` rounds of the median of ``latency_repeats`` forward passes each.
     Raises :class:`SplitLBIError` when the masks do not match the model.
     """
     import torch_pruning as tp
@@ -489,7 +540,7 @@ def compact_model(
     work = network.model
     macs_before, params_before = count_macs_params(work, example_input)
     timed = example_input if latency_input is None else latency_input.detach().cpu()
-    latency_before = measure_latency(work, timed, latency_repeats) if measure else None
+    masked = copy.deepcopy(work) if measure else None  # timed against the compact network below
     convs = _named_convs(work)
     selected_counts = {name: conv.out_channels - len(network.unselected.get(name, ()))
                        for name, conv in convs.items()}
@@ -498,13 +549,17 @@ def compact_model(
             network.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=indices).prune()
 
     macs_after, params_after = count_macs_params(work, example_input)
-    latency_after = measure_latency(work, timed, latency_repeats) if measure else None
+    latency_before = latency_after = latency_ratio = spread = None
+    if masked is not None:
+        latency_before, latency_after, latency_ratio, spread = compare_latency(masked, work, timed, latency_repeats,
+                                                                               latency_rounds)
     result = CompactReport(
         params_before=params_before, params_after=params_after, macs_before=macs_before, macs_after=macs_after,
         latency_before_ms=latency_before, latency_after_ms=latency_after,
         groups=[report for _, report, _ in network.plans],
         kept_channels={name: conv.out_channels for name, conv in convs.items()},
-        selected_channels=selected_counts,
+        selected_channels=selected_counts, latency_ratio=latency_ratio, latency_ratio_range=spread,
+        latency_rounds=latency_rounds if measure else 0,
     )
     return work, result
 

@@ -13,13 +13,21 @@ loads with ``torch.load(weights_only=False)`` and splitlbi importable. For deplo
 * ``NAME.state_dict.pt``: its ``state_dict``, loadable with ``weights_only=True``;
 * ``NAME.pt``: the whole module pickled, as before (``torch.load(path,
   weights_only=False)`` with splitlbi installed), for further work in Python.
+
+**Which input.** A network trained by splitlbi reads normalized images,
+``(x - mean) / std`` per channel with ``x`` in [0, 1] (``splitlbi.data.normalize``).
+Given the ``mean`` and ``std`` (``splitlbi compact`` takes them from the run's config.json),
+:func:`save_compact` puts that normalization in front of the network
+(:class:`InputNormalization`), and all three files take images **scaled to [0, 1]**:
+``uint8_images.float() / 255``, float32 ``[N, C, H, W]`` at the size the network trained
+on. Without them, the files take what the network takes.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -27,9 +35,31 @@ from torch import Tensor, nn
 from splitlbi.errors import SplitLBIError
 from splitlbi.utils.io import atomic_torch_save, atomic_write_bytes
 
-__all__ = ["compact_file_names", "export_program", "save_compact"]
+__all__ = ["InputNormalization", "compact_file_names", "export_program", "save_compact"]
 
 PathLike = Union[str, "Path"]
+
+
+class InputNormalization(nn.Module):
+    """``network((x - mean) / std)`` per channel: a network that takes images in [0, 1].
+
+    ``mean``/``std`` are buffers (in the ``state_dict``, and constants of an exported program)."""
+
+    def __init__(self, network: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std) or not len(mean):
+            raise SplitLBIError(f"input normalization: {len(mean)} means but {len(std)} stds")
+        if any(float(value) <= 0 for value in std):
+            raise SplitLBIError(f"input normalization: every std must be > 0, got {list(std)}")
+        self.network = network
+        self.register_buffer("mean", torch.tensor([float(m) for m in mean]).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor([float(v) for v in std]).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network((x - self.mean) / self.std)
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
 def compact_file_names(out: PathLike) -> Dict[str, Path]:
@@ -66,12 +96,28 @@ def export_program(model: nn.Module, example_input: Tensor, dynamic_batch: bool 
         model.train(was_training)
 
 
-def save_compact(model: nn.Module, example_input: Tensor, out: PathLike) -> Dict[str, Path]:
+def save_compact(model: nn.Module, example_input: Tensor, out: PathLike, *,
+                 mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None) -> Dict[str, Path]:
     """Write the exported program, the ``state_dict`` and the pickled module of ``model``
     (see the module docstring) atomically; return the paths as :func:`compact_file_names`.
 
+    Args:
+        model: the network to deploy, e.g. :func:`~splitlbi.prune.compact_model`'s or
+            ``budget_masks(...).compact``.
+        example_input: a batch of what the files will take (images in [0, 1] when ``mean``
+            and ``std`` are given), at least two images, to trace the program.
+        out: ``NAME`` (or ``NAME.pt``/``NAME.pt2``): the files are NAME.pt2,
+            NAME.state_dict.pt and NAME.pt.
+        mean, std: the per-channel normalization the network was trained with (the
+            dataset's, in [0, 1] units); given, the files take images in [0, 1]
+            (:class:`InputNormalization`).
+
     The program is exported first, so a network that cannot be exported leaves no file.
     """
+    if (mean is None) != (std is None):
+        raise SplitLBIError("save_compact: give both mean and std (the normalization the network was trained with)")
+    if mean is not None and std is not None:
+        model = InputNormalization(model, mean, std).eval()
     paths = compact_file_names(out)
     program = export_program(model, example_input)
     state = {name: tensor.detach().cpu().clone() for name, tensor in model.state_dict().items()}

@@ -33,7 +33,7 @@ import torch
 import torch_pruning as tp
 from torch import Tensor, nn
 
-from splitlbi.prune.budget import AGGREGATIONS, NORMALIZATIONS, aggregate_scores, normalize_scores, path_scores
+from splitlbi.prune.budget import AGGREGATIONS, NORMALIZATIONS, normalize_scores, path_scores
 from splitlbi.prune.compact import IndexShortcut
 
 __all__ = ["IndexShortcutPruner", "PathImportance", "prepare_torch_pruning"]
@@ -145,7 +145,15 @@ class PathImportance(tp.importance.Importance):
                 self._by_param = {id(c.param): c.name for c in source.named_coupled()}
         self.scores: Dict[str, Tensor] = {name: value.to(torch.float64) for name, value in scores.items()}
 
-    def _layer_scores(self, layer: nn.Module, name: Optional[str]) -> Optional[Tensor]:
+    def scores_for(self, model: nn.Module) -> Dict[str, Tensor]:
+        """The scores keyed by ``model``'s parameter names (a live optimizer's parameters are
+        found by identity, so unnamed ones are matched too); what :func:`budget_masks` ranks."""
+        names = {id(p): name for name, p in model.named_parameters()}
+        by_key = {key: names[pid] for pid, key in self._by_param.items() if pid in names}
+        return {by_key.get(key, key): value for key, value in self.scores.items()}
+
+    def _layer_scores(self, layer: nn.Module, name: Optional[str], filter_size: Optional[int] = None
+                      ) -> Optional[Tensor]:
         weight = getattr(layer, "weight", None)
         key = self._by_param.get(id(weight)) if weight is not None else None
         if key is None and name is not None:
@@ -156,18 +164,25 @@ class PathImportance(tp.importance.Importance):
         if weight is not None and weight.shape[0] != values.numel():
             raise ValueError(f"PathImportance: {key} has {weight.shape[0]} output channels but {values.numel()} "
                              "scores (already pruned? build the importance again from the pruned run)")
-        filter_size = int(weight[0].numel()) if weight is not None else 1
+        if filter_size is None:
+            filter_size = int(weight[0].numel()) if weight is not None else 1
         return normalize_scores(values, self.normalize, filter_size)
 
     @torch.no_grad()
     def __call__(self, group) -> Optional[Tensor]:
-        out_fns = (tp.pruner.function.prune_conv_out_channels, tp.pruner.function.prune_linear_out_channels)
-        per_layer = []
+        function = tp.pruner.function
+        out_fns = (function.prune_conv_out_channels, function.prune_depthwise_conv_out_channels,
+                   function.prune_linear_out_channels)
+        members: Dict[nn.Module, Tensor] = {}  # layer -> its scores on the group's channels (nan: none)
+        norms = []  # (the layer a BatchNorm reads, the BatchNorm's scores): a scale's score counts for its conv
         for i, (dep, idxs) in enumerate(group):
-            if dep.pruning_fn not in out_fns:
+            is_norm = dep.pruning_fn == function.prune_batchnorm_out_channels
+            if dep.pruning_fn not in out_fns and not is_norm:
                 continue
+            source = getattr(dep.source, "module", None)
+            size = int(source.weight[0].numel()) if is_norm and isinstance(source, nn.Conv2d) else None
             # Node._name is the module's name in the traced model (Node.name adds its repr).
-            values = self._layer_scores(dep.layer, getattr(dep.target, "_name", None))
+            values = self._layer_scores(dep.layer, getattr(dep.target, "_name", None), size)
             if values is None:
                 continue
             root = group[i].root_idxs
@@ -177,7 +192,13 @@ class PathImportance(tp.importance.Importance):
             channel = torch.full((len(positions),), float("nan"), dtype=torch.float64)
             where = torch.as_tensor([positions[int(r)] for r in root], dtype=torch.long)
             channel[where] = values[torch.as_tensor([int(i) for i in idxs], dtype=torch.long)]
-            per_layer.append(channel)
+            if is_norm:
+                norms.append((source, channel))
+            else:
+                members.setdefault(dep.layer, channel)
+        for source, channel in norms:  # as splitlbi.prune.channels.filter_scores: the smaller of conv and scale
+            members[source] = torch.fmin(members[source], channel) if source in members else channel
+        per_layer = list(members.values())
         if not per_layer:
             return None
         stacked = torch.stack(per_layer)

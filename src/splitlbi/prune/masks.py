@@ -86,9 +86,20 @@ def load_run_masks(run_dir: PathLike, epoch: int) -> Masks:
     return masks
 
 
-def save_mask_file(path: PathLike, masks: Mapping[str, Tensor], *, model: str, epoch: Optional[int] = None,
-                   source: Optional[PathLike] = None, kind: str = "splitlbi") -> Path:
-    """Write a mask file (atomically); return its path."""
+def save_mask_file(path: PathLike, masks: Mapping[str, Tensor], *, model: Union[str, nn.Module, None] = None,
+                   epoch: Optional[int] = None, source: Optional[PathLike] = None, kind: str = "splitlbi") -> Path:
+    """Write a mask file (atomically); return its path.
+
+    Args:
+        masks: parameter name -> bool mask shaped like the parameter (e.g.
+            ``budget_masks(...).masks``, ``opt.masks_by_module(model)``).
+        model: the model's name as a run records it (``"lenet5"``, ``"mymodels:make_net"``),
+            or the network itself (then the masks are checked against it first); optional.
+        epoch, source, kind: where the masks come from, recorded in the file.
+    """
+    if isinstance(model, nn.Module):
+        validate_masks(masks, model)
+        model = None  # a module has no name a later command could compare; the shapes are recorded
     masks = {name: mask.detach().to("cpu", torch.bool).clone() for name, mask in masks.items()}
     content = {"masks": masks, "model": model, "shapes": {name: list(mask.shape) for name, mask in masks.items()},
                "epoch": epoch, "source": None if source is None else str(source), "kind": kind}

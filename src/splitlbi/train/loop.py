@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from splitlbi.data import normalize
 from splitlbi.data.augment import augment_generator, train_transform
 from splitlbi.errors import SplitLBIError
-from splitlbi.optim import SplitLBI
+from splitlbi.optim import SplitLBI, diagnostics
 from splitlbi.train import distributed, rundir
 from splitlbi.train.config import TrainConfig
 from splitlbi.train.progress import progress_bar
@@ -378,12 +378,18 @@ class TrainData(NamedTuple):
 EpochCallback = Callable[[int, Dict[str, Any]], None]
 
 
-def summary_line(metrics: Dict[str, Any], epochs: int) -> str:
-    """The one line printed after each epoch (``epoch   3/20  lr 0.1  train loss ...``)."""
+def summary_line(metrics: Dict[str, Any], epochs: int, splitlbi: bool = True) -> str:
+    """The one line printed after each epoch (``epoch   3/20  lr 0.1  train loss ...``).
+
+    The sparse model and Γ columns are SplitLBI's (``splitlbi``); a run of another optimizer
+    with a fixed mask (retraining, baselines) prints the share of weights its mask keeps."""
     parts = [f"epoch {metrics['epoch']:>3}/{epochs}", f"lr {metrics['lr']:.4g}",
              f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:6.2f}%",
              f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:6.2f}%"]
-    if metrics["gamma_nonzero_share"] is not None:
+    if not splitlbi:
+        if metrics["gamma_nonzero_share"] is not None:
+            parts.append(f"mask keeps {100.0 * metrics['gamma_nonzero_share']:6.2f}% of the weights")
+    elif metrics["gamma_nonzero_share"] is not None:
         parts.append(f"sparse acc {metrics['sparse_test_acc']:6.2f}%")
         if metrics.get("sparse_recal_test_acc") is not None:
             parts.append(f"(BN recalibrated {metrics['sparse_recal_test_acc']:6.2f}%)")
@@ -469,6 +475,10 @@ def run_epochs(
     evaluation = dict(batch_size=config.eval_batch_size, mean=data.mean, std=data.std, shard=context.shard,
                       autocast_dtype=autocast_dtype, memory_format=memory_format, progress=show_progress)
     last = rundir.CHECKPOINT_DIR + "/" + rundir.LAST_CHECKPOINT
+    if lbi is not None and start_epoch == 0 and context.is_main:
+        # Before the first step: is the run long enough for ν at all (docs: "ν depends on the number of steps")?
+        batches = math.ceil(data.train_images.shape[0] / (config.batch_size * context.world_size))
+        diagnostics.warn_once(lbi, "steps", diagnostics.steps_message(lbi, config.epochs * batches), stacklevel=2)
     for epoch in range(start_epoch + 1, config.epochs + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
@@ -532,7 +542,9 @@ def run_epochs(
                 rundir.write_epoch(run_dir, history, metrics, model, optimizer, scheduler, rng_states,
                                    masks=_run_masks(model, lbi) if lbi is not None else None,
                                    keep=epoch % config.save_every == 0 or epoch == config.epochs)
-                say(summary_line(metrics, config.epochs))
+                say(summary_line(metrics, config.epochs, splitlbi=lbi is not None))
+                if lbi is not None and epoch == config.epochs:
+                    diagnostics.check_support(lbi, stacklevel=3)  # Γ empty, or layers empty, at the end
                 if board is not None:
                     board.log_epoch(epoch, metrics, model, optimizer)
                 if on_epoch_end is not None:

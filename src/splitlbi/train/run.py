@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from splitlbi.data import canonical_dataset_name, load_dataset
 from splitlbi.errors import SplitLBIError
-from splitlbi.models import create_model, is_model, list_models
+from splitlbi.models import create_model, model_factory
 from splitlbi.train import distributed
 from splitlbi.train.config import TrainConfig, resolve_device, validate_config
 from splitlbi.train.loop import EpochCallback, TrainData, run_epochs, train_one_epoch
@@ -74,8 +74,8 @@ def _load_data(config: TrainConfig, device: torch.device) -> TrainData:
 
 
 def _check_model_name(name: str) -> None:
-    if not is_model(name):
-        raise SplitLBIError(f"unknown model {name!r} (choose from {', '.join(list_models())})")
+    """A one-line error for a model name that is not registered or an import path that does not resolve."""
+    model_factory(name)
 
 
 def _seed_everything(seed: int) -> None:

@@ -68,6 +68,7 @@ from torch import Tensor, nn
 import splitlbi
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model
+from splitlbi.models.registry import import_model_module, model_module
 from splitlbi.optim import SplitLBI
 from splitlbi.optim import penalties as _penalties
 from splitlbi.train import distributed
@@ -804,7 +805,9 @@ def csv_epochs(text: str) -> List[int]:
 def read_run_config(run_dir: PathLike) -> Dict[str, Any]:
     """The parsed ``config.json`` of a run: one flat dict.
 
-    Keys: every :class:`TrainConfig` field (``model`` is the model name, ``dataset`` the
+    Keys: every :class:`TrainConfig` field (``model`` is the model name or import path
+    ``package.module:factory``; ``model_module``, when present, the module that registered
+    it, imported here when this process lacks the name; ``dataset`` the
     dataset name, ``optimizer``, ``lr``, ``kappa``, ``nu``, ``seed``, ``epochs``, ...);
     the dataset facts ``num_classes``, ``in_channels`` (with ``model``: the arguments of
     ``create_model``), ``image_size``, ``mean``, ``std``, ``train_size``, ``test_size``,
@@ -822,6 +825,7 @@ def read_run_config(run_dir: PathLike) -> Dict[str, Any]:
     if not isinstance(info, dict):
         raise SplitLBIError(f"{path} is not a run's config (a JSON {type(info).__name__}, not an object)")
     check_run_info(info, path)
+    import_model_module(info.get("model"), info.get("model_module"))
     return info
 
 
@@ -1296,7 +1300,9 @@ def run_info(config: TrainConfig, facts: Dict[str, Any]) -> Dict[str, Any]:
     """A new run's config.json: the settings, the dataset ``facts``, format, versions and time."""
     # Flat on purpose: readers (plots) get model/num_classes/in_channels/image_size/mean/std
     # and the hyperparameters without knowing any nesting.
-    return {"format": RUN_FORMAT, **config.to_dict(), **facts, "versions": _versions(), "created": _now(),
+    # A model registered by the user's own module: the readers import it again (registry.import_model_module).
+    module = {"model_module": model_module(config.model)} if model_module(config.model) else {}
+    return {"format": RUN_FORMAT, **config.to_dict(), **module, **facts, "versions": _versions(), "created": _now(),
             "resumed": []}
 
 
