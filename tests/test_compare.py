@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -133,6 +134,20 @@ def test_compare_resumes_an_interrupted_run(tmp_path):
     assert rows[0]["final_test_acc_mean"] == pytest.approx(float(metrics[-1]["test_acc"]))
     csv_row = read_rows(out / "table.csv")[0]
     assert csv_row["final_test_acc_std"] == "" and csv_row["seeds"] == "1"
+
+
+def test_baselines_do_not_depend_on_the_splitlbi_settings(tmp_path):
+    base = TrainConfig(**SMALL_SETTINGS, epochs=1, nu=50.0, lam=2.0, kappa=3.0)
+    defaults = TrainConfig()
+    sgd = variant_config(base, "sgd-mom", 0)
+    assert (sgd.kappa, sgd.nu, sgd.lam, sgd.penalty) == (defaults.kappa, defaults.nu, defaults.lam, defaults.penalty)
+    assert variant_config(base, "splitlbi-mom", 0).nu == 50.0
+    # A baseline run stored with other κ, ν (as compare made them before) is still the finished run: skipped.
+    old = dataclasses.replace(sgd, nu=50.0, lam=2.0, kappa=3.0)
+    run_training(old, run_dir_for(tmp_path, "sgd-mom", 0), log=None)
+    lines: List[str] = []
+    rows = compare(tmp_path, ["sgd-mom"], [0], log=lines.append, epochs=1, nu=9.0, **SMALL_SETTINGS)
+    assert any("sgd-mom seed 0: finished before, skipped" in line for line in lines) and rows[0]["seeds"] == 1
 
 
 def test_unknown_variant_is_a_one_line_error(tmp_path, capsys):

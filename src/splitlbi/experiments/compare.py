@@ -44,7 +44,8 @@ decay 1e-2 (with 0 it would be Adam). RMSprop runs at 1e-3 (Tieleman and Hinton'
 value, the default of Keras and TensorFlow), not torch's default 1e-2, which is ten times
 the step of the other adaptive methods here. The learning-rate schedule (``--lr-milestones``,
 ``--lr-gamma``), epochs, batch size, augmentation and data are shared by all variants;
-``--kappa``, ``--nu``, ``--lam`` and ``--penalty`` apply to the SplitLBI variants.
+``--kappa``, ``--nu``, ``--lam`` and ``--penalty`` apply to the SplitLBI variants alone: the
+baselines' runs store TrainConfig's defaults for them, so they do not depend on these.
 
 >>> rows = compare("runs/table1", ["splitlbi-mom", "sgd-mom"], seeds=[0, 1],
 ...                model="lenet5", dataset="digits", epochs=5)     # doctest: +SKIP
@@ -64,14 +65,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from splitlbi.errors import SplitLBIError
-from splitlbi.train.config import TrainConfig, validate_config
+from splitlbi.train.config import SPLITLBI_ONLY_FIELDS, TrainConfig, validate_config
 from splitlbi.train.run import (
     CHECKPOINT_DIR,
     LAST_CHECKPOINT,
     METRICS_FILE,
     read_run_config,
 )
-from splitlbi.train.rundir import check_same_settings, train_or_resume
+from splitlbi.train.rundir import check_same_settings, read_train_config, train_or_resume
 from splitlbi.train.runfiles import iter_path, path_layers, read_metrics
 from splitlbi.utils.io import atomic_write_text
 
@@ -156,9 +157,14 @@ def variant_config(base: TrainConfig, name: str, seed: int, *, weight_decay: flo
     """The TrainConfig of variant ``name`` with ``seed``: ``base`` with the variant's optimizer settings.
 
     ``base.lr`` is the learning rate of the SGD and SplitLBI variants; the adaptive
-    ones use ``adaptive_lr`` when given, else their own default.
+    ones use ``adaptive_lr`` when given, else their own default. The baselines get
+    TrainConfig's defaults for the settings only SplitLBI reads (κ, ν, λ, penalties), so
+    their runs do not depend on the SplitLBI settings of the comparison.
     """
     variant = _variant(name)
+    if not variant.is_splitlbi:
+        defaults = TrainConfig()
+        base = dataclasses.replace(base, **{field: getattr(defaults, field) for field in SPLITLBI_ONLY_FIELDS})
     if variant.adaptive_lr is not None:
         lr = adaptive_lr if adaptive_lr is not None else variant.adaptive_lr
     else:
@@ -440,6 +446,12 @@ def compare(
     for (name, seed), config in configs.items():
         run_dir = run_dir_for(out, name, seed)
         if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+            if config.optimizer != "splitlbi":
+                # A baseline run stored with other κ, ν, ... (all runs before they got the defaults) is the
+                # same run: keep its values so that it is still skipped or resumed.
+                stored = read_train_config(run_dir)
+                config = configs[(name, seed)] = dataclasses.replace(
+                    config, **{field: getattr(stored, field) for field in SPLITLBI_ONLY_FIELDS})
             check_same_settings(run_dir, config)
     if train:
         for index, ((name, seed), config) in enumerate(configs.items(), start=1):
