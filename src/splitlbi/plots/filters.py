@@ -446,6 +446,27 @@ def resolve_support(
     return paths.final_support, None
 
 
+def _run_to_visualize(run_dir: Path, epochs: Sequence[int]) -> tuple[Path, dict[str, Any], tuple[int, int, int]]:
+    """The run directory, its config and input shape; one-line errors for a missing run or no epoch."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SplitLBIError(f"run directory {run_dir} does not exist")
+    if not epochs:
+        raise SplitLBIError("give at least one epoch (--epochs)")
+    config = read_run_config(run_dir, required=True)
+    return run_dir, config, image_shape_of(config)
+
+
+def _model_at(run_dir: Path, epoch: int, config: Mapping[str, Any], layer: str,
+              support: Optional[np.ndarray]) -> tuple[nn.Module, int]:
+    """The model at ``epoch`` and its number of ``layer`` filters, which must match ``support`` (when given)."""
+    model = load_model_at(run_dir, epoch, config)
+    total = num_filters_of(get_layer(model, layer))
+    if support is not None and len(support) != total:
+        raise SplitLBIError(f"layer {layer!r} has {total} filters but the support of Γ has {len(support)}")
+    return model, total
+
+
 def plot_filter_visualizations(
     run_dir: Path,
     layer: str,
@@ -466,22 +487,13 @@ def plot_filter_visualizations(
     every epoch so that differences between blocks come from the weights alone.
     ``progress``: one bar per epoch over the ascent steps, on a terminal.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise SplitLBIError(f"run directory {run_dir} does not exist")
-    if not epochs:
-        raise SplitLBIError("give at least one epoch (--epochs)")
-    config = read_run_config(run_dir, required=True)
-    shape = image_shape_of(config)
+    run_dir, config, shape = _run_to_visualize(run_dir, epochs)
     support, note = resolve_support(run_dir, layer, support_from)
 
     images_by_epoch: dict[int, Tensor] = {}
     filter_ids: list[int] = []
     for epoch in epochs:
-        model = load_model_at(run_dir, int(epoch), config)
-        total = num_filters_of(get_layer(model, layer))
-        if support is not None and len(support) != total:
-            raise SplitLBIError(f"layer {layer!r} has {total} filters but the support of Γ has {len(support)}")
+        model, total = _model_at(run_dir, int(epoch), config, layer, support)
         filter_ids = list(range(total if num_filters is None else min(num_filters, total)))
         images_by_epoch[int(epoch)] = activation_maximization(
             model, layer, shape, steps=steps, lr=lr, seed=seed, filters=filter_ids, progress=progress,
@@ -663,15 +675,9 @@ def plot_selected_filters(
     ``out.with_suffix(".csv")`` gets :data:`SELECTED_FILTERS_COLUMNS` for all of them.
     Returns the PNG path.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise SplitLBIError(f"run directory {run_dir} does not exist")
-    if not epochs:
-        raise SplitLBIError("give at least one epoch (--epochs)")
     if per_group < 1:
         raise SplitLBIError(f"per_group must be >= 1, got {per_group}")
-    config = read_run_config(run_dir, required=True)
-    shape = image_shape_of(config)
+    run_dir, config, shape = _run_to_visualize(run_dir, epochs)
     support_run = Path(support_from) if support_from is not None else run_dir
     final_support, _ = resolve_support(run_dir, layer, support_from)
     if final_support is None:
@@ -679,10 +685,7 @@ def plot_selected_filters(
                             "give a SplitLBI run with the same initialization (--support-from)")
     images, gains, activations, norms, supports = {}, {}, {}, {}, {}
     for epoch in epochs:
-        model = load_model_at(run_dir, int(epoch), config)
-        total = num_filters_of(get_layer(model, layer))
-        if len(final_support) != total:
-            raise SplitLBIError(f"layer {layer!r} has {total} filters but the support of Γ has {len(final_support)}")
+        model, total = _model_at(run_dir, int(epoch), config, layer, final_support)
         everything = list(range(total))
         images[epoch] = activation_maximization(model, layer, shape, steps=steps, lr=lr, seed=seed,
                                                 filters=everything, progress=progress,
