@@ -27,6 +27,9 @@ from splitlbi.plots.filters import (
     grid_shape,
     plot_filter_grid,
     plot_filter_visualizations,
+    plot_selected_filters,
+    selected_and_unselected,
+    shared_contrast,
 )
 from splitlbi.plots.path import make_filter_path_figure, plot_filter_paths, read_filter_paths
 from splitlbi.plots.style import (
@@ -228,6 +231,25 @@ def test_activation_maximization_on_lenet5_conv3(one_thread):
     assert (found.flatten(1).norm(dim=1) <= 28.0 + 1e-3).all()  # default radius sqrt(784)
 
 
+def test_activation_maximization_starts_where_a_trained_net_responds(one_thread):
+    """A trained LeNet-5 has conv1 biases near -2: from faint noise no ReLU is on, the gradient is exactly zero
+    and the ascent never moves (what the Figure 1 images showed before); from noise on the ball it does."""
+    from splitlbi.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("lenet5", num_classes=10, in_channels=1)
+    with torch.no_grad():
+        model.conv1.weight.mul_(4.0)  # ‖w‖ ≈ 2, as after training at lr 0.1
+        model.conv1.bias.fill_(-2.0)
+    filters = [0, 1, 2]
+    faint = activation_maximization(model, "conv3", (1, 28, 28), steps=0, filters=filters, start=0.1)
+    dead = filter_activations(model, "conv3", faint, filters)
+    moved = activation_maximization(model, "conv3", (1, 28, 28), steps=20, filters=filters, start=0.1, blur_sigma=0)
+    assert torch.equal(filter_activations(model, "conv3", moved, filters), dead)  # stuck: zero gradient
+    found = activation_maximization(model, "conv3", (1, 28, 28), steps=20, filters=filters)
+    assert (filter_activations(model, "conv3", found, filters) > dead + 0.1).all()
+
+
 def test_activation_maximization_unknown_layer():
     with pytest.raises(SplitLBIError, match="conv1, conv2, head"):
         activation_maximization(TinyNet(), "conv7", (1, 8, 8), steps=1)
@@ -271,6 +293,54 @@ def test_filters_plot_from_lenet5_checkpoints(tmp_path, one_thread):
     assert out.is_file()
 
 
+def test_selected_and_unselected_takes_half_of_each_selected_first():
+    support = np.array([False, True, False, True, True, False, False])
+    assert selected_and_unselected(support, 4) == [1, 3, 0, 2]
+    assert selected_and_unselected(np.array([True, False]), 6) == [0, 1]
+    assert selected_and_unselected(np.array([True, True, True, False]), 4) == [0, 1, 2, 3]
+
+
+def test_shared_contrast_fades_filters_that_do_not_respond():
+    images = [torch.randn(3, 1, 6, 6), torch.randn(3, 1, 6, 6)]
+    gains = [np.array([2.0, 0.0, 1e-6]), np.array([4.0, 1.0, -3.0])]
+    tiles = shared_contrast(images, gains)
+    assert [t.shape for t in tiles] == [(3, 6, 6, 3)] * 2
+    assert np.allclose(tiles[0][1], 0.5) and np.allclose(tiles[1][2], 0.5)  # no gain (or a loss): flat grey
+    assert np.abs(tiles[0][2] - 0.5).max() < 1e-3
+    assert np.abs(tiles[1][0] - 0.5).max() > 0.3  # the largest gain uses the whole range
+
+
+def test_selected_filters_figure_and_csv(tmp_path, one_thread):
+    """Figure 1's filter images: own and shared contrast per epoch, frames by the support at that epoch, ‖W_f‖ per
+    tile; the CSV has every filter with its norm (from the checkpoint), support and gain."""
+    lbi = write_run(tmp_path / "lbi", num_filters=120, checkpoint_epochs_=(2, 4))
+    with torch.no_grad():  # filters 1, 2, 4, 5, ... (unselected in write_run) driven to zero at epoch 4
+        state = torch.load(lbi / "checkpoints" / "epoch_0004.pt")
+        weight = state["model"]["conv3.weight"]
+        weight[torch.as_tensor(~np.array([f % 3 == 0 for f in range(120)]))] *= 1e-6
+        torch.save(state, lbi / "checkpoints" / "epoch_0004.pt")
+    out = plot_selected_filters(lbi, "conv3", [2, 4], tmp_path / "sel.png", per_group=3, steps=5)
+    assert out.is_file() and out.stat().st_size > 5_000
+    rows = list(csv.DictReader((tmp_path / "sel.csv").open()))
+    assert len(rows) == 2 * 120 and rows[0].keys() >= {"epoch", "filter", "w_norm", "in_support", "activation_gain"}
+    at4 = {int(r["filter"]): r for r in rows if r["epoch"] == "4"}
+    weight = torch.load(lbi / "checkpoints" / "epoch_0004.pt")["model"]["conv3.weight"]
+    assert float(at4[7]["w_norm"]) == pytest.approx(float(weight[7].norm()), rel=1e-4)
+    assert at4[3]["in_support"] == "1" and at4[4]["in_support"] == "0"  # write_run: support only at the last epoch
+    assert {r["in_support"] for r in rows if r["epoch"] == "2"} == {"0"}
+    assert sorted(int(f) for f, r in at4.items() if r["shown"] == "1") == [0, 1, 2, 3, 4, 6]
+    gains = {f: float(r["activation_gain"]) for f, r in at4.items()}
+    assert max(abs(gains[f]) for f in (1, 2, 4)) < 1e-3 * min(gains[f] for f in (0, 3, 6))
+
+    # The SGD run of the same init: its own norms, the SplitLBI run's support.
+    sgd = write_run(tmp_path / "sgd", optimizer="sgd", num_filters=120, checkpoint_epochs_=(4,))
+    plot_selected_filters(sgd, "conv3", [4], tmp_path / "sgd.png", per_group=2, steps=2, support_from=lbi)
+    sgd_rows = list(csv.DictReader((tmp_path / "sgd.csv").open()))
+    assert [r["in_support"] for r in sgd_rows[:4]] == ["1", "0", "0", "1"]
+    with pytest.raises(SplitLBIError, match="--support-from"):
+        plot_selected_filters(sgd, "conv3", [4], tmp_path / "x.png", steps=1)
+
+
 def test_filters_plot_missing_epoch_lists_available(tmp_path):
     lbi = write_run(tmp_path / "lbi", num_filters=120, checkpoint_epochs_=(0, 2, 4))
     with pytest.raises(SplitLBIError, match=r"epoch 3; available epochs: 0, 2, 4"):
@@ -310,6 +380,16 @@ def test_cli_plot_path_and_filters(tmp_path, one_thread, capsys):
     assert args.func(args) == 0
     assert (tmp_path / "f.png").is_file()
     assert "wrote" in capsys.readouterr().out
+
+    args = make_parser().parse_args(
+        ["plot", "filters", str(lbi), "--layer", "conv3", "--epochs", "4", "--per-group", "2",
+         "--out", str(tmp_path / "s.png"), "--steps", "2"]
+    )
+    assert args.func(args) == 0
+    assert (tmp_path / "s.png").is_file() and (tmp_path / "s.csv").is_file()
+    with pytest.raises(SystemExit):  # one or the other
+        make_parser().parse_args(["plot", "filters", str(lbi), "--layer", "conv3", "--epochs", "4", "--per-group",
+                                  "2", "--filters", "3", "--out", "x.png"])
 
 
 def test_cli_plot_requires_a_subcommand():

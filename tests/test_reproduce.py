@@ -53,6 +53,23 @@ def test_every_figure_and_the_table_is_drawn(smoke: dict) -> None:
     assert smoke["lines"][-1].startswith("done in")
 
 
+def test_fig1_and_table1_train_on_mnists_official_split(smoke: dict) -> None:
+    """The LeNet-5 recipes read MNIST's 60,000 training images (the smoke scale takes the first 1,024 of them and
+    256 of the 10,000 test images), not the test set split in two; Figure 1 has both runs' filter images."""
+    out = smoke["out"]
+    configs = [json.loads((run / "config.json").read_text()) for run in (out / "runs").iterdir()
+               if (run / "config.json").is_file()]
+    fig1 = [config for config in configs if config["dataset"] == "mnist"]
+    table1 = [json.loads((run / "config.json").read_text()) for run in sorted((out / "table1").glob("*/seed0"))]
+    assert sorted(config["optimizer"] for config in fig1) == ["sgd", "splitlbi"] and len(table1) == 3
+    for config in fig1 + table1:
+        assert config["train_split"] is None and config["dataset_description"].startswith("MNIST official split")
+        assert (config["train_size"], config["test_size"]) == (1024, 256)
+    for name in ("fig1_filters.csv", "fig1_filters_sgd.csv"):
+        rows = read_rows(out / "figures" / name)
+        assert rows and len(rows) % 120 == 0 and {row["filter"] for row in rows} == {str(f) for f in range(120)}
+
+
 def test_fig4_csv_holds_the_mean_over_seeds_of_the_runs(smoke: dict) -> None:
     """The plotted numbers are exactly the runs' metrics: the mean and std over seeds, per setting."""
     out = smoke["out"]

@@ -20,7 +20,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
         help="Table 1: test accuracy of SplitLBI variants against SGD and adaptive optimizers over seeds",
         description="Train one model on one dataset with several optimizer variants and seeds (each an ordinary "
                     "run directory OUT/<variant>/seed<k>), then write OUT/table.md and OUT/table.csv: final and "
-                    "best test accuracy, mean ± std over seeds, and the final share of non-zeros of SplitLBI's Γ. "
+                    "best test accuracy, mean ± std over seeds, and for SplitLBI the sparse model's accuracy, the "
+                    "final share of non-zeros of Γ and (--layer) the filters selected; OUT/runs.csv per run. "
                     "Re-running the command skips finished runs and resumes interrupted ones. "
                     f"Variants: {', '.join(VARIANT_NAMES)}.",
     )
@@ -52,6 +53,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     optim.add_argument("--lam", type=float, default=defaults.lam,
                        help="SplitLBI λ (default: the coupling's, 1 for filters, 2 for BatchNorm scales)")
     optim.add_argument("--penalty", default=defaults.penalty, help="SplitLBI penalty (default: auto)")
+    optim.add_argument("--layer", metavar="NAME",
+                       help="count this layer's filters in the support of Γ at the end of the SplitLBI runs "
+                            "(e.g. conv3, LeNet-5's c5)")
 
     schedule = parser.add_argument_group("schedule")
     schedule.add_argument("--seeds", type=seed, nargs="+", default=[0, 1, 2], metavar="SEED",
@@ -89,6 +93,6 @@ def _run(namespace: argparse.Namespace) -> int:
         progress=not namespace.no_progress,
     )
     compare(namespace.out, namespace.optimizers, namespace.seeds, weight_decay=namespace.weight_decay,
-            adaptive_lr=namespace.adaptive_lr, train=not namespace.table_only,
+            adaptive_lr=namespace.adaptive_lr, layer=namespace.layer, train=not namespace.table_only,
             epoch_log=(lambda line: print("    " + line)) if namespace.verbose else None, **settings)
     return 0

@@ -24,8 +24,16 @@ def _cmd_path(args: argparse.Namespace) -> int:
 
 
 def _cmd_filters(args: argparse.Namespace) -> int:
-    from splitlbi.plots.filters import plot_filter_visualizations
+    from splitlbi.plots.filters import plot_filter_visualizations, plot_selected_filters
 
+    if args.per_group is not None:
+        out = plot_selected_filters(
+            args.run, args.layer, args.epochs, args.out, per_group=args.per_group, support_from=args.support_from,
+            steps=args.steps, lr=args.lr, seed=args.seed, title=args.title, pdf=args.pdf,
+            progress=not args.no_progress,
+        )
+        print(f"wrote {out}, {out.with_suffix('.csv')}" + (f" and {out.with_suffix('.pdf')}" if args.pdf else ""))
+        return 0
     out = plot_filter_visualizations(
         args.run, args.layer, args.epochs, args.out,
         steps=args.steps, num_filters=args.filters, support_from=args.support_from,
@@ -60,7 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "filters", help="filter images by activation maximization at some epochs (Figure 1)",
         description="For each epoch, the input images that maximize each filter of LAYER "
         "(Erhan et al. 2009), framed blue if the filter is selected by Γ at the last epoch, "
-        "red if not.",
+        "red if not (with --per-group: by the support at each epoch).",
     )
     filters.add_argument("run", type=Path, metavar="RUN_DIR", help="run directory with checkpoints/")
     filters.add_argument("--layer", required=True, help="conv layer (module name), e.g. conv3")
@@ -71,10 +79,16 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     filters.add_argument("--lr", type=positive_float, default=0.1,
                          help="ascent step as a fraction of the image-norm bound (default 0.1)")
     filters.add_argument("--seed", type=seed, default=0, help="seed of the starting noise (default 0)")
-    filters.add_argument("--filters", type=positive_int, default=None, metavar="N",
-                         help="show only the first N filters (default all)")
+    shown = filters.add_mutually_exclusive_group()
+    shown.add_argument("--filters", type=positive_int, default=None, metavar="N",
+                       help="show only the first N filters (default all)")
+    shown.add_argument("--per-group", type=positive_int, default=None, metavar="K",
+                       help="Figure 1's comparison: K filters selected by Γ at the end and K not, each epoch at "
+                            "every image's own contrast and at one shared contrast weighted by the filter's "
+                            "activation gain (weak filters fade to grey), frames by the support at that epoch, "
+                            "‖W_f‖ on each tile; also writes OUT.csv with every filter's norm, support and gain")
     filters.add_argument("--support-from", type=Path, default=None, metavar="RUN_DIR",
-                         help="frame by the final Γ of this (SplitLBI) run, e.g. for an SGD run")
+                         help="frame by the Γ of this (SplitLBI) run, e.g. for an SGD run with the same init")
     filters.add_argument("--title", default=None, help="figure title")
     filters.add_argument("--pdf", action="store_true", help="also save a PDF next to the PNG")
     filters.add_argument("--no-progress", action="store_true",

@@ -11,8 +11,12 @@ same seed start from the same initialization, whatever the variant.
 At the end ``OUT/table.csv`` and ``OUT/table.md`` get one row per variant: the test
 accuracy (percent) after the last epoch ("final") and the highest over all epochs
 ("best"), mean and standard deviation over the seeds (sample standard deviation, n-1;
-empty for a single seed), and for SplitLBI the final share of non-zeros of Γ (the
-paper's "sparsity", ``gamma_nonzero_share`` in ``metrics.csv``; 0.25 = 25% non-zero).
+empty for a single seed), and for SplitLBI after the last epoch the test accuracy of the
+sparse model (W projected onto the support of Γ, no fine-tuning; ``sparse_test_acc`` in
+``metrics.csv``), the share of non-zeros of Γ (the paper's "sparsity",
+``gamma_nonzero_share``; 0.25 = 25% non-zero) and, with ``layer``, how many of that
+layer's filters are in the support of Γ (``path.csv``). ``OUT/runs.csv`` has the same
+numbers per run (variant, seed), for reporting each seed.
 
 Variants (names as in the paper's Table 1):
 
@@ -30,14 +34,18 @@ sgd-nesterov       sgd         0.9 (N)   0         ``--lr``
 adam               adam        -         0         ``--adaptive-lr`` or 1e-3
 adamw              adamw       -         1e-2      ``--adaptive-lr`` or 1e-3
 adagrad            adagrad     -         0         ``--adaptive-lr`` or 1e-2
+rmsprop            rmsprop     -         0         ``--adaptive-lr`` or 1e-3
 radam              radam       -         0         ``--adaptive-lr`` or 1e-3
 amsgrad            amsgrad     -         0         ``--adaptive-lr`` or 1e-3
 =================  ==========  ========  ========  ==============================
 
 ``--wd`` is ``--weight-decay`` (default 1e-4); AdamW keeps torch's default decoupled
-decay 1e-2 (with 0 it would be Adam). The learning-rate schedule (``--lr-milestones``,
+decay 1e-2 (with 0 it would be Adam). RMSprop runs at 1e-3 (Tieleman and Hinton's
+value, the default of Keras and TensorFlow), not torch's default 1e-2, which is ten times
+the step of the other adaptive methods here. The learning-rate schedule (``--lr-milestones``,
 ``--lr-gamma``), epochs, batch size, augmentation and data are shared by all variants;
-``--kappa``, ``--nu``, ``--lam`` and ``--penalty`` apply to the SplitLBI variants.
+``--kappa``, ``--nu``, ``--lam`` and ``--penalty`` apply to the SplitLBI variants alone: the
+baselines' runs store TrainConfig's defaults for them, so they do not depend on these.
 
 >>> rows = compare("runs/table1", ["splitlbi-mom", "sgd-mom"], seeds=[0, 1],
 ...                model="lenet5", dataset="digits", epochs=5)     # doctest: +SKIP
@@ -57,7 +65,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 from splitlbi.errors import SplitLBIError
-from splitlbi.train.config import TrainConfig, validate_config
+from splitlbi.train.config import SPLITLBI_ONLY_FIELDS, TrainConfig, validate_config
 from splitlbi.train.run import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -65,13 +73,14 @@ from splitlbi.train.run import (
     METRICS_FILE,
     read_run_config,
 )
-from splitlbi.train.rundir import check_same_settings, train_or_resume
-from splitlbi.train.runfiles import read_metrics
+from splitlbi.train.rundir import check_same_settings, read_train_config, train_or_resume
+from splitlbi.train.runfiles import iter_path, path_layers, read_metrics
 from splitlbi.utils.io import atomic_write_text
 
 __all__ = [
-    "VARIANTS", "VARIANT_NAMES", "DEFAULT_WEIGHT_DECAY", "TABLE_COLUMNS", "Variant",
-    "variant_config", "run_dir_for", "compare", "summarize", "format_csv", "format_markdown", "write_tables",
+    "VARIANTS", "VARIANT_NAMES", "DEFAULT_WEIGHT_DECAY", "TABLE_COLUMNS", "RUN_COLUMNS", "Variant",
+    "variant_config", "run_dir_for", "compare", "summarize", "format_csv", "format_runs_csv", "format_markdown",
+    "write_tables",
 ]
 
 PathLike = Union[str, "Path"]
@@ -81,10 +90,16 @@ Log = Optional[Callable[[str], None]]
 DEFAULT_WEIGHT_DECAY = 1e-4
 TABLE_CSV = "table.csv"
 TABLE_MD = "table.md"
+RUNS_CSV = "runs.csv"
 #: Columns of ``table.csv`` (accuracies in percent, the share of non-zeros of Γ a fraction
-#: as in metrics.csv).
+#: as in metrics.csv; the filter columns are empty without ``layer`` and for baselines).
 TABLE_COLUMNS = ("optimizer", "lr", "seeds", "final_test_acc_mean", "final_test_acc_std",
-                 "best_test_acc_mean", "best_test_acc_std", "final_gamma_nonzero_share_mean")
+                 "best_test_acc_mean", "best_test_acc_std", "final_sparse_test_acc_mean",
+                 "final_sparse_test_acc_std", "final_gamma_nonzero_share_mean", "final_gamma_nonzero_share_std",
+                 "filters_layer", "filters_selected_mean", "filters_selected_std", "filters_total")
+#: Columns of ``runs.csv``: one row per (variant, seed), the per-run numbers behind the table.
+RUN_COLUMNS = ("optimizer", "seed", "lr", "final_test_acc", "best_test_acc", "final_sparse_test_acc",
+               "final_gamma_nonzero_share", "filters_layer", "filters_selected", "filters_total", "run_dir")
 
 # Settings that each variant fixes; ``compare(**settings)`` may not set them.
 _VARIANT_FIELDS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay", "seed")
@@ -124,6 +139,7 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in (
     Variant("adam", "adam", adaptive_lr=1e-3),
     Variant("adamw", "adamw", weight_decay=1e-2, adaptive_lr=1e-3),
     Variant("adagrad", "adagrad", adaptive_lr=1e-2),
+    Variant("rmsprop", "rmsprop", adaptive_lr=1e-3),
     Variant("radam", "radam", adaptive_lr=1e-3),
     Variant("amsgrad", "amsgrad", adaptive_lr=1e-3),
 )}
@@ -142,9 +158,14 @@ def variant_config(base: TrainConfig, name: str, seed: int, *, weight_decay: flo
     """The TrainConfig of variant ``name`` with ``seed``: ``base`` with the variant's optimizer settings.
 
     ``base.lr`` is the learning rate of the SGD and SplitLBI variants; the adaptive
-    ones use ``adaptive_lr`` when given, else their own default.
+    ones use ``adaptive_lr`` when given, else their own default. The baselines get
+    TrainConfig's defaults for the settings only SplitLBI reads (κ, ν, λ, penalties), so
+    their runs do not depend on the SplitLBI settings of the comparison.
     """
     variant = _variant(name)
+    if not variant.is_splitlbi:
+        defaults = TrainConfig()
+        base = dataclasses.replace(base, **{field: getattr(defaults, field) for field in SPLITLBI_ONLY_FIELDS})
     if variant.adaptive_lr is not None:
         lr = adaptive_lr if adaptive_lr is not None else variant.adaptive_lr
     else:
@@ -166,16 +187,32 @@ def _float(text: Optional[str]) -> Optional[float]:
     return None if text is None or text == "" else float(text)
 
 
-def _run_result(run_dir: Path, epochs: int) -> Optional[Dict[str, Any]]:
-    """Final/best test accuracy and final share of non-zeros of Γ over epochs 1..``epochs``; None if incomplete."""
+def _filters_selected(run_dir: Path, layer: str, epoch: int) -> Optional[Dict[str, int]]:
+    """How many of ``layer``'s filters are in the support of Γ at ``epoch`` (None: no Γ logged)."""
+    flags = [row.in_support for row in iter_path(run_dir, layer=layer, epoch=epoch)]
+    if not flags:
+        raise SplitLBIError(f"{run_dir}: layer {layer!r} has no rows for epoch {epoch} in path.csv "
+                            f"(layers: {', '.join(path_layers(run_dir))})")
+    if any(flag is None for flag in flags):
+        return None
+    return {"filters_selected": sum(flags), "filters_total": len(flags)}
+
+
+def _run_result(run_dir: Path, epochs: int, layer: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Final/best test accuracy, final sparse-model accuracy and share of non-zeros of Γ over epochs
+    1..``epochs``, and the filters of ``layer`` in the support of Γ at the end; None if incomplete."""
     rows = [row for row in read_metrics(run_dir) if int(row["epoch"]) <= epochs]
     if not rows or int(rows[-1]["epoch"]) != epochs:
         return None
     final = rows[-1]
-    return {"run_dir": str(run_dir), "epochs": epochs, "final_test_acc": float(final["test_acc"]),
-            "best_test_acc": max(float(row["test_acc"]) for row in rows),
-            "final_sparse_test_acc": _float(final.get("sparse_test_acc")),
-            "final_gamma_nonzero_share": _float(final.get("gamma_nonzero_share"))}
+    result = {"run_dir": str(run_dir), "epochs": epochs, "final_test_acc": float(final["test_acc"]),
+              "best_test_acc": max(float(row["test_acc"]) for row in rows),
+              "final_sparse_test_acc": _float(final.get("sparse_test_acc")),
+              "final_gamma_nonzero_share": _float(final.get("gamma_nonzero_share")),
+              "filters_layer": layer, "filters_selected": None, "filters_total": None}
+    if layer is not None and result["final_gamma_nonzero_share"] is not None:
+        result.update(_filters_selected(run_dir, layer, epochs) or {})
+    return result
 
 
 # --------------------------------------------------------------------------- table
@@ -188,12 +225,15 @@ def _mean_std(values: Sequence[float]) -> tuple:
     return mean, (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def summarize(out_dir: PathLike, variants: Sequence[str], seeds: Sequence[int], epochs: int) -> List[Dict[str, Any]]:
+def summarize(out_dir: PathLike, variants: Sequence[str], seeds: Sequence[int], epochs: int,
+              layer: Optional[str] = None) -> List[Dict[str, Any]]:
     """The table rows of a comparison from its run directories (runs short of ``epochs`` left out).
 
     Each row has the :data:`TABLE_COLUMNS` (``seeds`` = number of runs averaged) and
     ``runs``: the per-seed results (``seed``, ``run_dir``, ``final_test_acc``,
-    ``best_test_acc``, ``final_sparse_test_acc``, ``final_gamma_nonzero_share``).
+    ``best_test_acc``, ``final_sparse_test_acc``, ``final_gamma_nonzero_share``,
+    ``filters_selected``, ``filters_total``). The SplitLBI-only columns stay empty for
+    the baselines; the filter columns need ``layer``.
     """
     rows = []
     for name in variants:
@@ -203,20 +243,25 @@ def summarize(out_dir: PathLike, variants: Sequence[str], seeds: Sequence[int], 
             run_dir = run_dir_for(out_dir, name, seed)
             if not (run_dir / METRICS_FILE).is_file():
                 continue
-            result = _run_result(run_dir, epochs)
+            result = _run_result(run_dir, epochs, layer if variant.is_splitlbi else None)
             if result is None:
                 continue
             if lr is None:
                 lr = float(read_run_config(run_dir)["lr"])
-            runs.append({"seed": seed, **result})
-        final_mean, final_std = _mean_std([run["final_test_acc"] for run in runs])
-        best_mean, best_std = _mean_std([run["best_test_acc"] for run in runs])
-        shares = [run["final_gamma_nonzero_share"] for run in runs if run["final_gamma_nonzero_share"] is not None]
-        share_mean = statistics.fmean(shares) if variant.is_splitlbi and shares else None
-        rows.append({"optimizer": name, "lr": lr, "seeds": len(runs),
-                     "final_test_acc_mean": final_mean, "final_test_acc_std": final_std,
-                     "best_test_acc_mean": best_mean, "best_test_acc_std": best_std,
-                     "final_gamma_nonzero_share_mean": share_mean, "runs": runs})
+            runs.append({"seed": seed, "lr": lr, **result})
+        row = {"optimizer": name, "lr": lr, "seeds": len(runs), "filters_layer": None, "filters_total": None,
+               "runs": runs}
+        columns = ["final_test_acc", "best_test_acc"]
+        if variant.is_splitlbi:
+            columns += ["final_sparse_test_acc", "final_gamma_nonzero_share", "filters_selected"]
+            totals = {run["filters_total"] for run in runs if run["filters_total"] is not None}
+            if totals:
+                row.update(filters_layer=layer, filters_total=max(totals))
+        for column in ("final_test_acc", "best_test_acc", "final_sparse_test_acc", "final_gamma_nonzero_share",
+                       "filters_selected"):
+            values = [run[column] for run in runs if run.get(column) is not None] if column in columns else []
+            row[f"{column}_mean"], row[f"{column}_std"] = _mean_std(values)
+        rows.append(row)
     return rows
 
 
@@ -236,28 +281,56 @@ def format_csv(rows: Sequence[Dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _plus_minus(mean: Optional[float], std: Optional[float], scale: float = 1.0) -> str:
+def format_runs_csv(rows: Sequence[Dict[str, Any]], out_dir: PathLike) -> str:
+    """``runs.csv``: :data:`RUN_COLUMNS`, one row per finished run, ``run_dir`` relative to ``out_dir``."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(RUN_COLUMNS)
+    for row in rows:
+        for run in row["runs"]:
+            cells = {**run, "optimizer": row["optimizer"],
+                     "run_dir": Path(run["run_dir"]).relative_to(out_dir).as_posix()}
+            writer.writerow([_cell(cells.get(column), ".6g") for column in RUN_COLUMNS])
+    return buffer.getvalue()
+
+
+def _plus_minus(mean: Optional[float], std: Optional[float], scale: float = 1.0, digits: int = 2) -> str:
     if mean is None:
         return "–"
-    text = f"{scale * mean:.2f}"
-    return text if std is None else f"{text} ± {scale * std:.2f}"
+    text = f"{scale * mean:.{digits}f}"
+    return text if std is None else f"{text} ± {scale * std:.{digits}f}"
 
 
 def format_markdown(rows: Sequence[Dict[str, Any]], caption: str = "") -> str:
-    """``table.md``: mean ± std per variant; ``caption`` (the setting) as a line above."""
+    """``table.md``: mean ± std per variant; ``caption`` (the setting) as a line above.
+
+    The SplitLBI rows add the sparse model's accuracy, the share of non-zeros of Γ and,
+    when counted, the filters of one layer in the support of Γ (``–`` for baselines).
+    """
+    layer = next((row["filters_layer"] for row in rows if row["filters_layer"]), None)
     lines = [caption, ""] if caption else []
-    lines += ["| optimizer | lr | seeds | final test acc (%) | best test acc (%) | final non-zeros of Γ (%) |",
-              "|---|---:|---:|---:|---:|---:|"]
+    header = ("| optimizer | lr | seeds | final test acc (%) | best test acc (%) | sparse model acc (%) "
+              "| non-zeros of Γ (%) |")
+    rule = "|---|---:|---:|---:|---:|---:|---:|"
+    if layer:
+        header += f" {layer} filters selected |"
+        rule += "---:|"
+    lines += [header, rule]
     for row in rows:
-        share = row["final_gamma_nonzero_share_mean"]
-        nonzeros = "" if share is None else f"{100.0 * share:.2f}"
-        lines.append(f"| {row['optimizer']} | {_cell(row['lr'], 'g')} | {row['seeds']} | "
-                     f"{_plus_minus(row['final_test_acc_mean'], row['final_test_acc_std'])} | "
-                     f"{_plus_minus(row['best_test_acc_mean'], row['best_test_acc_std'])} | {nonzeros} |")
+        line = (f"| {row['optimizer']} | {_cell(row['lr'], 'g')} | {row['seeds']} | "
+                f"{_plus_minus(row['final_test_acc_mean'], row['final_test_acc_std'])} | "
+                f"{_plus_minus(row['best_test_acc_mean'], row['best_test_acc_std'])} | "
+                f"{_plus_minus(row['final_sparse_test_acc_mean'], row['final_sparse_test_acc_std'])} | "
+                f"{_plus_minus(row['final_gamma_nonzero_share_mean'], row['final_gamma_nonzero_share_std'], 100.0)} |")
+        if layer:
+            selected = _plus_minus(row["filters_selected_mean"], row["filters_selected_std"], digits=1)
+            total = row["filters_total"]
+            line += f" {selected}{'' if total is None else f' / {total}'} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def _caption(rows: Sequence[Dict[str, Any]], base: TrainConfig, seeds: Sequence[int]) -> str:
+def _caption(rows: Sequence[Dict[str, Any]], base: TrainConfig, seeds: Sequence[int], weight_decay: float) -> str:
     described = next((run["run_dir"] for row in rows for run in row["runs"]), None)
     data = base.dataset
     if described is not None:
@@ -270,6 +343,8 @@ def _caption(rows: Sequence[Dict[str, Any]], base: TrainConfig, seeds: Sequence[
         parts.append(f"lr ×{base.lr_gamma:g} after epochs {', '.join(map(str, base.lr_milestones))}")
     if base.augment != "none":
         parts.append(f"augmentation {base.augment}")
+    if any(row["optimizer"].endswith("-wd") for row in rows):
+        parts.append(f"weight decay {weight_decay:g} (-wd rows)")
     lam = "the coupling's" if base.lam is None else f"{base.lam:g}"
     parts.append(f"SplitLBI κ={base.kappa:g} ν={base.nu:g} λ={lam}")
     parts.append(f"seeds {', '.join(map(str, seeds))}")
@@ -277,12 +352,13 @@ def _caption(rows: Sequence[Dict[str, Any]], base: TrainConfig, seeds: Sequence[
 
 
 def write_tables(out_dir: PathLike, rows: Sequence[Dict[str, Any]], caption: str = "") -> str:
-    """Write ``table.csv`` and ``table.md`` into ``out_dir``; return the markdown."""
+    """Write ``table.csv``, ``table.md`` and ``runs.csv`` into ``out_dir``; return the markdown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     markdown = format_markdown(rows, caption)
     atomic_write_text(out / TABLE_CSV, format_csv(rows))
     atomic_write_text(out / TABLE_MD, markdown)
+    atomic_write_text(out / RUNS_CSV, format_runs_csv(rows, out))
     return markdown
 
 
@@ -305,6 +381,7 @@ def compare(
     *,
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     adaptive_lr: Optional[float] = None,
+    layer: Optional[str] = None,
     train: bool = True,
     log: Log = print,
     epoch_log: Log = None,
@@ -320,6 +397,8 @@ def compare(
         weight_decay: weight decay of ``splitlbi-mom-wd`` and ``sgd-mom-wd``.
         adaptive_lr: learning rate of the adaptive methods (default: their own, 1e-3;
             AdaGrad 1e-2).
+        layer: count this layer's filters in the support of Γ at the end of the SplitLBI
+            runs (e.g. ``conv3``, LeNet-5's c5); ``None``: no filter column.
         train: ``False`` only reads the runs that are already finished and writes the tables.
         log: gets one progress line per run and the markdown table (``None``: silent).
         epoch_log: gets ``run_training``'s per-epoch lines (default: none).
@@ -372,6 +451,12 @@ def compare(
     for (name, seed), config in configs.items():
         run_dir = run_dir_for(out, name, seed)
         if (run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT).is_file():
+            if config.optimizer != "splitlbi":
+                # A baseline run stored with other κ, ν, ... (all runs before they got the defaults) is the
+                # same run: keep its values so that it is still skipped or resumed.
+                stored = read_train_config(run_dir)
+                config = configs[(name, seed)] = dataclasses.replace(
+                    config, **{field: getattr(stored, field) for field in SPLITLBI_ONLY_FIELDS})
             check_same_settings(run_dir, config)
     if train:
         for index, ((name, seed), config) in enumerate(configs.items(), start=1):
@@ -380,7 +465,7 @@ def compare(
             started = time.perf_counter()
             action = train_or_resume(config, run_dir, log=epoch_log)
             actions[action] = actions.get(action, 0) + 1
-            result = _run_result(run_dir, config.epochs)
+            result = _run_result(run_dir, config.epochs, layer if config.optimizer == "splitlbi" else None)
             if result is None:  # cannot happen after a completed run_training; be explicit anyway
                 raise SplitLBIError(f"{run_dir}: metrics.csv has no row for epoch {config.epochs}")
             what = ("finished before, skipped" if action == "finished"
@@ -390,9 +475,11 @@ def compare(
             if result["final_gamma_nonzero_share"] is not None:
                 line += (f", sparse model {result['final_sparse_test_acc']:.2f}%, "
                          f"Gamma non-zeros {100.0 * result['final_gamma_nonzero_share']:.2f}%")
+            if result["filters_selected"] is not None:
+                line += f", {layer} filters selected {result['filters_selected']}/{result['filters_total']}"
             say(line)
-    rows = summarize(out, names, seeds, base.epochs)
-    markdown = write_tables(out, rows, _caption(rows, base, seeds))
+    rows = summarize(out, names, seeds, base.epochs, layer)
+    markdown = write_tables(out, rows, _caption(rows, base, seeds, weight_decay))
     if train:
         counts = ", ".join(f"{count} {action}" for action, count in actions.items())
         say(f"{total} runs ({counts}) in {time.perf_counter() - started_all:.1f}s; "

@@ -45,7 +45,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from splitlbi.errors import SplitLBIError
@@ -146,21 +145,12 @@ def prepare_out_dir(out_dir: Path) -> None:
 # --------------------------------------------------------------------------- figures
 
 
-def _selected_and_unselected(support: np.ndarray, count: int) -> List[int]:
-    """Up to ``count`` filter indices: half selected, half not (lowest indices), selected first."""
-    selected = [int(f) for f in np.flatnonzero(support)]
-    unselected = [int(f) for f in np.flatnonzero(~support)]
-    half = count // 2
-    take_selected = min(len(selected), max(half, count - len(unselected)))
-    take_unselected = min(len(unselected), count - take_selected)
-    return selected[:take_selected] + unselected[:take_unselected]
-
-
 def plot_demo_filters(run_dir: Path, out: Path, epochs: Sequence[int], *, num_filters: int = VIS_FILTERS,
                       steps: int = VIS_STEPS, progress: Optional[bool] = False) -> Path:
     """Activation-maximization images of selected and unselected conv3 filters at ``epochs``
     (``progress``: a bar per epoch on a terminal)."""
-    from splitlbi.plots.filters import activation_maximization, image_shape_of, load_model_at, plot_filter_grid
+    from splitlbi.plots.filters import (activation_maximization, image_shape_of, load_model_at,
+                                        plot_filter_grid, selected_and_unselected)
     from splitlbi.plots.path import read_filter_paths
     from splitlbi.plots.style import run_label, save_figure
 
@@ -168,7 +158,7 @@ def plot_demo_filters(run_dir: Path, out: Path, epochs: Sequence[int], *, num_fi
     support = read_filter_paths(run_dir, LAYER).final_support
     if support is None:
         raise SplitLBIError(f"{run_dir} has no support of Γ to choose filters by")
-    filter_ids = _selected_and_unselected(support, num_filters)
+    filter_ids = selected_and_unselected(support, num_filters)
     shape = image_shape_of(config)
     images = {int(epoch): activation_maximization(load_model_at(run_dir, int(epoch), config), LAYER, shape,
                                                   steps=steps, filters=filter_ids, progress=progress,

@@ -44,8 +44,8 @@ RECIPE_TABLES: Dict[str, Dict[str, str]] = {
                "finetune_lr": "number", "finetune_milestones": "integers", "retrain_epochs": "integer",
                "retrain_lr": "number", "retrain_milestones": "integers", "penalties": "strings",
                "l1_lam": "number", "baselines": "strings"},
-    "table": {"variants": "strings", "weight_decay": "number"},
-    "fig1": {"layer": "string", "steps": "integer"},
+    "table": {"variants": "strings", "weight_decay": "number", "layer": "string"},
+    "fig1": {"layer": "string", "steps": "integer", "epochs": "integers", "per_group": "integer"},
     "fig2": {"kappa": "numbers", "epochs": "integers", "images": "integer", "filters": "integer"},
     # prune-bench (experiments/prune_bench.py checks the "any" ones: a value or a per-model table).
     "bench": {"models": "strings", "budgets": "any", "train_epochs": "integer", "finetune_epochs": "integer",

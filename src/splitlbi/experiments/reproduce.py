@@ -483,13 +483,19 @@ def fig7(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
 
 
 def fig1(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
-    """LeNet-5 filter-norm paths of conv c5 under SplitLBI and SGD, and activation maximization."""
-    from splitlbi.experiments.demo import LAYER, plot_demo_filters, visualized_epochs
+    """LeNet-5 filter-norm paths of conv c5 under SplitLBI and SGD (same initialization), and activation
+    maximization of selected and unselected filters of both runs at ``[fig1] epochs``."""
+    from splitlbi.experiments.demo import LAYER, visualized_epochs
+    from splitlbi.plots.filters import plot_selected_filters
     from splitlbi.plots.path import make_filter_path_figure, read_filter_paths
     from splitlbi.plots.style import save_figure
 
     base = recipe.train_config()
-    layer = str(recipe.sections.get("fig1", {}).get("layer", LAYER))
+    options = recipe.sections.get("fig1", {})
+    layer = str(options.get("layer", LAYER))
+    epochs = [int(e) for e in options.get("epochs", visualized_epochs(base))]
+    if not epochs or min(epochs) < 0 or max(epochs) > base.epochs:
+        raise SplitLBIError(f"recipe {recipe.path}: [{recipe.scale}.fig1] epochs must lie in 0..{base.epochs}")
     runs = [_train(ws, dataclasses.replace(base, optimizer=name)) for name in ("splitlbi", "sgd")]
     figure = make_filter_path_figure(runs, layer, title=f"Filter paths of {layer} (Fig. 1)\n"
                                       + textwrap.fill(_scale_note(recipe), 110))
@@ -502,11 +508,13 @@ def fig1(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
                 selected = "" if paths.final_support is None else int(paths.final_support[f])
                 rows.append([name, int(epoch), f, f"{paths.norms[e_index, f]:.6g}", selected])
     atomic_write_csv(out.with_suffix(".csv"), ["run", "epoch", "filter", "w_norm", "selected_at_end"], rows)
-    filters = plot_demo_filters(runs[0], out.with_name(out.stem + "_filters.png"),
-                                visualized_epochs(base),
-                                steps=int(recipe.sections.get("fig1", {}).get("steps", 100)),
-                                progress=ws.progress)
-    return [png, out.with_suffix(".pdf"), out.with_suffix(".csv"), filters]
+    shown = dict(layer=layer, epochs=epochs, per_group=int(options.get("per_group", 12)),
+                 steps=int(options.get("steps", 100)), progress=ws.progress)
+    filters = [plot_selected_filters(runs[0], out=out.with_name(out.stem + "_filters.png"), **shown),
+               plot_selected_filters(runs[1], out=out.with_name(out.stem + "_filters_sgd.png"), support_from=runs[0],
+                                     **shown)]
+    return [png, out.with_suffix(".pdf"), out.with_suffix(".csv")] + [path for png in filters
+                                                                      for path in (png, png.with_suffix(".csv"))]
 
 
 def fig2(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
@@ -551,8 +559,8 @@ def table1(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     options = recipe.section("table", ["variants"])
     settings = {k: v for k, v in ws.config(recipe.train_config()).to_dict().items()
                 if k not in ("optimizer", "momentum", "nesterov", "weight_decay", "seed")}
-    compare(ws.out / "table1", options["variants"], recipe.seeds,
-            weight_decay=float(options.get("weight_decay", 5e-4)), log=ws.say, **settings)
+    compare(ws.out / "table1", options["variants"], recipe.seeds, weight_decay=float(options.get("weight_decay", 5e-4)),
+            layer=options.get("layer"), log=ws.say, **settings)
     paths = []
     for name in (TABLE_MD, TABLE_CSV):
         target = out.with_suffix(Path(name).suffix)

@@ -28,10 +28,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model, is_model
-from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig
+from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, SPLITLBI_ONLY_FIELDS, TrainConfig
 from splitlbi.train.optimizers import resolve_coupling
 from splitlbi.train.rundir import (
-    CHECKPOINT_DIR, CONFIG_FILE, JOB_FILE, LAST_CHECKPOINT, LOCK_FILE, SPLITLBI_ONLY, changed_settings, job_done,
+    CHECKPOINT_DIR, CONFIG_FILE, JOB_FILE, LAST_CHECKPOINT, LOCK_FILE, changed_settings, job_done,
     job_lock, mark_job_done, read_train_config, train_or_resume,
 )
 
@@ -42,7 +42,7 @@ MASKS_DIR = "masks"
 # Settings that do not change what a run computes (the hash ignores them).
 _NOT_HASHED = frozenset(RESUME_OVERRIDABLE_FIELDS - {"epochs"})
 # Settings that only SplitLBI reads: an SGD run is the same run whatever they say.
-_SPLITLBI_ONLY = SPLITLBI_ONLY
+_SPLITLBI_ONLY = SPLITLBI_ONLY_FIELDS
 # Settings added after runs were hashed: left out at these values (their defaults) so those runs keep their names.
 _HASHED_UNLESS = {"update": "paper", "couple": "filters", "couple_stem": True, "lam_scale": "none"}
 

@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from splitlbi.errors import SplitLBIError
 from splitlbi.plots.path import read_filter_paths, read_run_config
 from splitlbi.train.progress import progress_bar
+from splitlbi.train.runfiles import iter_path
+from splitlbi.utils.io import atomic_write_csv
 from splitlbi.plots.style import (
     FULL_WIDTH,
     NOT_SELECTED_COLOR,
@@ -153,6 +155,7 @@ def activation_maximization(
     blur_every: int = 8,
     progress: Optional[bool] = False,
     description: Optional[str] = None,
+    start: float = 1.0,
 ) -> Tensor:
     """Input images that maximize each filter of a layer, shape [n_filters, C, H, W].
 
@@ -169,7 +172,8 @@ def activation_maximization(
     pixels (Yosinski et al. 2015): without such a prior the ascent through max-pooling
     favours high-frequency patterns that look like noise. ``blur_sigma=0`` disables it.
     ``progress``: a bar over the ascent steps on a terminal (see
-    :func:`splitlbi.train.progress.progress_bar`).
+    :func:`splitlbi.train.progress.progress_bar`). ``start``: the starting noise's norm as a
+    fraction of ``radius``.
     """
     if steps < 0:
         raise SplitLBIError(f"steps must be >= 0, got {steps}")
@@ -186,10 +190,11 @@ def activation_maximization(
 
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(filter_ids), *shape), generator=generator, dtype=dtype)
-    # Start at 10% of the radius: fainter noise leaves every ReLU below a negative bias
-    # off in a trained net, the gradient is then exactly zero and the ascent never starts.
+    # Start on the ball (``start`` = 1): fainter noise leaves every ReLU below a negative bias
+    # off in a trained net, the gradient is then exactly zero and the ascent never starts
+    # (LeNet-5 trained at lr 0.1 has conv1 biases near -2: at 10% of the radius no unit is on).
     noise_norms = noise.flatten(1).norm(dim=1).view(-1, *([1] * len(shape)))
-    images = (0.1 * radius * noise / noise_norms).to(device).requires_grad_(True)
+    images = (start * radius * noise / noise_norms).to(device).requires_grad_(True)
     filter_ids = filter_ids.to(device)
 
     was_training = model.training
@@ -441,6 +446,27 @@ def resolve_support(
     return paths.final_support, None
 
 
+def _run_to_visualize(run_dir: Path, epochs: Sequence[int]) -> tuple[Path, dict[str, Any], tuple[int, int, int]]:
+    """The run directory, its config and input shape; one-line errors for a missing run or no epoch."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SplitLBIError(f"run directory {run_dir} does not exist")
+    if not epochs:
+        raise SplitLBIError("give at least one epoch (--epochs)")
+    config = read_run_config(run_dir, required=True)
+    return run_dir, config, image_shape_of(config)
+
+
+def _model_at(run_dir: Path, epoch: int, config: Mapping[str, Any], layer: str,
+              support: Optional[np.ndarray]) -> tuple[nn.Module, int]:
+    """The model at ``epoch`` and its number of ``layer`` filters, which must match ``support`` (when given)."""
+    model = load_model_at(run_dir, epoch, config)
+    total = num_filters_of(get_layer(model, layer))
+    if support is not None and len(support) != total:
+        raise SplitLBIError(f"layer {layer!r} has {total} filters but the support of Γ has {len(support)}")
+    return model, total
+
+
 def plot_filter_visualizations(
     run_dir: Path,
     layer: str,
@@ -461,22 +487,13 @@ def plot_filter_visualizations(
     every epoch so that differences between blocks come from the weights alone.
     ``progress``: one bar per epoch over the ascent steps, on a terminal.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise SplitLBIError(f"run directory {run_dir} does not exist")
-    if not epochs:
-        raise SplitLBIError("give at least one epoch (--epochs)")
-    config = read_run_config(run_dir, required=True)
-    shape = image_shape_of(config)
+    run_dir, config, shape = _run_to_visualize(run_dir, epochs)
     support, note = resolve_support(run_dir, layer, support_from)
 
     images_by_epoch: dict[int, Tensor] = {}
     filter_ids: list[int] = []
     for epoch in epochs:
-        model = load_model_at(run_dir, int(epoch), config)
-        total = num_filters_of(get_layer(model, layer))
-        if support is not None and len(support) != total:
-            raise SplitLBIError(f"layer {layer!r} has {total} filters but the support of Γ has {len(support)}")
+        model, total = _model_at(run_dir, int(epoch), config, layer, support)
         filter_ids = list(range(total if num_filters is None else min(num_filters, total)))
         images_by_epoch[int(epoch)] = activation_maximization(
             model, layer, shape, steps=steps, lr=lr, seed=seed, filters=filter_ids, progress=progress,
@@ -492,4 +509,202 @@ def plot_filter_visualizations(
         title=title if title is not None else f"{label}: {layer}",
         note=note,
     )
+    return save_figure(fig, out, pdf=pdf)
+
+
+# --------------------------------------------------------------------------- #
+# Selected against unselected filters (Figure 1 of the paper, filter images)
+# --------------------------------------------------------------------------- #
+
+#: Columns of the CSV written next to :func:`plot_selected_filters`'s figure, one row per
+#: (epoch, filter) of the layer (every filter, not only those drawn).
+SELECTED_FILTERS_COLUMNS = ("epoch", "filter", "w_norm", "in_support", "selected_at_end", "shown",
+                            "activation", "activation_gain")
+
+
+def selected_and_unselected(support: np.ndarray, count: int) -> list[int]:
+    """Up to ``count`` filter indices: half selected, half not (lowest indices), selected first."""
+    support = np.asarray(support, dtype=bool)
+    selected = [int(f) for f in np.flatnonzero(support)]
+    unselected = [int(f) for f in np.flatnonzero(~support)]
+    half = count // 2
+    take_selected = min(len(selected), max(half, count - len(unselected)))
+    take_unselected = min(len(unselected), count - take_selected)
+    return selected[:take_selected] + unselected[:take_unselected]
+
+
+def filter_weight_norms(model: nn.Module, layer_name: str) -> np.ndarray:
+    """ℓ2 norm of each output filter's weights ‖W_f‖ (what path.csv's ``w_norm`` holds)."""
+    weight = get_layer(model, layer_name).weight.detach()
+    return weight.flatten(1).norm(dim=1).cpu().numpy()
+
+
+def activation_gains(model: nn.Module, layer_name: str, images: Tensor, filters: Sequence[int]) -> tuple:
+    """(activation, gain) per image: filter ``filters[i]``'s mean activation on ``images[i]``, and that
+    minus its activation on the blank image (all zeros in normalized input space).
+
+    The gain says how strongly a filter responds to the best input of a fixed norm; a
+    filter whose weights are ≈ 0 has a gain ≈ 0 whatever its image looks like.
+    """
+    activation = filter_activations(model, layer_name, images, filters)
+    blank = filter_activations(model, layer_name, torch.zeros_like(images), filters)
+    return activation.cpu().numpy(), (activation - blank).cpu().numpy()
+
+
+def support_at_epoch(run_dir: Path, layer: str, epoch: int) -> Optional[np.ndarray]:
+    """Whether each filter of ``layer`` is in the support of Γ at ``epoch`` (path.csv); None without Γ."""
+    rows = sorted((row.filter, row.in_support) for row in iter_path(Path(run_dir), layer=layer, epoch=epoch))
+    if not rows:
+        raise SplitLBIError(f"{run_dir}: path.csv has no rows of layer {layer!r} at epoch {epoch}")
+    if any(flag is None for _, flag in rows):
+        return None
+    return np.array([bool(flag) for _, flag in rows])
+
+
+def shared_contrast(images: Sequence[Tensor], gains: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Tiles [n, H, W, 3] in [0, 1] on ONE grey scale for all blocks: image f times its gain.
+
+    Each image (normalized input space, 0 = the blank image) is weighted by its filter's
+    activation gain over the largest gain of all blocks, then every tile is mapped with
+    the same range (±99th percentile of |value| over all tiles) to grey 0.5 ± 0.5. A
+    filter that barely responds shows as flat grey whatever its own-contrast pattern.
+    """
+    largest = max(float(np.max(np.clip(g, 0.0, None))) for g in gains) if gains else 0.0
+    weighted = [img.detach().float().cpu().numpy()[:, 0] * (np.clip(g, 0.0, None) / max(largest, 1e-12))
+                .reshape(-1, 1, 1) for img, g in zip(images, gains)]
+    scale = max(float(np.quantile(np.abs(np.concatenate([w.ravel() for w in weighted])), 0.99)), 1e-12)
+    return [np.repeat(np.clip(0.5 + 0.5 * w / scale, 0.0, 1.0)[..., None], 3, axis=3) for w in weighted]
+
+
+def _tile_block(ax: Any, tiles: np.ndarray, filter_ids: Sequence[int], support: Optional[np.ndarray],
+                norms: np.ndarray, cols: int) -> None:
+    """Tiles in a grid with a frame (support colour) and ‖W_f‖ above each."""
+    n, height, width, _ = tiles.shape
+    rows = math.ceil(n / cols)
+    gap, label = max(2, height // 5), max(6, height // 3)  # room for the frame and the norm text
+    canvas = np.ones((rows * (height + gap + label) + gap, cols * (width + gap) + gap, 3))
+    for k, f in enumerate(filter_ids):
+        top = gap + label + (k // cols) * (height + gap + label)
+        left = gap + (k % cols) * (width + gap)
+        canvas[top:top + height, left:left + width] = tiles[k]
+        color = support_color(None if support is None else bool(support[f]))
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), width, height, fill=False, linewidth=1.0,
+                               edgecolor=color, gid=f"frame{f}"))
+        ax.text(left + width / 2, top - 1.5, f"{norms[f]:.2f}", ha="center", va="bottom", fontsize=4.5,
+                color=color, gid=f"norm{f}")
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+
+
+def plot_filter_contrasts(
+    images_by_epoch: Mapping[int, Tensor],
+    gains_by_epoch: Mapping[int, np.ndarray],
+    norms_by_epoch: Mapping[int, np.ndarray],
+    supports_by_epoch: Mapping[int, Optional[np.ndarray]],
+    filter_ids: Sequence[int],
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    title: Optional[str] = None,
+    note: Optional[str] = None,
+) -> Figure:
+    """One row per epoch, two blocks each: every filter at its own contrast, and all at one shared contrast.
+
+    ``images_by_epoch[e][k]`` and ``gains_by_epoch[e][k]`` belong to filter
+    ``filter_ids[k]``; ``norms_by_epoch[e][f]`` and ``supports_by_epoch[e][f]`` are
+    indexed by filter. Frames: blue in the support of Γ at that epoch, red not, grey
+    unknown; above each tile ‖W_f‖ at that epoch. Frames and norm texts have ``gid``
+    ``frame<f>`` / ``norm<f>``.
+    """
+    epochs = list(images_by_epoch)
+    if not epochs:
+        raise SplitLBIError("no epoch to plot")
+    n_tiles = len(filter_ids)
+    cols = min(n_tiles, 12 if n_tiles > 12 else n_tiles)
+    rows = math.ceil(n_tiles / cols)
+    own = [to_display(images_by_epoch[e], mean, std) for e in epochs]
+    shared = shared_contrast([images_by_epoch[e] for e in epochs], [gains_by_epoch[e] for e in epochs])
+    block_width = FULL_WIDTH / 2
+    with paper_style():
+        fig = Figure(figsize=(FULL_WIDTH, len(epochs) * (block_width * rows * 1.3 / cols + 0.3) + 0.6),
+                     layout="constrained")
+        axes = fig.subplots(len(epochs), 2, squeeze=False)
+        for row, epoch in enumerate(epochs):
+            support = supports_by_epoch.get(epoch)
+            for col, (tiles, what) in enumerate(((own[row], "own contrast"), (shared[row], "shared contrast"))):
+                ax = axes[row, col]
+                _tile_block(ax, tiles, filter_ids, support, norms_by_epoch[epoch], cols)
+                in_support = "" if support is None else f", {int(support.sum())}/{len(support)} in support"
+                ax.set_title(f"epoch {epoch}: {what}{in_support}")
+        handles = [Patch(facecolor="none", edgecolor=SELECTED_COLOR, label="in the support of Γ at that epoch"),
+                   Patch(facecolor="none", edgecolor=NOT_SELECTED_COLOR, label="not in the support")]
+        if all(supports_by_epoch.get(e) is None for e in epochs):
+            handles = [Patch(facecolor="none", edgecolor=UNKNOWN_SUPPORT_COLOR, label="support of Γ unknown")]
+        handles.append(Patch(facecolor="none", edgecolor="none", label="number above a tile: ‖W_f‖"))
+        if note:
+            handles.append(Patch(facecolor="none", edgecolor="none", label=note))
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 2), handlelength=1.0)
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def plot_selected_filters(
+    run_dir: Path,
+    layer: str,
+    epochs: Sequence[int],
+    out: Path,
+    *,
+    per_group: int = 12,
+    support_from: Optional[Path] = None,
+    steps: int = 200,
+    lr: float = 0.1,
+    seed: int = 0,
+    title: Optional[str] = None,
+    pdf: bool = False,
+    progress: Optional[bool] = False,
+) -> Path:
+    """Activation maximization of ``per_group`` selected and ``per_group`` unselected filters at ``epochs``.
+
+    Which filters are "selected" is the support of Γ at the last epoch of ``support_from``
+    (default: the run itself; an SGD run needs a SplitLBI run with the same
+    initialization). Each row of the figure is an epoch, drawn twice: every image at its
+    own contrast (the pattern, however weak the filter) and all images at one shared
+    contrast weighted by the filter's activation gain (:func:`shared_contrast`), where
+    filters that barely respond fade to grey. Frames are the support at that epoch; each
+    tile carries ‖W_f‖. Every filter of the layer is optimized (one batch), and
+    ``out.with_suffix(".csv")`` gets :data:`SELECTED_FILTERS_COLUMNS` for all of them.
+    Returns the PNG path.
+    """
+    if per_group < 1:
+        raise SplitLBIError(f"per_group must be >= 1, got {per_group}")
+    run_dir, config, shape = _run_to_visualize(run_dir, epochs)
+    support_run = Path(support_from) if support_from is not None else run_dir
+    final_support, _ = resolve_support(run_dir, layer, support_from)
+    if final_support is None:
+        raise SplitLBIError(f"{run_dir} has no support of Γ to tell selected filters from the others; "
+                            "give a SplitLBI run with the same initialization (--support-from)")
+    images, gains, activations, norms, supports = {}, {}, {}, {}, {}
+    for epoch in epochs:
+        model, total = _model_at(run_dir, int(epoch), config, layer, final_support)
+        everything = list(range(total))
+        images[epoch] = activation_maximization(model, layer, shape, steps=steps, lr=lr, seed=seed,
+                                                filters=everything, progress=progress,
+                                                description=f"{layer} epoch {epoch}")
+        activations[epoch], gains[epoch] = activation_gains(model, layer, images[epoch], everything)
+        norms[epoch] = filter_weight_norms(model, layer)
+        supports[epoch] = support_at_epoch(support_run, layer, int(epoch))
+    shown = selected_and_unselected(final_support, 2 * per_group)
+    n_selected = int(final_support[shown].sum())
+    label = run_label(config) if config else run_dir.name
+    source = "" if support_from is None else f"; Γ of {run_label(read_run_config(support_run)) or support_run.name}"
+    fig = plot_filter_contrasts(
+        {e: images[e][shown] for e in epochs}, {e: gains[e][shown] for e in epochs}, norms, supports, shown,
+        mean=config.get("mean"), std=config.get("std"),
+        title=title if title is not None else f"{label}: what {layer} filters respond to (activation maximization)",
+        note=f"shown: {n_selected} filters selected at the end, {len(shown) - n_selected} not (lowest indices){source}",
+    )
+    rows = [[int(e), f, f"{norms[e][f]:.6g}", "" if supports[e] is None else int(supports[e][f]),
+             int(final_support[f]), int(f in shown), f"{activations[e][f]:.6g}", f"{gains[e][f]:.6g}"]
+            for e in epochs for f in range(len(final_support))]
+    atomic_write_csv(Path(out).with_suffix(".csv"), list(SELECTED_FILTERS_COLUMNS), rows)
     return save_figure(fig, out, pdf=pdf)

@@ -27,6 +27,7 @@ __all__ = [
     "MAX_SEED",
     "FLOAT32_MAX",
     "SCHEDULES",
+    "SPLITLBI_ONLY_FIELDS",
     "apply_schedule_preset",
     "check_setting_types",
     "TrainConfig",
@@ -49,6 +50,10 @@ DEFAULT_LR: Mapping[str, float] = {"splitlbi": 0.05, "sgd": 0.05, "adam": 1e-3, 
 #: legitimate reason to resume, so it is allowed.
 RESUME_OVERRIDABLE_FIELDS = frozenset({"epochs", "progress", "device", "eval_batch_size", "save_every", "data_dir",
                                        "channels_last", "compile", "nonfinite", "tensorboard", "recalibrate_bn"})
+
+#: Settings that only SplitLBI reads: a baseline run is the same run whatever they say.
+SPLITLBI_ONLY_FIELDS = frozenset({"kappa", "nu", "lam", "penalty", "linear_penalty", "update", "couple",
+                                  "couple_stem", "lam_scale"})
 
 #: ``--nonfinite``: a batch whose loss is nan or inf stops the run (``stop``; the last
 #: good checkpoint stays last.pt) or is left out (``skip``, as torch.amp.GradScaler does).

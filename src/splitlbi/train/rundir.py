@@ -72,7 +72,7 @@ from splitlbi.models.registry import import_model_module, model_module
 from splitlbi.optim import SplitLBI
 from splitlbi.optim import penalties as _penalties
 from splitlbi.train import distributed
-from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, TrainConfig, check_setting_types
+from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, SPLITLBI_ONLY_FIELDS, TrainConfig, check_setting_types
 from splitlbi.utils.io import (
     DamagedFileError, append_text, atomic_torch_save, atomic_write_text, check_torch_file, fsync_directory,
     load_torch_file,
@@ -1173,15 +1173,13 @@ def changed_settings(stored: TrainConfig, requested: TrainConfig) -> List[str]:
 
     stored, requested = concrete(stored), concrete(requested)
     # A baseline never reads SplitLBI's settings: its run is the same run whatever they say.
-    ignored = SPLITLBI_ONLY if stored.optimizer != "splitlbi" and requested.optimizer == stored.optimizer else ()
+    ignored = SPLITLBI_ONLY_FIELDS if stored.optimizer != "splitlbi" and requested.optimizer == stored.optimizer else ()
     return [f.name for f in dataclasses.fields(TrainConfig)
             if f.name not in RESUME_OVERRIDABLE_FIELDS and f.name not in ignored
             and getattr(requested, f.name) != getattr(stored, f.name)]
 
 
 #: The settings only SplitLBI reads (κ, ν, λ, the penalties and what carries Γ).
-SPLITLBI_ONLY = frozenset({"kappa", "nu", "lam", "penalty", "linear_penalty", "update", "couple", "couple_stem",
-                           "lam_scale"})
 
 
 def merge_resume_config(run_dir: Path, stored: TrainConfig, requested: Optional[TrainConfig]) -> TrainConfig:
