@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict
 
-from splitlbi.cli.argtypes import epoch_list
+from splitlbi.cli.argtypes import epoch_list, positive_int
 from splitlbi.errors import SplitLBIError
 from splitlbi.optim.functional import UPDATES
 from splitlbi.train.config import (
@@ -17,7 +17,7 @@ from splitlbi.train.config import (
 from splitlbi.train.distributed import is_main_process
 from splitlbi.train.run import read_train_config, run_training
 
-__all__ = ["add_parser", "config_from_arguments", "run"]
+__all__ = ["add_parser", "add_training_options", "config_from_arguments", "run"]
 
 _DEFAULTS = TrainConfig()
 
@@ -36,11 +36,26 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                     "config.json, metrics.csv, path.csv, init.pt, checkpoints/ and masks/. "
                     "A stopped or killed run continues with --resume RUN_DIR.",
     )
+    add_training_options(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_training_options(parser: argparse.ArgumentParser, *, baselines: bool = True, extras: bool = True) -> None:
+    """The options of a training run (each a :class:`TrainConfig` field, default SUPPRESS),
+    ``--out`` and ``--resume``: ``splitlbi train``'s, shared with ``splitlbi grow``.
+
+    ``baselines``: offer ``--optimizer``; ``extras``: offer ``--tensorboard`` and the
+    speed-and-scale options.
+    """
     # Every option defaults to SUPPRESS so that we know which ones the user gave: with
     # --resume, given options must agree with the run's config.json.
     option = dict(default=argparse.SUPPRESS)
     model = parser.add_argument_group("model and data")
     model.add_argument("--model", **option, help=f"model name (default: {_default('model')})")
+    model.add_argument("--widths", type=positive_int, nargs="+", metavar="N", **option,
+                       help="the model's widths: filters per conv (lenet5: 3 numbers, vggNN_bn: one per conv) or "
+                            "per stage (CIFAR ResNets: 3) (default: the model's standard network)")
     model.add_argument("--dataset", **option,
                        help=f"mnist, fashion-mnist, cifar10, digits (default: {_default('dataset')})")
     model.add_argument("--data-dir", **option, metavar="DIR",
@@ -60,8 +75,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                        help="evaluate on only the first N test images")
 
     optim = parser.add_argument_group("optimizer")
-    optim.add_argument("--optimizer", choices=OPTIMIZER_NAMES, **option,
-                       help=f"(default: {_default('optimizer')})")
+    if baselines:
+        optim.add_argument("--optimizer", choices=OPTIMIZER_NAMES, **option,
+                           help=f"(default: {_default('optimizer')})")
     optim.add_argument("--lr", type=float, **option,
                        help="learning rate (default: per optimizer, "
                             + ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items()) + ")")
@@ -118,16 +134,18 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                                 f"are always written (default: {_default('save_every')})")
     run_group.add_argument("--eval-batch-size", type=int, **option,
                            help=f"(default: {_default('eval_batch_size')})")
-    run_group.add_argument("--tensorboard", action="store_true", **option,
-                           help="also write TensorBoard event files to RUN_DIR/tensorboard (losses, accuracies, "
-                                "share of non-zeros of Γ overall and per layer, filter-norm histograms; "
-                                "metrics.csv stays the record); needs pip install \"splitlbi[tensorboard]\"")
+    if extras:
+        run_group.add_argument("--tensorboard", action="store_true", **option,
+                               help="also write TensorBoard event files to RUN_DIR/tensorboard (losses, accuracies, "
+                                    "share of non-zeros of Γ overall and per layer, filter-norm histograms; "
+                                    "metrics.csv stays the record); needs pip install \"splitlbi[tensorboard]\"")
     run_group.add_argument("--no-progress", action="store_true", **option, help="no progress bars (they are drawn only when stderr is a terminal anyway)")
     run_group.add_argument("--nonfinite", choices=NONFINITE_CHOICES, **option,
                            help="a batch whose loss is nan or inf: stop the run with an error (the last good "
                                 "checkpoint stays last.pt) or skip that batch, as AMP's GradScaler does; may "
                                 "change on --resume (default: stop)")
-
+    if not extras:
+        return
 
     speed = parser.add_argument_group("speed and scale",
                                       "multi-GPU and multi-node: launch with torchrun --nproc-per-node N -m splitlbi "
@@ -143,8 +161,6 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                             "recent GPUs)")
     speed.add_argument("--compile", action="store_true", **option,
                        help="torch.compile the model (the first epoch pays the compilation)")
-    parser.set_defaults(func=run)
-    return parser
 
 
 def _given_settings(namespace: argparse.Namespace) -> Dict[str, Any]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from torch import nn
 
 from splitlbi.errors import SplitLBIError
 
-__all__ = ["register_model", "create_model", "list_models", "is_model"]
+__all__ = ["register_model", "create_model", "list_models", "is_model", "check_widths"]
 
 ModelFactory = TypeVar("ModelFactory", bound=Callable[..., nn.Module])
 
@@ -37,6 +37,17 @@ def register_model(fn: ModelFactory | None = None, *, name: str | None = None):
         return factory
 
     return decorator(fn) if fn is not None else decorator
+
+
+def check_widths(widths: Sequence[int], count: int, model: str) -> tuple[int, ...]:
+    """``widths`` as a tuple of ``count`` positive integers (a factory's ``widths=``
+    argument: filters per layer or per stage); :class:`SplitLBIError` naming ``model``
+    and what was expected otherwise."""
+    values = tuple(widths) if isinstance(widths, (list, tuple)) else None
+    if (values is None or len(values) != count
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in values)):
+        raise SplitLBIError(f"widths of {model} must be {count} positive integers, got {widths!r}")
+    return values
 
 
 def list_models() -> list[str]:

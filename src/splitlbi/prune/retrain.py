@@ -30,7 +30,6 @@ from torch import Tensor, nn
 
 from splitlbi.data import canonical_dataset_name
 from splitlbi.errors import SplitLBIError
-from splitlbi.models import create_model
 from splitlbi.prune.masks import (
     Masks, apply_masks_, check_not_empty, load_mask_file, load_run_masks, mask_sparsity, save_mask_file,
     validate_masks,
@@ -133,7 +132,7 @@ def retrain(
         raise SplitLBIError(f"--mode {mode} needs --epoch" + ("" if mode != "lottery" else " or --masks"))
     info = read_run_config(run_dir)
     source = rundir.train_config_from_info(info)
-    model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
+    model = rundir.create_run_model(info)
 
     # The mask.
     if masks is None:

@@ -20,7 +20,7 @@ from splitlbi.data import canonical_dataset_name, load_dataset
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model, is_model, list_models
 from splitlbi.train import distributed
-from splitlbi.train.config import TrainConfig, resolve_device, validate_config
+from splitlbi.train.config import TrainConfig, model_kwargs, resolve_device, validate_config
 from splitlbi.train.loop import EpochCallback, TrainData, run_epochs, train_one_epoch
 from splitlbi.train.optimizers import build_optimizer, build_scheduler
 from splitlbi.train.rundir import (  # noqa: F401  (re-exported: the run-directory names callers import from here)
@@ -168,6 +168,9 @@ def _run_training(
             if command in info:
                 raise SplitLBIError(f"--resume {run_dir}: this run was written by 'splitlbi {command}', which "
                                     f"cannot be resumed; run 'splitlbi {command}' again")
+        if "grow" in info:  # its widths change along the run: only its own command knows them
+            raise SplitLBIError(f"--resume {run_dir}: this run was written by 'splitlbi grow'; continue it with "
+                                f"'splitlbi grow --resume {run_dir}'")
         config = merge_resume_config(run_dir, train_config_from_info(info), config)
     else:
         if config is None:
@@ -203,7 +206,7 @@ def _run_training(
     # `model` is the plain module throughout: the optimizer (layer names), checkpoints,
     # init.pt and path.csv use it; DDP and torch.compile only wrap it for the forward.
     model = create_model(config.model, num_classes=data.facts["num_classes"],
-                         in_channels=data.facts["in_channels"])
+                         in_channels=data.facts["in_channels"], **model_kwargs(config.widths))
     if config.sync_bn and context.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
