@@ -11,8 +11,8 @@ and V, new ones start at zero). See docs/growing.md.
 from splitlbi.grow.layout import GROWABLE, ChannelSpace, GrowthLayout, layout_of, uniform_widths
 from splitlbi.grow.rule import GrowthRule, LayerCheck, check_growth, selected_filters
 from splitlbi.grow.run import (
-    CHECK_COLUMNS, CHECKS_FILE, GROW_KEY, STAGE_COLUMNS, STAGES_FILE, Stage, grow_network, load_grown_model,
-    network_cost, read_checks, read_stages, stages_of, training_compute,
+    CHECK_COLUMNS, CHECKS_FILE, GROW_KEY, STAGE_COLUMNS, STAGES_FILE, Stage, grow_network, input_shape,
+    layout_of_config, load_grown_model, network_cost, read_checks, read_stages, stages_of, training_compute,
 )
 from splitlbi.grow.widen import Widening, widen_model, widen_optimizer_state
 
@@ -20,6 +20,6 @@ __all__ = [
     "GROWABLE", "ChannelSpace", "GrowthLayout", "layout_of", "uniform_widths",
     "GrowthRule", "LayerCheck", "check_growth", "selected_filters",
     "CHECK_COLUMNS", "CHECKS_FILE", "GROW_KEY", "STAGE_COLUMNS", "STAGES_FILE", "Stage", "grow_network",
-    "load_grown_model", "network_cost", "read_checks", "read_stages", "stages_of", "training_compute",
+    "input_shape", "layout_of_config", "load_grown_model", "network_cost", "read_checks", "read_stages", "stages_of", "training_compute",
     "Widening", "widen_model", "widen_optimizer_state",
 ]

@@ -37,15 +37,21 @@ GROWABLE = "lenet5, vgg11_bn/vgg13_bn/vgg16_bn/vgg19_bn, resnet20/32/44/56/110"
 class ChannelSpace:
     """Channels whose number is width group ``group``.
 
-    ``producers``: modules that write them (convs along their output dimension, the
-    BatchNorm after a conv); ``consumers``: modules that read them (convs and linears along
+    ``convs``: the convs that write them (their filters); ``norms``: the BatchNorms right
+    after those convs; ``consumers``: the modules that read them (convs and linears, along
     their input dimension). ``residual``: a residual stream (see the module docstring).
     """
 
     group: int
-    producers: Tuple[str, ...]
+    convs: Tuple[str, ...]
+    norms: Tuple[str, ...]
     consumers: Tuple[str, ...]
     residual: bool = False
+
+    @property
+    def producers(self) -> Tuple[str, ...]:
+        """Every module that writes these channels along its output dimension."""
+        return self.convs + self.norms
 
 
 #: ``place(old_widths, new_widths)`` -> for some spaces (by index), the new position of
@@ -77,7 +83,7 @@ class GrowthLayout:
         names: List[str] = []
         for space in self.spaces:
             if space.group == group:
-                names.extend(name for name in space.producers if name not in names)
+                names.extend(name for name in space.convs if name not in names)
         return names
 
     def widths(self, model: nn.Module) -> Tuple[int, ...]:
@@ -114,8 +120,8 @@ def _out_channels(module: nn.Module) -> int:
 
 
 def _lenet_layout(model: LeNet5) -> GrowthLayout:
-    spaces = (ChannelSpace(0, ("conv1",), ("conv2",)), ChannelSpace(1, ("conv2",), ("conv3",)),
-              ChannelSpace(2, ("conv3",), ("fc1",)))
+    spaces = (ChannelSpace(0, ("conv1",), (), ("conv2",)), ChannelSpace(1, ("conv2",), (), ("conv3",)),
+              ChannelSpace(2, ("conv3",), (), ("fc1",)))
     return GrowthLayout(("conv1", "conv2", "conv3"), spaces, LENET5_WIDTHS)
 
 
@@ -127,7 +133,7 @@ def _vgg_layout(model: VGG) -> GrowthLayout:
     spaces = []
     for index, (conv, norm) in enumerate(convs):
         reader = f"features.{convs[index + 1][0]}" if index + 1 < len(convs) else "classifier"
-        spaces.append(ChannelSpace(index, (f"features.{conv}", f"features.{norm}"), (reader,)))
+        spaces.append(ChannelSpace(index, (f"features.{conv}",), (f"features.{norm}",), (reader,)))
     standard = _vgg_standard(len(convs))
     return GrowthLayout(tuple(f"features.{conv}" for conv, _ in convs), tuple(spaces), standard)
 
@@ -147,21 +153,24 @@ def _resnet_layout(model: CifarResNet) -> GrowthLayout:
 
     stages = [getattr(model, f"layer{k}") for k in (1, 2, 3)]
     spaces: List[ChannelSpace] = []
-    streams: List[Tuple[List[str], List[str]]] = [(["conv1", "bn1"], []), ([], []), ([], [])]
+    # Per stage stream: the convs and BatchNorms that write it, the modules that read it.
+    streams: List[Tuple[List[str], List[str], List[str]]] = [(["conv1"], ["bn1"], []), ([], [], []), ([], [], [])]
     for k, stage in enumerate(stages):
-        writers, readers = streams[k]
+        convs, norms, readers = streams[k]
         for b, block in enumerate(stage):
             prefix = f"layer{k + 1}.{b}"
             # Block 0 of stages 2 and 3 reads the previous stage's stream.
-            (streams[k - 1][1] if b == 0 and k > 0 else readers).append(f"{prefix}.conv1")
+            (streams[k - 1][2] if b == 0 and k > 0 else readers).append(f"{prefix}.conv1")
             if isinstance(block.shortcut, nn.Sequential):  # option B: a 1x1 projection and its BN
-                streams[k - 1][1].append(f"{prefix}.shortcut.0")
-                writers.extend([f"{prefix}.shortcut.0", f"{prefix}.shortcut.1"])
-            writers.extend([f"{prefix}.conv2", f"{prefix}.bn2"])
-            spaces.append(ChannelSpace(k, (f"{prefix}.conv1", f"{prefix}.bn1"), (f"{prefix}.conv2",)))
-    streams[2][1].append("fc")
-    stream_spaces = [ChannelSpace(k, tuple(writers), tuple(readers), residual=True)
-                     for k, (writers, readers) in enumerate(streams)]
+                streams[k - 1][2].append(f"{prefix}.shortcut.0")
+                convs.append(f"{prefix}.shortcut.0")
+                norms.append(f"{prefix}.shortcut.1")
+            convs.append(f"{prefix}.conv2")
+            norms.append(f"{prefix}.bn2")
+            spaces.append(ChannelSpace(k, (f"{prefix}.conv1",), (f"{prefix}.bn1",), (f"{prefix}.conv2",)))
+    streams[2][2].append("fc")
+    stream_spaces = [ChannelSpace(k, tuple(convs), tuple(norms), tuple(readers), residual=True)
+                     for k, (convs, norms, readers) in enumerate(streams)]
     # The stem first, so that widths() reads a stage's width from conv1 / layerK.0.conv1.
     ordered = (stream_spaces[0], *[s for s in spaces if s.group == 0], stream_spaces[1],
                *[s for s in spaces if s.group == 1], stream_spaces[2], *[s for s in spaces if s.group == 2])

@@ -44,7 +44,8 @@ from splitlbi.train.runfiles import read_metrics
 from splitlbi.utils.io import atomic_write_csv
 
 __all__ = ["CHECKS_FILE", "STAGES_FILE", "CHECK_COLUMNS", "STAGE_COLUMNS", "GROW_KEY", "Stage", "grow_network", "stages_of",
-           "read_stages", "read_checks", "load_grown_model", "network_cost", "training_compute"]
+           "read_stages", "read_checks", "load_grown_model", "network_cost", "training_compute", "input_shape",
+           "layout_of_config"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -76,8 +77,9 @@ def _builder(config: TrainConfig, num_classes: int, in_channels: int) -> Callabl
     return build
 
 
-def _layout_of_model_name(config: TrainConfig) -> GrowthLayout:
-    """The growth layout of ``config.model`` at the starting widths (checks the name and widths)."""
+def layout_of_config(config: TrainConfig) -> GrowthLayout:
+    """The growth layout of ``config.model`` at ``config.widths`` (one-line errors for an unknown
+    model, one without width settings, or widths it does not take)."""
     if not is_model(config.model):
         raise SplitLBIError(f"unknown model {config.model!r} (choose from {', '.join(list_models())})")
     # Only the structure matters: no memory, and the global RNG is left alone.
@@ -107,7 +109,8 @@ def network_cost(model: str, num_classes: int, in_channels: int, image_shape: Se
                  tuple(int(w) for w in widths))
 
 
-def _image_shape(info: Dict[str, Any]) -> Tuple[int, int, int]:
+def input_shape(info: Dict[str, Any]) -> Tuple[int, int, int]:
+    """``(C, H, W)`` of one input image of a run, from its config.json (MACs are counted on it)."""
     size = info.get("pad_to") or info.get("image_size") or 28
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[-1]))
     return int(info["in_channels"]), height, width
@@ -159,7 +162,7 @@ def _write_stages(run_dir: Path, info: Dict[str, Any], groups: Sequence[str]) ->
     stages = stages_of(info["widths"], read_checks(run_dir), last)
     rows = []
     for stage in stages:
-        macs, params = network_cost(info["model"], info["num_classes"], info["in_channels"], _image_shape(info),
+        macs, params = network_cost(info["model"], info["num_classes"], info["in_channels"], input_shape(info),
                                     stage.widths)
         row = metrics.get(stage.last_epoch, {})
         for group, width in zip(groups, stage.widths):
@@ -245,7 +248,7 @@ def _check_settings(config: TrainConfig, rule: GrowthRule) -> GrowthLayout:
     if not config.widths:
         raise SplitLBIError("give the starting widths with --widths (the narrow network to grow, e.g. --widths 3 8 60 "
                             "for lenet5, whose standard widths are 6 16 120)")
-    layout = _layout_of_model_name(config)
+    layout = layout_of_config(config)
     rule.caps(layout, config.widths)
     return layout
 
@@ -352,9 +355,9 @@ def _grow(config: Optional[TrainConfig], rule: Optional[GrowthRule], run_dir: Pa
     stages = _write_stages(run_dir, info, layout.groups)
     final = stages[-1]
     macs, params = network_cost(config.model, data.facts["num_classes"], data.facts["in_channels"],
-                                _image_shape(info), final.widths)
+                                input_shape(info), final.widths)
     standard_macs, standard_params = network_cost(config.model, data.facts["num_classes"],
-                                                  data.facts["in_channels"], _image_shape(info), layout.standard)
+                                                  data.facts["in_channels"], input_shape(info), layout.standard)
     say(f"final widths {_widths_text(layout, final.widths)} after {len(stages)} stage(s): {macs:,} MACs "
         f"({100 * macs / standard_macs:.1f}% of the standard {config.model}), {params:,} parameters "
         f"({100 * params / standard_params:.1f}%)")
@@ -442,7 +445,7 @@ def load_grown_model(run_dir: PathLike, epoch: Optional[int] = None, map_locatio
         raise SplitLBIError(f"{run_dir} is not a 'splitlbi grow' run")
     state = rundir.load_checkpoint(run_dir, epoch, map_location)["model"]
     config = rundir.train_config_from_info(info)
-    layout = _layout_of_model_name(config)
+    layout = layout_of_config(config)
     model = _builder(config, info["num_classes"], info["in_channels"])(layout.widths_of_state(state))
     model.load_state_dict(state)
     return model

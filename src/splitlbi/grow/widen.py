@@ -124,10 +124,8 @@ def widen_model(model: nn.Module, build: Callable[[Sequence[int]], nn.Module], n
     placed = layout.place(old, new)
     space_positions = [placed.get(index, torch.arange(old[space.group])) for index, space in enumerate(layout.spaces)]
     dims = _module_dims(layout)
-    modules = dict(widened.named_modules())
     # The BatchNorms that write a residual stream: its new channels get scale and shift 0 there.
-    silenced = {name for space in layout.spaces if space.residual for name in space.producers
-                if isinstance(modules[name], nn.modules.batchnorm._BatchNorm)}
+    silenced = {name for space in layout.spaces if space.residual for name in space.norms}
     old_state = model.state_dict()
     state = widened.state_dict()
     positions: Dict[str, Positions] = {}
