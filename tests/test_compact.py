@@ -17,7 +17,7 @@ tp = pytest.importorskip("torch_pruning")
 
 from splitlbi.errors import SplitLBIError  # noqa: E402
 from splitlbi.models import create_model  # noqa: E402
-from splitlbi.prune.compact import apply_filter_masks, compact_model, unselected_filters  # noqa: E402
+from splitlbi.prune.compact import apply_filter_masks, compact_model, mask_network, unselected_filters  # noqa: E402
 from helpers import assert_one_line_error
 
 
@@ -77,7 +77,7 @@ def test_compact_equals_masked_model(name, in_channels, kwargs):
     # The input model is untouched.
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
 
-    masked = apply_filter_masks(copy.deepcopy(model), masks, x[:1]).eval()
+    masked = mask_network(model, masks, x[:1]).model.eval()
     compact.eval()
     with torch.no_grad():
         difference = (compact(x) - masked(x)).abs().max().item()
@@ -121,7 +121,7 @@ def test_residual_groups_keep_channels_selected_in_any_member():
     assert group.skipped is None and group.removed == 9
     for conv_name in coupled:
         assert dict(compact.named_modules())[conv_name].out_channels == 32 - 9
-    masked = apply_filter_masks(copy.deepcopy(model), masks, x[:1]).eval()
+    masked = mask_network(model, masks, x[:1]).model.eval()
     with torch.no_grad():
         assert (compact.eval()(x) - masked(x)).abs().max().item() <= 1e-4
 
@@ -157,7 +157,7 @@ def test_option_a_resnet_streams_are_pruned_through_the_pad_shortcuts():
     assert compact.fc.in_features == 59
     assert isinstance(compact.layer2[0].shortcut, IndexShortcut)
     assert isinstance(compact.layer3[0].shortcut, IndexShortcut)
-    masked = apply_filter_masks(copy.deepcopy(model), masks, x[:1]).eval()
+    masked = mask_network(model, masks, x[:1]).model.eval()
     with torch.no_grad():
         assert (compact.eval()(x) - masked(x)).abs().max().item() <= 1e-4
     text = "\n".join(report.lines())
@@ -190,7 +190,7 @@ def test_unsafe_group_is_skipped_and_reported():
     skipped = report.skipped_groups
     assert skipped and all(g.removed == 0 for g in skipped)
     assert any("skipped" in line for line in report.lines())
-    masked = apply_filter_masks(copy.deepcopy(model), masks, x[:1])
+    masked = mask_network(model, masks, x[:1]).model
     with torch.no_grad():
         assert (compact(x) - masked(x)).abs().max().item() <= 1e-4
     assert compact.c.out_channels == report.selected_channels["c"] < 16
@@ -202,7 +202,7 @@ def test_layer_without_selected_filters_keeps_one_zeroed_channel():
     x = torch.randn(2, 1, 28, 28)
     compact, report = compact_model(model, masks, x[:1], measure=False)
     assert [m.out_channels for m in _convs(compact).values()] == [1, 1, 1]
-    masked = apply_filter_masks(copy.deepcopy(model), masks, x[:1])
+    masked = mask_network(model, masks, x[:1]).model
     with torch.no_grad():
         assert torch.allclose(compact(x), masked(x), atol=1e-5)
     assert any("no selected filter" in line for line in report.lines())
@@ -240,7 +240,7 @@ def _masked_reference(run_dir: Path, masks: Dict[str, torch.Tensor], x: torch.Te
 
     model = load_model_from_run(run_dir, weights=2).eval()
     with torch.no_grad():
-        return apply_filter_masks(model, masks, x[:1])(x)
+        return mask_network(model, masks, x[:1]).model(x)
 
 
 def test_cli_compacts_a_run(tiny_run: Path, tmp_path: Path):

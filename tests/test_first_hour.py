@@ -348,7 +348,7 @@ def _random_filter_masks(model: nn.Module, seed: int) -> dict:
 
 
 def test_compact_writes_a_program_that_runs_without_splitlbi(tiny_runs: dict, tmp_path: Path) -> None:
-    from splitlbi.prune.compact import apply_filter_masks
+    from splitlbi.prune.compact import mask_network
     from splitlbi.train import load_model_from_run
 
     model = load_model_from_run(tiny_runs["lbi"], weights=2).eval()
@@ -369,7 +369,7 @@ def test_compact_writes_a_program_that_runs_without_splitlbi(tiny_runs: dict, tm
 
     inputs = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # not the export's batch size
     with torch.no_grad():
-        expected = apply_filter_masks(model, masks, inputs[:1])(inputs)
+        expected = mask_network(model, masks, inputs[:1]).model(inputs)
     assert (_run_exported(tmp_path / "lenet5-compact.pt2", inputs, tmp_path) - expected).abs().max() <= 1e-4
     state = torch.load(tmp_path / "lenet5-compact.state_dict.pt", weights_only=True)
     assert state["conv3.weight"].shape[0] == int(masks["conv3.weight"].flatten(1).any(1).sum())
@@ -377,7 +377,7 @@ def test_compact_writes_a_program_that_runs_without_splitlbi(tiny_runs: dict, tm
 
 def test_option_a_resnet_with_index_shortcuts_exports(tmp_path: Path) -> None:
     from splitlbi.models.resnet_cifar import CifarResNet
-    from splitlbi.prune.compact import IndexShortcut, apply_filter_masks, compact_model
+    from splitlbi.prune.compact import IndexShortcut, compact_model, mask_network
     from splitlbi.prune.export import save_compact
 
     torch.manual_seed(0)
@@ -396,7 +396,7 @@ def test_option_a_resnet_with_index_shortcuts_exports(tmp_path: Path) -> None:
     program = torch.export.load(paths["program"])
     assert not any(type(node.target).__module__.startswith("splitlbi") for node in program.graph.nodes)
     with torch.no_grad():
-        expected = apply_filter_masks(model, masks, inputs[:1])(inputs)
+        expected = mask_network(model, masks, inputs[:1]).model(inputs)
         assert (program.module()(inputs) - expected).abs().max() <= 1e-4
 
 

@@ -116,7 +116,10 @@ def test_mnist_run_writes_all_files(shared_data_dir: Path, tmp_path: Path) -> No
     metrics = read_rows(run_dir / "metrics.csv")
     assert [int(row["epoch"]) for row in metrics] == [1, 2]
     for row in metrics:
-        assert all(row[column] != "" for column in METRICS_COLUMNS)
+        # sparse_recal_test_acc stays empty without --recalibrate-bn
+        assert all(row[column] != "" for column in METRICS_COLUMNS if column != "sparse_recal_test_acc")
+        assert row["sparse_recal_test_acc"] == ""
+        assert 0 < float(row["sparse_macs_share"]) <= 1
         assert 0 <= float(row["test_acc"]) <= 100 and 0 <= float(row["sparse_test_acc"]) <= 100
         assert 0 <= float(row["gamma_nonzero_share"]) <= 1
 

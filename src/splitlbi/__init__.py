@@ -5,7 +5,8 @@ solution path of its structure parameter Γ.
 """
 
 from .optim import NonzeroShare, SplitLBI, Sparsity
+from .optim.groups import param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["SplitLBI", "NonzeroShare", "Sparsity", "__version__"]
+__all__ = ["SplitLBI", "NonzeroShare", "Sparsity", "param_groups", "__version__"]

@@ -4,7 +4,6 @@ support of Γ for real and save the smaller model (see :mod:`splitlbi.prune.comp
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -82,7 +81,7 @@ def _test_accuracies(info: Dict[str, Any], data_dir: Optional[str], models: Dict
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitlbi.prune.compact import apply_filter_masks, compact_model
+    from splitlbi.prune.compact import compact_model, mask_network
     from splitlbi.prune.export import save_compact
     from splitlbi.prune.masks import check_not_empty, load_run_masks, read_mask_file
     from splitlbi.train.run import list_checkpoints, load_model_from_run, read_run_config
@@ -110,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     for line in report.lines():
         say(line)
     if not args.no_accuracy:
-        masked = apply_filter_masks(copy.deepcopy(model), masks, batch[:1])
+        masked = mask_network(model, masks, batch[:1]).model
         try:
             accuracy = _test_accuracies(info, args.data_dir, {"masked": masked, "compact": compact},
                                         progress=not args.no_progress)

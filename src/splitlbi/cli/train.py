@@ -11,6 +11,7 @@ from typing import Any, Dict
 from splitlbi.cli.argtypes import epoch_list, positive_int
 from splitlbi.errors import SplitLBIError
 from splitlbi.optim.functional import UPDATES
+from splitlbi.optim.groups import COUPLINGS, LAM_SCALES
 from splitlbi.train.config import (
     AUGMENTATIONS, DEFAULT_LR, NONFINITE_CHOICES, OPTIMIZER_NAMES, SCHEDULES, TrainConfig, apply_schedule_preset,
 )
@@ -101,6 +102,15 @@ def add_training_options(parser: argparse.ArgumentParser, *, baselines: bool = T
                             "of the paper's release code: V step x min(1 - share of non-zeros of the layer's Γ, "
                             "0.01) / max(|W|, 1), Γ = κ max(|W|, 1) prox(V); its script uses it with --nu 500 "
                             "--lam 3e-4 --penalty l1; docs/results.md) (default: paper)")
+    optim.add_argument("--couple", choices=COUPLINGS, **option,
+                       help="what carries Γ in the conv layers: filters (group lasso on each conv filter, the "
+                            "paper), bn (the BatchNorm scale of each conv's output channel, l1; convs without "
+                            f"BatchNorm keep their filters) or both (default: {_default('couple')})")
+    optim.add_argument("--uncoupled-stem", dest="couple_stem", action="store_false", **option,
+                       help="leave the first conv (and its BatchNorm) dense: no Γ, never pruned")
+    optim.add_argument("--lam-scale", choices=LAM_SCALES, **option,
+                       help="λ per coupled conv layer: none (one λ) or norm (λ times the median norm of the "
+                            f"layer's filters at the start) (default: {_default('lam_scale')})")
     optim.add_argument("--momentum", type=float, **option,
                        help=f"momentum of splitlbi and sgd (default: {_default('momentum')})")
     optim.add_argument("--nesterov", action="store_true", **option, help="Nesterov momentum (splitlbi, sgd)")
@@ -147,6 +157,10 @@ def add_training_options(parser: argparse.ArgumentParser, *, baselines: bool = T
     if not extras:
         return
 
+    run_group.add_argument("--recalibrate-bn", type=int, metavar="N", **option,
+                           help="also evaluate the sparse model with BatchNorm statistics recalibrated on the first N "
+                                "training images (metrics.csv: sparse_recal_test_acc; 0: not; default: "
+                                f"{_default('recalibrate_bn')})")
     speed = parser.add_argument_group("speed and scale",
                                       "multi-GPU and multi-node: launch with torchrun --nproc-per-node N -m splitlbi "
                                       "train ... (see docs/distributed.md)")

@@ -95,6 +95,10 @@ class BenchSettings:
     slimming_lambda: float = 1e-4
     group_norm_reg: float = 1e-4
     group_norm_every: Dict[str, int] = dataclasses.field(default_factory=dict)  #: model -> steps (default 1)
+    #: train SGD and SplitLBI for the whole E + F epochs (the schedule's step at E included) and take
+    #: their checkpoints at E and K: SGD's run is then the dense reference itself, and the runs are those
+    #: of ``splitlbi reproduce resnet-path`` (the same settings share a workspace's runs)
+    full_runs: bool = False
 
 
 def bench_settings(recipe: Recipe) -> BenchSettings:
@@ -159,7 +163,8 @@ def bench_settings(recipe: Recipe) -> BenchSettings:
                              taylor_batches=int(bench.get("taylor_batches", 4)),
                              slimming_lambda=float(bench.get("slimming_lambda", 1e-4)),
                              group_norm_reg=float(bench.get("group_norm_reg", 1e-4)),
-                             group_norm_every=_per_model(bench.get("group_norm_every", 1), models, where))
+                             group_norm_every=_per_model(bench.get("group_norm_every", 1), models, where),
+                             full_runs=bool(bench.get("full_runs", False)))
     for name in models:
         base = model_config(recipe, name)
         if any(m >= epochs for m in base.lr_milestones):
@@ -233,6 +238,9 @@ class _Bench:
 
         # Every epoch kept: SplitLBI's K and SGD's E need their checkpoints (save_every is not hashed).
         config = dataclasses.replace(self.base, optimizer=optimizer, epochs=epochs, save_every=1)
+        if self.s.full_runs:  # the whole schedule: E epochs, then its next step for the F epochs
+            config = dataclasses.replace(config, epochs=self.E + self.F,
+                                         lr_milestones=tuple(self.base.lr_milestones) + (self.E,))
         return self.ws.train(config, _label(config))
 
     def retrain(self, label: str, source: Path, mode: str, epoch: Optional[int], masks: Path, epochs: int,
@@ -248,22 +256,27 @@ class _Bench:
             log=None, **settings))
 
     def accuracy_before(self, label: str, source: Path, epoch: int, masks: Path) -> float:
-        """Test accuracy of ``W_epoch`` with the mask applied, no training (kept in ``masks/<label>-acc.json``)."""
+        """Test accuracy of the network compacted from ``W_epoch`` and the mask, no training (kept in
+        ``masks/<label>-acc.json``): what ``splitlbi compact`` builds (:func:`~splitlbi.prune.compact_model`)."""
         import json
 
-        from splitlbi.prune import apply_masks_, read_mask_file
+        from splitlbi.data.datasets import normalize
+        from splitlbi.prune import read_mask_file
+        from splitlbi.prune.compact import compact_model
         from splitlbi.train.loop import evaluate
 
         def make(path: Path) -> None:
             model = self.model_at(source, epoch)
-            apply_masks_(model, read_mask_file(masks)["masks"])
+            filters = {name: mask for name, mask in read_mask_file(masks)["masks"].items() if mask.dim() == 4}
             data = self.test_data()
-            test = evaluate(model, data.test_images, data.test_labels, batch_size=self.base.eval_batch_size,
+            compact, _ = compact_model(model, filters, normalize(data.test_images[:1], data.mean, data.std),
+                                       measure=False)
+            test = evaluate(compact, data.test_images, data.test_labels, batch_size=self.base.eval_batch_size,
                             mean=data.mean, std=data.std)
             atomic_write_text(path, json.dumps({"test_acc": test.accuracy, "source": source.name, "epoch": epoch,
-                                                "masks": masks.name}))
+                                                "masks": masks.name, "network": "compact"}))
 
-        return float(json.loads(self.ws.file(f"{label}-acc.json", make).read_text())["test_acc"])
+        return float(json.loads(self.ws.file(f"{label}-compact-acc.json", make).read_text())["test_acc"])
 
     def test_data(self) -> Any:
         """The test set of the runs (loaded once)."""
@@ -346,6 +359,9 @@ class _Bench:
             _unless_unfinished(splitlbi, self.say)
 
         def dense() -> None:
+            if self.s.full_runs:  # SGD trained for E + F epochs is the dense reference
+                self.record("sgd_dense", 1.0, sgd, None, dense_epochs=E + F)
+                return
             mask = self.mask_file(f"{sgd.name}-dense.pt", lambda: {
                 name: torch.ones_like(p, dtype=torch.bool) for name, p in self.model_at(sgd, E).named_parameters()
                 if p.dim() == 4}, sgd, E, "dense")

@@ -24,7 +24,7 @@ __all__ = ["FIGURES", "BENCHMARKS", "EXPERIMENTS", "RECIPE_DIR", "RECIPE_TABLES"
 #: The experiments ``splitlbi reproduce`` knows, in paper order.
 FIGURES = ("fig1", "fig2", "fig3", "fig4", "fig5", "fig6", "fig7", "fig8", "table1")
 #: Benchmarks beyond the paper (not part of ``reproduce all``).
-BENCHMARKS = ("prune-bench",)
+BENCHMARKS = ("prune-bench", "resnet-path")
 EXPERIMENTS = FIGURES + BENCHMARKS
 #: Bundled recipes (``recipes/`` at the repository root links here).
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -46,7 +46,11 @@ RECIPE_TABLES: Dict[str, Dict[str, str]] = {
     "bench": {"models": "strings", "budgets": "any", "train_epochs": "integer", "finetune_epochs": "integer",
               "k": "integers", "normalize": "strings", "variant_budgets": "any", "methods": "strings",
               "ranking": "string", "taylor_batches": "integer", "slimming_lambda": "number",
-              "group_norm_reg": "number", "group_norm_every": "any", "report_only": "boolean"},
+              "group_norm_reg": "number", "group_norm_every": "any", "report_only": "boolean",
+              "full_runs": "boolean"},
+    # resnet-path (experiments/path_study.py)
+    "study": {"candidates": "strings", "reference": "string", "half": "integer", "budget": "number",
+              "margin": "number"},
 }
 
 
@@ -72,10 +76,10 @@ def _check_tables(file: Path, scale: str, sections: Mapping[str, Mapping[str, An
     for table, values in sections.items():
         def where(key: str) -> str:
             return f"--set {table}.{key}" if (table, key) in overridden else f"recipe {file} [{scale}.{table}]"
-        if table == "model":  # prune-bench: [scale.model.NAME] tables of training settings
+        if table in ("model", "candidate"):  # prune-bench, resnet-path: [scale.model|candidate.NAME] settings
             for name, settings in values.items():
                 if not isinstance(settings, Mapping):
-                    raise SplitLBIError(f"{where(name)}: model.{name} must be a table of training settings")
+                    raise SplitLBIError(f"{where(name)}: {table}.{name} must be a table of training settings")
                 _check_tables(file, scale, {"train": settings}, overridden)
             continue
         if table == "train":

@@ -55,6 +55,9 @@ def _label(config: TrainConfig) -> str:
         return f"{config.model}-{config.optimizer}-seed{config.seed}"
     penalty = "" if config.penalty == "auto" else f"-{config.penalty}"
     penalty += "" if config.update == "paper" else f"-{config.update}"
+    penalty += "" if config.couple == "filters" else f"-{config.couple}"
+    penalty += "" if config.couple_stem else "-stemfree"
+    penalty += "" if config.lam_scale == "none" else f"-lam{config.lam:g}{config.lam_scale}"
     return f"{config.model}-splitlbi{penalty}-k{config.kappa:g}-nu{config.nu:g}-seed{config.seed}"
 
 
@@ -559,9 +562,16 @@ def prune_bench(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
     return run_bench(ws, recipe, out)
 
 
+def resnet_path(ws: Workspace, recipe: Recipe, out: Path) -> List[Path]:
+    """The path of a residual BatchNorm network in a regime where it forms (:mod:`splitlbi.experiments.path_study`)."""
+    from splitlbi.experiments.path_study import path_study
+
+    return path_study(ws, recipe, out)
+
+
 FIGURE_FUNCTIONS: Dict[str, Callable[[Workspace, Recipe, Path], List[Path]]] = {
     "fig1": fig1, "fig2": fig2, "fig3": fig3, "fig4": fig4, "fig5": fig5, "fig6": fig6, "fig7": fig7,
-    "fig8": fig8, "table1": table1, "prune-bench": prune_bench,
+    "fig8": fig8, "table1": table1, "prune-bench": prune_bench, "resnet-path": resnet_path,
 }
 
 

@@ -40,9 +40,10 @@ MASKS_DIR = "masks"
 # Settings that do not change what a run computes (the hash ignores them).
 _NOT_HASHED = frozenset(RESUME_OVERRIDABLE_FIELDS - {"epochs"})
 # Settings that only SplitLBI reads: an SGD run is the same run whatever they say.
-_SPLITLBI_ONLY = frozenset({"kappa", "nu", "lam", "penalty", "linear_penalty", "update"})
+_SPLITLBI_ONLY = frozenset({"kappa", "nu", "lam", "penalty", "linear_penalty", "update", "couple", "couple_stem",
+                            "lam_scale"})
 # Settings added after runs were hashed: left out at these values (their defaults) so those runs keep their names.
-_HASHED_UNLESS = {"update": "paper"}
+_HASHED_UNLESS = {"update": "paper", "couple": "filters", "couple_stem": True, "lam_scale": "none"}
 
 Log = Optional[Callable[[str], None]]
 PathLike = Union[str, Path]
@@ -122,14 +123,20 @@ class Workspace:
         return False
 
     # ----------------------------------------------------------------- jobs
-    def train(self, config: TrainConfig, label: str) -> Path:
-        """A ``run_training`` run of ``config``; resumed from its last checkpoint if interrupted."""
+    def train(self, config: TrainConfig, label: str, wait: bool = True) -> Optional[Path]:
+        """A ``run_training`` run of ``config``; resumed from its last checkpoint if interrupted.
+
+        ``wait=False``: when another process is training this run now, return None at once
+        instead of waiting for it (two reproductions sharing an ``--out`` then split the work)."""
         config = self.config(config)
         spec = {"kind": "train", "config": config_settings(config)}
         run_dir = self.run_dir(label, spec)
         if self._finished(run_dir, label):
             return run_dir
-        with job_lock(run_dir, self.say):
+        with job_lock(run_dir, self.say, wait=wait) as held:
+            if not held:
+                self.say(f"{label}: another process is training it, later")
+                return None
             if self._finished(run_dir, label):  # finished by another process meanwhile
                 return run_dir
             return self._train(config, spec, run_dir, label)

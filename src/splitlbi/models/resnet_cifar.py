@@ -68,10 +68,19 @@ class PadShortcut(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int) -> None:
         super().__init__()
         self.stride = stride
+        self.in_planes = in_planes
         self.pad_before = (planes - in_planes) // 2
         self.pad_after = planes - in_planes - self.pad_before
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        expected = getattr(self, "in_planes", None)  # modules pickled before it was recorded: unchecked
+        if expected is not None and x.shape[1] != expected:
+            # Plain Torch-Pruning traces F.pad as element-wise and prunes the stages together; the
+            # network it builds would fail later with a shape error that names no cause.
+            raise RuntimeError(
+                f"option-A shortcut expects {expected} input channels, got {x.shape[1]}: the network "
+                f"was pruned without splitlbi's shortcut pruner; build Torch-Pruning pruners with "
+                f"customized_pruners=splitlbi.prune.prepare_torch_pruning(model)")
         x = x[:, :, :: self.stride, :: self.stride]
         return F.pad(x, (0, 0, 0, 0, self.pad_before, self.pad_after))
 

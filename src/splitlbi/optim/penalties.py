@@ -57,6 +57,8 @@ def group_norms(v: Tensor, keepdim: bool = False) -> Tensor:
     """ℓ2 norm of each output group ``v[o, ...]`` in float32 at least: shape ``[out]``,
     or ``[out, 1, ...]`` (broadcasting over ``v``) with ``keepdim``."""
     dtype = torch.promote_types(v.dtype, torch.float32)
+    if v.dim() == 1:  # one entry per output channel (a BatchNorm scale): its absolute value
+        return v.abs().to(dtype)
     return torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=keepdim, dtype=dtype)
 
 

@@ -378,11 +378,67 @@ class SplitLBI(Optimizer):
             return {name: _penalties.group_norms(g) for name, g in self.gamma().items()}
         return {c.name: _penalties.group_norms(c.param.detach()) for c in self.named_coupled()}
 
+    def masks_by_module(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """:meth:`masks` keyed by ``model``'s own parameter names (found by identity, so it
+        works also when the optimizer was given ``model.parameters()`` without names)."""
+        names = {id(p): name for name, p in model.named_parameters()}
+        masks = {}
+        for c in self.named_coupled():
+            name = names.get(id(c.param))
+            if name is None:
+                raise ValueError(f"the coupled parameter {c.name} is not a parameter of the model given")
+            masks[name] = _penalties.support_from_v(c.v, c.lam, c.penalty).cpu()
+        return masks
+
     @contextlib.contextmanager
-    def sparse_model(self) -> Iterator[dict[str, Tensor]]:
-        """Temporarily replace each coupled ``W`` by its projection onto the support of
-        Γ (weights outside it set to zero): the "sparse model" of the path. ``W`` is
-        restored exactly on exit. Yields the masks used."""
+    def sparse_model(self, model: Optional[torch.nn.Module] = None, example_input: Optional[Tensor] = None,
+                     fold: bool = True) -> Iterator[dict[str, Tensor]]:
+        """Temporarily turn the network into its sparse model; restored exactly on exit.
+        Yields the masks used (the support of Γ).
+
+        With ``model`` and ``example_input`` (one batch of inputs; it traces the network): the
+        network that :func:`splitlbi.prune.compact_model` builds from the support, computed in
+        ``model``'s own architecture (:func:`splitlbi.prune.compact.mask_network`): every filter
+        outside the support is removed with its BatchNorm channel, and the constant that
+        channel emitted is folded into the layers that read it (``fold``). Evaluate in eval
+        mode. This is what the training loop reports as the sparse accuracy.
+
+        Without them: each coupled ``W`` projected onto the support of Γ (weights outside it
+        set to zero), the projection of the paper. In a network with BatchNorm that is *not*
+        the network you can cut out: a zeroed filter's BatchNorm channel still emits a
+        constant that depends on its running mean.
+        """
+        if model is None:
+            if example_input is not None:
+                raise ValueError("sparse_model: example_input needs the model too: sparse_model(model, example_input)")
+            with self._projected() as masks:
+                yield masks
+            return
+        if example_input is None:
+            raise ValueError("sparse_model(model) needs example_input: one batch of inputs, to trace the network "
+                             "(e.g. sparse_model(model, x[:1]))")
+        from splitlbi.prune.compact import mask_network
+
+        masks = self.masks_by_module(model)
+        masked = mask_network(model, masks, example_input, fold=fold).model
+        live = model.state_dict(keep_vars=True)
+        saved = []
+        with torch.no_grad():
+            for key, value in masked.state_dict().items():
+                target = live[key]
+                if isinstance(target, Tensor) and target.is_floating_point() and not torch.equal(target, value):
+                    saved.append((target, target.detach().clone()))
+                    target.copy_(value)
+        try:
+            yield masks
+        finally:
+            with torch.no_grad():
+                for target, original in saved:
+                    target.copy_(original)
+
+    @contextlib.contextmanager
+    def _projected(self) -> Iterator[dict[str, Tensor]]:
+        """Each coupled ``W`` projected onto the support of Γ, restored on exit."""
         saved, masks = [], {}
         with torch.no_grad():
             for c in self.named_coupled():

@@ -540,7 +540,8 @@ def budget_masks(model: nn.Module, example_input: Tensor, scores: Any, *, macs: 
         model: the dense network (left untouched).
         example_input: an input batch (its first image is used) to trace the network and count MACs.
         scores: ``{conv weight name: tensor[out_channels]}`` (higher = more important;
-            e.g. :func:`path_scores`, filter norms, BN scales) or a Torch-Pruning
+            e.g. :func:`path_scores`, filter norms, BN scales; entries keyed by a BatchNorm
+            weight count for the conv it normalizes, see :func:`splitlbi.prune.channels.filter_scores`) or a Torch-Pruning
             ``Importance`` (called on each channel group). Convs without scores keep
             all their filters.
         macs / params: the fraction of the dense network's MACs / parameters to keep,
@@ -584,8 +585,11 @@ def budget_masks(model: nn.Module, example_input: Tensor, scores: Any, *, macs: 
 
 def _budget_masks(model: nn.Module, example_input: Tensor, scores: Any, kind: str, target: float, ranking: str,
                   normalize: str, aggregate: str, min_channels: int, max_rounds: int) -> BudgetResult:
+    from splitlbi.prune.channels import filter_scores
     from splitlbi.prune.compact import compact_model
 
+    if isinstance(scores, Mapping):  # scores of BatchNorm scales count for the filters of their convs
+        scores = filter_scores(model, scores, example_input)
     structure = _analyze(model, example_input)
     order = _removal_order(structure, _group_scores(structure, scores, normalize, aggregate), ranking)
     sequence = _feasible_sequence(structure, order, int(min_channels))

@@ -50,8 +50,8 @@ from torch import Tensor, nn
 
 from splitlbi.errors import SplitLBIError
 
-__all__ = ["CompactReport", "ConvGroup", "GroupReport", "IndexShortcut", "apply_filter_masks", "check_masks",
-           "compact_model", "count_macs_params", "measure_latency", "trace_conv_groups", "unselected_filters"]
+__all__ = ["CompactReport", "ConvGroup", "GroupReport", "IndexShortcut", "MaskedNetwork", "apply_filter_masks",
+           "check_masks", "compact_model", "mask_network", "count_macs_params", "measure_latency", "trace_conv_groups", "unselected_filters"]
 
 
 @dataclass
@@ -302,6 +302,166 @@ def trace_conv_groups(model: nn.Module, example_input: Tensor) -> Tuple[Any, Lis
     return graph, groups
 
 
+@dataclass
+class MaskedNetwork:
+    """What :func:`mask_network` did: the network in its own architecture, as the compact
+    network computes it (``model``), and how to remove the channels for real."""
+
+    model: nn.Module
+    graph: Any                                   #: Torch-Pruning's dependency graph of ``model``
+    plans: List[Tuple[nn.Conv2d, GroupReport, List[int]]]  #: (group root, report, channels to remove)
+    unselected: Dict[str, set]                   #: conv name -> its unselected filters
+    folded: int = 0                              #: constants of removed channels folded into consumers
+    unfolded: List[str] = field(default_factory=list)  #: consumers that could take no folded constant
+
+
+def _removal_plans(groups: List["ConvGroup"], convs: Dict[str, nn.Conv2d], unselected: Dict[str, set]):
+    """(root conv, GroupReport, channels to remove) per traced group (see the module docstring)."""
+    plans = []
+    removed_inputs: Dict[nn.Module, set] = {}  # IndexShortcut -> its input channels that are removed
+    for found in groups:
+        n, members = found.channels, found.members
+        report = GroupReport(convs=members, channels=n, removed=0, unselected=0)
+        if found.problem is None:
+            # Identity coupling: channel i of every member conv is the same channel. It goes when
+            # it is unselected in every member and, where an option-A shortcut places a channel of
+            # an earlier stage into it, that one goes too (else the shortcut still carries it).
+            removable = set(range(n))
+            for member in members:
+                removable &= unselected.get(member, set())
+            for shortcut, src, dst in found.feeds:
+                gone = removed_inputs.get(shortcut, set())
+                removable -= {d for s, d in zip(src, dst) if s not in gone}
+            for shortcut in found.reads:
+                removed_inputs[shortcut] = set(removable)
+            report.unselected = len(removable)
+            indices = sorted(removable)
+            if len(indices) == n:  # keep one (constant) channel: a layer cannot be empty
+                indices = indices[1:]
+                report.emptied = True
+            report.removed = len(indices)
+            plans.append((convs[found.root], report, indices))
+        else:
+            report.unselected = len(set.intersection(*[unselected.get(m, set()) for m in members]))
+            report.skipped = found.problem
+            report.kept_unselected = sum(len(unselected.get(m, ())) for m in members)
+            plans.append((convs[found.root], report, []))
+    return plans
+
+
+def _consumer_inputs(model: nn.Module, example_input: Tensor) -> Dict[nn.Module, Tensor]:
+    """The input of every Conv2d and Linear in one eval-mode forward pass of ``example_input``."""
+    seen: Dict[nn.Module, Tensor] = {}
+
+    def hook(module, inputs, output):
+        seen.setdefault(module, inputs[0].detach())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+@torch.no_grad()
+def _fold_removed_inputs(network: "MaskedNetwork", bns: Dict[str, nn.Module], example_input: Tensor,
+                         fold: bool) -> None:
+    """Make every removed channel contribute nothing, folding the constant it emitted into what
+    consumed it (``fold``): the consumer's bias, else the running mean of its BatchNorm.
+
+    A removed channel's filters are zero, so in eval mode it emits a constant (its BatchNorm
+    shift, or its conv bias, through the activation). Removing it for real would drop that
+    constant; with ``fold`` each consumer adds, per output channel, the constant times the sum
+    of its weights on that input (exact for a linear layer; for a padded conv exact away from
+    the border, where the padded window saw fewer copies of the constant).
+    """
+    import torch_pruning as tp
+
+    model, graph = network.model, network.graph
+    names = {module: name for name, module in model.named_modules()}
+    inputs = _consumer_inputs(model, example_input) if fold else {}
+    zero_out = []  # (module, channels): removed channels whose own output is set to zero
+    for conv, _, indices in network.plans:
+        if not indices:
+            continue
+        for dep, idxs in graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=indices):
+            module, handler = dep.target.module, dep.handler.__name__
+            if handler == "prune_out_channels" and isinstance(module, (nn.Conv2d, nn.BatchNorm2d)):
+                zero_out.append((module, list(idxs)))
+                continue
+            if handler != "prune_in_channels" or not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            if isinstance(module, nn.Conv2d) and module.groups != 1:
+                continue  # a depthwise conv's input channel is its output channel: removed whole
+            index = torch.tensor(list(idxs), dtype=torch.long, device=module.weight.device)
+            weight = module.weight.index_select(1, index)  # [out, removed, (kh, kw)]
+            if fold:
+                seen = inputs.get(module)
+                if seen is not None:
+                    values = seen.index_select(1, index.to(seen.device))
+                    values = values.flatten(2).mean(dim=2) if values.dim() > 2 else values
+                    delta = (weight.flatten(2).sum(dim=2) if weight.dim() > 2 else weight) @ values.mean(dim=0)
+                    bn = bns.get(names[module])
+                    if module.bias is not None:
+                        module.bias.add_(delta.to(module.bias.dtype))
+                        network.folded += len(idxs)
+                    elif bn is not None and bn.running_mean is not None:
+                        bn.running_mean.sub_(delta.to(bn.running_mean.dtype))
+                        network.folded += len(idxs)
+                    elif bool(delta.abs().max() > 0):
+                        network.unfolded.append(names[module])
+            module.weight.index_fill_(1, index, 0.0)
+    for module, idxs in zero_out:  # the removed channels emit exact zeros (also into shortcuts)
+        index = torch.tensor(idxs, dtype=torch.long, device=module.weight.device)
+        module.weight.index_fill_(0, index, 0.0)
+        if module.bias is not None:
+            module.bias.index_fill_(0, index, 0.0)
+
+
+def mask_network(
+    model: nn.Module, masks: Mapping[str, Tensor], example_input: Tensor, fold: bool = True,
+) -> MaskedNetwork:
+    """A copy of ``model`` that computes what :func:`compact_model` will build from ``masks``,
+    in ``model``'s own architecture (same ``state_dict`` keys, eval mode).
+
+    Masks may be keyed by conv weights or by BatchNorm weights (see
+    :func:`splitlbi.prune.channels.filter_masks`). In the copy every unselected conv filter is
+    zero and so is the scale of its BatchNorm channel, which therefore emits its shift as a
+    constant (the channel's mean over training: BatchNorm's output has mean β). Channels that
+    compaction removes (a channel coupled by a residual add goes only when no member selects
+    it) are made exactly zero and, with ``fold``, their constant is folded into the layers
+    that read them (:func:`_fold_removed_inputs`); channels that stay keep their constant.
+    ``model`` is not changed.
+    """
+    from splitlbi.prune.channels import filter_masks
+
+    masks = filter_masks(model, masks, example_input)
+    check_masks(model, masks)
+    example_input = example_input.detach()
+    work = copy.deepcopy(model).eval()
+    example_input = example_input.to(next(work.parameters()).device)
+    convs = _named_convs(work)
+    bns = _bn_after(work, example_input)
+    unselected = {name: set(indices) for name, indices in unselected_filters(work, masks).items()}
+    with torch.no_grad():
+        for name, indices in unselected.items():
+            if indices:
+                index = torch.tensor(sorted(indices), dtype=torch.long, device=convs[name].weight.device)
+                convs[name].weight.index_fill_(0, index, 0.0)
+                bn = bns.get(name)
+                if bn is not None and bn.affine:
+                    bn.weight.index_fill_(0, index, 0.0)
+    with torch.enable_grad():  # Torch-Pruning traces through autograd
+        graph, groups = trace_conv_groups(work, example_input)
+    network = MaskedNetwork(model=work, graph=graph, plans=_removal_plans(groups, convs, unselected),
+                            unselected=unselected)
+    _fold_removed_inputs(network, {name: bn for name, bn in bns.items()}, example_input, fold)
+    return network
+
+
 def compact_model(
     model: nn.Module,
     masks: Mapping[str, Tensor],
@@ -309,74 +469,40 @@ def compact_model(
     latency_repeats: int = 20,
     measure: bool = True,
     latency_input: Optional[Tensor] = None,
+    fold: bool = True,
 ) -> Tuple[nn.Module, CompactReport]:
     """Remove, for real, the conv filters outside the support; return ``(compact, report)``.
 
-    ``model`` is left untouched (a deep copy is masked, see :func:`apply_filter_masks`,
-    and pruned). The compact model equals the masked model (same outputs in eval mode).
-    ``example_input``: a batch (normally of one image) used to trace the dependency
+    ``model`` is left untouched: :func:`mask_network` builds the masked copy (``fold``: the
+    constants of removed channels folded into their consumers) and Torch-Pruning removes
+    its unselected channels; the compact model equals that copy (same outputs in eval
+    mode). ``example_input``: a batch (normally of one image) used to trace the dependency
     graph and count MACs; with ``measure``, ``latency_repeats`` forward passes of
     ``latency_input`` (default ``example_input``) are timed before and after.
     Raises :class:`SplitLBIError` when the masks do not match the model.
     """
     import torch_pruning as tp
 
-    check_masks(model, masks)
-    example_input = example_input.detach()
-    work = copy.deepcopy(model).cpu().eval()
-    apply_filter_masks(work, masks, example_input)
+    model_cpu = copy.deepcopy(model).cpu()
+    example_input = example_input.detach().cpu()
+    network = mask_network(model_cpu, masks, example_input, fold=fold)
+    work = network.model
     macs_before, params_before = count_macs_params(work, example_input)
-    timed = example_input if latency_input is None else latency_input.detach()
+    timed = example_input if latency_input is None else latency_input.detach().cpu()
     latency_before = measure_latency(work, timed, latency_repeats) if measure else None
-
     convs = _named_convs(work)
-    unselected = {name: set(indices) for name, indices in unselected_filters(work, masks).items()}
-    selected_counts = {name: conv.out_channels - len(unselected.get(name, ())) for name, conv in convs.items()}
-
-    graph, groups = trace_conv_groups(work, example_input)
-    plans = []  # (root conv, GroupReport, indices to remove)
-    zero_inputs: Dict[nn.Module, set] = {}  # IndexShortcut -> its input channels that are zero
-    for found in groups:
-        n, members = found.channels, found.members
-        report = GroupReport(convs=members, channels=n, removed=0, unselected=0)
-        if found.problem is None:
-            # Identity coupling: channel i of every member conv is the same channel. It is
-            # zero in the masked model when unselected in every member and, where an
-            # option-A shortcut places a channel of an earlier stage into it, that one is zero too.
-            # Torch-Pruning prunes whatever indices it is given and knows nothing of the masked
-            # model's zeros, so this rule (the one piece of the old option-A stream code) stays here.
-            zero = set(range(n))
-            for member in members:
-                zero &= unselected.get(member, set())
-            for shortcut, src, dst in found.feeds:
-                source_zero = zero_inputs.get(shortcut, set())
-                zero -= {d for s, d in zip(src, dst) if s not in source_zero}
-            for shortcut in found.reads:
-                zero_inputs[shortcut] = set(zero)
-            report.unselected = len(zero)
-            removable = sorted(zero)
-            if len(removable) == n:  # keep one (zeroed) channel: a layer cannot be empty
-                removable = removable[1:]
-                report.emptied = True
-            report.removed = len(removable)
-            plans.append((convs[found.root], report, removable))
-        else:
-            report.unselected = len(set.intersection(*[unselected.get(m, set()) for m in members]))
-            report.skipped = found.problem
-            report.kept_unselected = sum(len(unselected.get(m, ())) for m in members)
-            plans.append((convs[found.root], report, []))
-
-    for conv, report, indices in plans:
+    selected_counts = {name: conv.out_channels - len(network.unselected.get(name, ()))
+                       for name, conv in convs.items()}
+    for conv, report, indices in network.plans:
         if indices:
-            graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=indices).prune()
-
+            network.graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=indices).prune()
 
     macs_after, params_after = count_macs_params(work, example_input)
     latency_after = measure_latency(work, timed, latency_repeats) if measure else None
     result = CompactReport(
         params_before=params_before, params_after=params_after, macs_before=macs_before, macs_after=macs_after,
         latency_before_ms=latency_before, latency_after_ms=latency_after,
-        groups=[report for _, report, _ in plans],
+        groups=[report for _, report, _ in network.plans],
         kept_channels={name: conv.out_channels for name, conv in convs.items()},
         selected_channels=selected_counts,
     )

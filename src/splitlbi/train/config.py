@@ -13,6 +13,7 @@ import torch
 from splitlbi.data.augment import AUGMENTATIONS
 from splitlbi.errors import SplitLBIError
 from splitlbi.optim.functional import UPDATES
+from splitlbi.optim.groups import COUPLINGS, LAM_SCALES
 from splitlbi.optim.penalties import PENALTIES
 
 __all__ = [
@@ -45,7 +46,7 @@ DEFAULT_LR: Mapping[str, float] = {"splitlbi": 0.05, "sgd": 0.05, "adam": 1e-3, 
 #: ``device`` can change them in the last bits, but moving a run to another machine is a
 #: legitimate reason to resume, so it is allowed.
 RESUME_OVERRIDABLE_FIELDS = frozenset({"epochs", "progress", "device", "eval_batch_size", "save_every", "data_dir",
-                                       "channels_last", "compile", "nonfinite", "tensorboard"})
+                                       "channels_last", "compile", "nonfinite", "tensorboard", "recalibrate_bn"})
 
 #: ``--nonfinite``: a batch whose loss is nan or inf stops the run (``stop``; the last
 #: good checkpoint stays last.pt) or is left out (``skip``, as torch.amp.GradScaler does).
@@ -97,6 +98,12 @@ class TrainConfig:
     # SplitLBI's update, one of UPDATES: "paper" (the reference) or "release" (the release code's
     # variant, SplitLBI(update="release")). Runs written before the field existed used "paper".
     update: str = "paper"
+    # What carries Γ in the conv layers (splitlbi.optim.groups.COUPLINGS), whether the stem conv
+    # does, and λ per conv layer (LAM_SCALES). Runs written before these fields existed coupled
+    # every conv filter with one λ, which the defaults reproduce.
+    couple: str = "filters"
+    couple_stem: bool = True
+    lam_scale: str = "none"
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -124,6 +131,9 @@ class TrainConfig:
     limit_test: Optional[int] = None
     # What a non-finite training loss does: one of NONFINITE_CHOICES.
     nonfinite: str = "stop"
+    # The sparse model is also evaluated with BatchNorm statistics recalibrated on this many
+    # training images (0: not); metrics.csv's sparse_recal_test_acc.
+    recalibrate_bn: int = 0
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep one canonical type so configs compare equal.
@@ -235,6 +245,13 @@ def validate_config(config: TrainConfig) -> None:
     _require(config.linear_penalty in ("auto", "l1", "neuron", "none"),
              f"unknown --linear-penalty {config.linear_penalty!r} (choose from auto, l1, neuron, none)")
     _require(config.update in UPDATES, f"unknown --update {config.update!r} (choose from {', '.join(UPDATES)})")
+    _require(config.couple in COUPLINGS, f"unknown --couple {config.couple!r} (choose from {', '.join(COUPLINGS)})")
+    _require(config.lam_scale in LAM_SCALES,
+             f"unknown --lam-scale {config.lam_scale!r} (choose from {', '.join(LAM_SCALES)})")
+    _require(config.update == "paper" or (config.couple == "filters" and config.couple_stem
+                                          and config.lam_scale == "none"),
+             "--update release runs with the paper's grouping only (--couple filters, the stem coupled, "
+             "--lam-scale none)")
     _require(config.nonfinite in NONFINITE_CHOICES,
              f"unknown --nonfinite {config.nonfinite!r} (choose from {', '.join(NONFINITE_CHOICES)})")
     _require(config.augment in AUGMENTATIONS,
@@ -250,7 +267,8 @@ def validate_config(config: TrainConfig) -> None:
     _require(0 <= config.momentum < 1, f"--momentum must be in [0, 1), got {config.momentum}")
     _require(config.weight_decay >= 0, f"--weight-decay must be >= 0, got {config.weight_decay}")
     _require(config.lr_gamma > 0, f"--lr-gamma must be > 0, got {config.lr_gamma}")
-    for name in ("sync_bn", "amp", "channels_last", "compile", "tensorboard"):
+    _require(config.recalibrate_bn >= 0, f"--recalibrate-bn must be >= 0 images, got {config.recalibrate_bn}")
+    for name in ("sync_bn", "amp", "channels_last", "compile", "tensorboard", "couple_stem"):
         _require(isinstance(getattr(config, name), bool), f"{name} must be True or False, got {getattr(config, name)!r}")
     _require(config.schedule in SCHEDULES,
              f"unknown schedule {config.schedule!r} (choose from {', '.join(SCHEDULES)})")

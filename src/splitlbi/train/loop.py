@@ -27,8 +27,9 @@ from splitlbi.train import distributed, rundir
 from splitlbi.train.config import TrainConfig
 from splitlbi.train.progress import progress_bar
 
-__all__ = ["Evaluation", "NONFINITE_POLICIES", "NonFiniteError", "TrainData", "EpochCallback", "epoch_generator",
-           "train_one_epoch", "evaluate", "run_epochs", "summary_line"]
+__all__ = ["Evaluation", "NONFINITE_POLICIES", "NonFiniteError", "SparseEvaluation", "TrainData", "EpochCallback",
+           "epoch_generator", "evaluate", "evaluate_sparse", "recalibrate_batchnorm", "run_epochs", "summary_line",
+           "train_one_epoch"]
 
 #: What :func:`train_one_epoch` does about a batch whose loss is nan or inf: ``stop``
 #: (raise :class:`NonFiniteError` at the end of the epoch: one synchronisation, as
@@ -274,6 +275,81 @@ def evaluate(
     return Evaluation(loss / total, 100.0 * right / total)
 
 
+# --------------------------------------------------------------------------- the sparse network
+
+
+class SparseEvaluation(NamedTuple):
+    """Test accuracy of the network compacted from the support of Γ (percent), of the same with
+    recalibrated BatchNorm statistics (None without ``recalibrate_bn``), and its MACs over
+    the dense network's."""
+
+    accuracy: Optional[float]
+    recalibrated_accuracy: Optional[float]
+    macs_share: Optional[float]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, images: Tensor, *, mean: Sequence[float], std: Sequence[float],
+                          batch_size: int = 500, memory_format: Optional[torch.memory_format] = None) -> int:
+    """Fresh BatchNorm running statistics from ``images`` (uint8 ``[N, C, H, W]``, no
+    augmentation) through ``model``, without gradients: every BatchNorm's statistics are reset
+    and re-estimated as the plain average over the batches (``momentum=None``). Returns the
+    number of BatchNorm layers recalibrated; the model is left in eval mode.
+
+    After filters are removed, the layers that read their channels see other statistics than
+    those recorded in training; this brings the network back in line in seconds.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None
+    model.train()
+    try:
+        for start in range(0, images.shape[0], batch_size):
+            inputs = normalize(images[start:start + batch_size], mean, std)
+            if memory_format is not None and inputs.dim() == 4:
+                inputs = inputs.contiguous(memory_format=memory_format)
+            model(inputs)
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.eval()
+    return len(norms)
+
+
+def evaluate_sparse(model: nn.Module, optimizer: SplitLBI, data: "TrainData", recalibrate_images: int,
+                    evaluation: Dict[str, Any], description: str = "") -> SparseEvaluation:
+    """Evaluate the network that ``splitlbi compact`` builds from the optimizer's support of Γ
+    now (:func:`splitlbi.prune.compact.compact_model`: unselected filters removed for real, the
+    constants they emitted folded into their consumers), on the test set; with
+    ``recalibrate_images`` > 0 also after :func:`recalibrate_batchnorm` on the first that many
+    training images. ``evaluation``: the keyword arguments of :func:`evaluate`."""
+    from splitlbi.prune.compact import compact_model
+
+    device = data.train_images.device
+    example = normalize(data.test_images[:1], data.mean, data.std).cpu()
+    masks = optimizer.masks_by_module(model)
+    compact, report = compact_model(model, masks, example, measure=False)
+    compact = compact.to(device)
+    memory_format = evaluation.get("memory_format")
+    if memory_format is not None:
+        compact = compact.to(memory_format=memory_format)
+    where = f"{description} " if description else ""
+    accuracy = evaluate(compact, data.test_images, data.test_labels, **evaluation,
+                        description=f"{where}sparse test").accuracy
+    recalibrated = None
+    if recalibrate_images > 0 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in compact.modules()):
+        recalibrate_batchnorm(compact, data.train_images[:recalibrate_images], mean=data.mean, std=data.std,
+                              memory_format=memory_format)
+        recalibrated = evaluate(compact, data.test_images, data.test_labels, **evaluation,
+                                description=f"{where}sparse test (BatchNorm recalibrated)").accuracy
+    elif recalibrate_images > 0:
+        recalibrated = accuracy  # nothing to recalibrate
+    macs_share = report.macs_after / report.macs_before if report.macs_before else None
+    return SparseEvaluation(accuracy, recalibrated, macs_share)
+
+
 # --------------------------------------------------------------------------- the epoch loop
 
 
@@ -301,6 +377,10 @@ def summary_line(metrics: Dict[str, Any], epochs: int) -> str:
              f"test loss {metrics['test_loss']:.4f} acc {metrics['test_acc']:6.2f}%"]
     if metrics["gamma_nonzero_share"] is not None:
         parts.append(f"sparse acc {metrics['sparse_test_acc']:6.2f}%")
+        if metrics.get("sparse_recal_test_acc") is not None:
+            parts.append(f"(BN recalibrated {metrics['sparse_recal_test_acc']:6.2f}%)")
+        if metrics.get("sparse_macs_share") is not None:
+            parts.append(f"MACs {100.0 * metrics['sparse_macs_share']:5.1f}%")
         parts.append(f"Gamma non-zeros {100.0 * metrics['gamma_nonzero_share']:6.2f}%")
     parts.append(f"{metrics['epoch_seconds']:.1f}s")
     return "  ".join(parts)
@@ -416,15 +496,16 @@ def run_epochs(
             raise SplitLBIError(f"training stopped at {where}, after its last step: the test loss is not finite "
                                 f"(nan or inf); {last} keeps epoch {epoch - 1}, the last good one ({advice})")
         sparse_accuracy, nonzero_share = (test.accuracy, kept) if kept is not None else (None, None)
+        sparse = SparseEvaluation(None, None, None)
         if lbi is not None:
-            with lbi.sparse_model():
-                sparse_accuracy = evaluate(eval_model, data.test_images, data.test_labels, **evaluation,
-                                           description=f"{where} sparse test").accuracy
+            sparse = evaluate_sparse(model, lbi, data, config.recalibrate_bn, evaluation, description=where)
+            sparse_accuracy = sparse.accuracy
             nonzero_share = float(lbi.nonzero_share().overall)
         scheduler.step()
         metrics = {"epoch": epoch, "lr": lr, "train_loss": train.loss, "train_acc": train.accuracy,
                    "test_loss": test.loss, "test_acc": test.accuracy, "sparse_test_acc": sparse_accuracy,
-                   "gamma_nonzero_share": nonzero_share, "epoch_seconds": time.perf_counter() - started}
+                   "gamma_nonzero_share": nonzero_share, "epoch_seconds": time.perf_counter() - started,
+                   "sparse_recal_test_acc": sparse.recalibrated_accuracy, "sparse_macs_share": sparse.macs_share}
 
         # DDP averages the gradients; SplitLBI's V and Γ are functions of them and of
         # state that started equal, so the ranks agree with no communication of their own.

@@ -9,6 +9,7 @@ from torch import nn
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.optim import SplitLBI
+from splitlbi.optim.groups import param_groups
 from splitlbi.train.config import OPTIMIZER_NAMES, TrainConfig
 
 __all__ = ["build_optimizer", "build_scheduler", "is_splitlbi"]
@@ -31,7 +32,15 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
             # Named parameters let SplitLBI report support/sparsity by layer name.
             named = list(model.named_parameters())
             params: list = named
-            if config.linear_penalty != "auto" or config.penalty != "auto":
+            if config.couple != "filters" or not config.couple_stem or config.lam_scale != "none":
+                if config.penalty != "auto" or config.linear_penalty == "auto":
+                    raise SplitLBIError(f"--couple {config.couple}, --uncoupled-stem and --lam-scale choose the "
+                                        f"penalties themselves: leave --penalty at auto and set --linear-penalty to "
+                                        f"none, l1 or neuron")
+                params = param_groups(model, couple=config.couple, stem=config.couple_stem,
+                                      linear_penalty=config.linear_penalty, lam_scale=config.lam_scale,
+                                      lam=config.lam)
+            elif config.linear_penalty != "auto" or config.penalty != "auto":
                 linear_penalty = config.penalty if config.linear_penalty == "auto" else config.linear_penalty
                 # A chosen penalty is for the weights: biases and BatchNorm parameters stay uncoupled, as
                 # with auto (which leaves them in the first group, as runs written before kept them).

@@ -127,7 +127,10 @@ RUN_FORMAT = 1
 
 
 METRICS_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
-                   "sparse_test_acc", "gamma_nonzero_share", "epoch_seconds")
+                   "sparse_test_acc", "gamma_nonzero_share", "epoch_seconds",
+                   # added later, hence after epoch_seconds: the compact network with recalibrated
+                   # BatchNorm statistics (--recalibrate-bn), and its MACs over the dense network's
+                   "sparse_recal_test_acc", "sparse_macs_share")
 
 
 #: metrics.csv columns renamed since: old name -> new name. Runs written before keep the
@@ -1002,7 +1005,8 @@ def metrics_row(metrics: Dict[str, Any]) -> List[str]:
     return [str(metrics["epoch"]), _number(metrics["lr"]), _number(metrics["train_loss"]),
             _number(metrics["train_acc"], ".4f"), _number(metrics["test_loss"]), _number(metrics["test_acc"], ".4f"),
             _number(metrics["sparse_test_acc"], ".4f"), _number(metrics["gamma_nonzero_share"]),
-            _number(metrics["epoch_seconds"], ".3f")]
+            _number(metrics["epoch_seconds"], ".3f"), _number(metrics.get("sparse_recal_test_acc"), ".4f"),
+            _number(metrics.get("sparse_macs_share"), ".6f")]
 
 
 def append_rows(path: Path, rows: Iterable[Sequence[str]]) -> str:
@@ -1193,7 +1197,9 @@ def write_epoch(run_dir: Path, history: RunHistory, metrics: Dict[str, Any], mod
     and, last, the checkpoint (``epoch_XXXX.pt`` too when ``keep``): once it exists,
     everything of the epoch is on disk. ``history`` is extended in place."""
     epoch = metrics["epoch"]
-    history.metrics += append_rows(run_dir / METRICS_FILE, [metrics_row(metrics)])
+    # A run written before metrics.csv had its last columns keeps its narrower rows.
+    metrics_width = len(file_columns(run_dir / METRICS_FILE, METRICS_COLUMNS))
+    history.metrics += append_rows(run_dir / METRICS_FILE, [metrics_row(metrics)[:metrics_width]])
     if epoch > 0:
         # A run written before path.csv had v_norm keeps its narrower rows.
         width = len(file_columns(run_dir / PATH_FILE, PATH_COLUMNS))
@@ -1222,9 +1228,10 @@ def mark_job_done(run_dir: Path, record: Mapping[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def job_lock(run_dir: Path, say: Callable[[str], None]) -> Iterator[None]:
+def job_lock(run_dir: Path, say: Callable[[str], None], wait: bool = True) -> Iterator[bool]:
     """Hold ``<run_dir>.lock`` (beside the run directory) while a job runs, waiting for
-    another process that holds it.
+    another process that holds it; yields True. With ``wait=False`` a lock held elsewhere
+    is not waited for: it yields False (the caller does something else first).
 
     Two reproductions sharing an ``--out`` (e.g. two figures that need the same run) thus
     never train one run twice: the second waits, then finds it finished. Unlike
@@ -1234,13 +1241,16 @@ def job_lock(run_dir: Path, say: Callable[[str], None]) -> Iterator[None]:
     try:
         import fcntl
     except ImportError:  # not on POSIX: no locking
-        yield
+        yield True
         return
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(run_dir.with_name(run_dir.name + ".lock"), "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield False
+                return
             say(f"waiting for another process that is running {run_dir.name}")
             fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+        yield True
