@@ -231,8 +231,29 @@ def test_the_rule_grows_the_full_layers_only() -> None:
                       LayerCheck("conv2", 10, 7, 10, 10),    # 70% < tau
                       LayerCheck("conv3", 40, 40, 40, 50)]   # 100%: ceil(60) capped at 50
     assert checks[0].share == pytest.approx(0.8) and checks[0].grew and not checks[1].grew
-    with pytest.raises(SplitLBIError, match="conv9 carries no structure parameter"):
-        selected_filters(optimizer, "conv9")
+    assert selected_filters(optimizer, "conv9") is None  # nothing of it carries Γ
+
+
+@pytest.mark.parametrize("couple, expected", [("filters", [3, 2]), ("bn", [1, 4]), ("both", [1, 2])])
+def test_selected_filters_read_what_carries_gamma(couple: str, expected: List[int]) -> None:
+    from splitlbi.train.optimizers import build_optimizer
+
+    model = _family("vgg11_bn", {}, 3, (4, 5, 6, 7, 8, 9, 10, 11))
+    config = TrainConfig(model="vgg11_bn", couple=couple, linear_penalty="none", lr=0.1)
+    optimizer = build_optimizer(config, model)
+    chosen = {"features.0.weight": [0, 1, 2], "features.1.weight": [0], "features.4.weight": [0, 1],
+              "features.5.weight": [0, 1, 2, 3]}  # conv 1 and its BN, conv 2 and its BN
+    parameters = dict(model.named_parameters())
+    for name, filters in chosen.items():
+        if any(c.name == name for c in optimizer.named_coupled()):
+            v = torch.zeros_like(parameters[name])
+            v[filters] = 2.0
+            optimizer.state[parameters[name]]["v"] = v
+    layout = layout_of(model)
+    counts = [int(selected_filters(optimizer, conv, layout.norm_of(conv)).sum())
+              for conv in ("features.0", "features.4")]
+    assert counts == expected
+    assert layout.norm_of("features.4") == "features.5" and layout.norm_of("nothing") is None
 
 
 def test_an_option_a_resnet_stage_never_outgrows_the_next() -> None:

@@ -154,13 +154,13 @@ def add_training_options(parser: argparse.ArgumentParser, *, baselines: bool = T
                            help="a batch whose loss is nan or inf: stop the run with an error (the last good "
                                 "checkpoint stays last.pt) or skip that batch, as AMP's GradScaler does; may "
                                 "change on --resume (default: stop)")
-    if not extras:
-        return
-
     run_group.add_argument("--recalibrate-bn", type=int, metavar="N", **option,
                            help="also evaluate the sparse model with BatchNorm statistics recalibrated on the first N "
                                 "training images (metrics.csv: sparse_recal_test_acc; 0: not; default: "
                                 f"{_default('recalibrate_bn')})")
+    if not extras:
+        return
+
     speed = parser.add_argument_group("speed and scale",
                                       "multi-GPU and multi-node: launch with torchrun --nproc-per-node N -m splitlbi "
                                       "train ... (see docs/distributed.md)")

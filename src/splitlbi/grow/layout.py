@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -85,6 +85,13 @@ class GrowthLayout:
             if space.group == group:
                 names.extend(name for name in space.convs if name not in names)
         return names
+
+    def norm_of(self, conv: str) -> Optional[str]:
+        """The BatchNorm right after the conv ``conv`` (None: it has none)."""
+        for space in self.spaces:
+            if conv in space.convs and space.norms:
+                return space.norms[space.convs.index(conv)]
+        return None
 
     def widths(self, model: nn.Module) -> Tuple[int, ...]:
         """The current widths of ``model`` (the output channels of each group's first conv)."""

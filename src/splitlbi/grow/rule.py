@@ -23,19 +23,23 @@ from splitlbi.optim import SplitLBI
 __all__ = ["GrowthRule", "LayerCheck", "selected_filters", "check_growth"]
 
 
-def selected_filters(optimizer: SplitLBI, conv: str) -> Tensor:
+def selected_filters(optimizer: SplitLBI, conv: str, norm: Optional[str] = None) -> Optional[Tensor]:
     """Which filters of the conv layer ``conv`` (a module name) the path has selected: a
-    bool per output filter.
+    bool per output filter, or None when nothing of it carries Γ (e.g. an uncoupled stem).
 
-    The one definition of "selected" that growth uses: today the filters of the conv's
-    weight in the support of Γ (``optimizer.filter_support()``).
+    The one definition of "selected" that growth uses: the support of Γ of whatever carries
+    it for this conv (``splitlbi.optim.groups``): its filters (``--couple filters``), the
+    scale of its BatchNorm ``norm`` (``--couple bn``), or both, a filter then being selected
+    when both are (``--couple both``).
     """
     support = optimizer.filter_support()
-    key = f"{conv}.weight"
-    if key not in support:
-        raise SplitLBIError(f"{conv} carries no structure parameter Γ (its penalty is none?): growth reads which of "
-                            f"its filters the path selected")
-    return support[key]
+    present = [support[key] for key in (f"{conv}.weight", f"{norm}.weight" if norm else None) if key in support]
+    if not present:
+        return None
+    selected = present[0]
+    for other in present[1:]:
+        selected = selected & other
+    return selected
 
 
 class LayerCheck(NamedTuple):
@@ -151,10 +155,15 @@ class GrowthRule:
 
 def check_growth(layout: GrowthLayout, optimizer: SplitLBI, widths: Sequence[int], rule: GrowthRule,
                  caps: Sequence[int]) -> List[LayerCheck]:
-    """Apply ``rule`` to every width group: how many of its filters are selected and what it grows to."""
+    """Apply ``rule`` to every width group: how many of its filters are selected and what it grows to.
+
+    A group counts the filters of its convs that carry Γ (:func:`selected_filters`); one with
+    none (``filters == 0``) does not grow.
+    """
     wanted, counts = [], []
     for group, width in enumerate(widths):
-        selected = [selected_filters(optimizer, conv) for conv in layout.convs(group)]
+        selected = [s for conv in layout.convs(group)
+                    if (s := selected_filters(optimizer, conv, layout.norm_of(conv))) is not None]
         chosen, filters = sum(int(s.sum()) for s in selected), sum(int(s.numel()) for s in selected)
         counts.append((chosen, filters))
         full = filters > 0 and chosen / filters >= rule.tau
