@@ -68,6 +68,7 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--check-every", type=int, default=2)
     parser.add_argument("--tau", type=float, default=0.8)
     parser.add_argument("--grow-ratio", type=float, default=1.1)
+    parser.add_argument("--new-filters", default="matched", choices=("matched", "drawn"))
     parser.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning of the pruned network")
     parser.add_argument("--finetune-lr", type=float, default=0.005, help="(default: the schedule's last lr)")
     return parser.parse_args(argv)
@@ -103,14 +104,17 @@ def kept_widths(mask_file: Path, convs: Sequence[Sequence[str]]) -> List[int]:
     return [int(masks[f"{group[0]}.weight"].flatten(1).any(dim=1).sum()) for group in convs]
 
 
-def run_seed(args: argparse.Namespace, seed: int, times: Dict[str, Dict[str, float]]) -> List[Dict[str, object]]:
+def run_seed(args: argparse.Namespace, seed: int) -> List[Dict[str, object]]:
     out = args.out / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    times_file = out / "times.json"  # one per seed: seeds may run in separate processes side by side
+    times: Dict[str, Dict[str, float]] = json.loads(times_file.read_text()) if times_file.is_file() else {}
     base = TrainConfig(model=args.model, dataset=args.dataset, data_dir=args.data_dir, limit_train=args.limit_train,
                        limit_test=args.limit_test, epochs=args.epochs, lr=args.lr, lr_milestones=tuple(args.lr_milestones),
                        batch_size=args.batch_size, momentum=0.9, weight_decay=args.weight_decay, kappa=1.0, nu=args.nu,
                        lam=args.lam, linear_penalty="none", seed=seed, save_every=args.epochs, progress=False,
                        device="cpu")
-    rule = GrowthRule(check_every=args.check_every, tau=args.tau, ratio=args.grow_ratio)
+    rule = GrowthRule(check_every=args.check_every, tau=args.tau, ratio=args.grow_ratio, init=args.new_filters)
     layout = layout_of_config(dataclasses.replace(base, widths=tuple(args.widths)))
     log = lambda line: print(f"[seed {seed}] {line}", flush=True)  # noqa: E731
 
@@ -119,10 +123,10 @@ def run_seed(args: argparse.Namespace, seed: int, times: Dict[str, Dict[str, flo
         a finished one only checks that it is)."""
         with Clock() as clock:
             job()
-        total = times.setdefault(f"{seed}/{name}", {"cpu": 0.0, "wall": 0.0})
+        total = times.setdefault(name, {"cpu": 0.0, "wall": 0.0})
         total["cpu"] += clock.cpu
         total["wall"] += clock.wall
-        atomic_write_text(args.out / "times.json", json.dumps(times, indent=2))
+        atomic_write_text(times_file, json.dumps(times, indent=2))
 
     # The grown network.
     grow_dir = out / "grown"
@@ -191,7 +195,7 @@ def run_seed(args: argparse.Namespace, seed: int, times: Dict[str, Dict[str, flo
     ]
     for name, widths, accuracy, compute, epochs in entries:
         macs, params = cost(widths)
-        clock = times.get(f"{seed}/{name}", {})
+        clock = times.get(name, {})
         rows.append({"seed": seed, "network": name, "widths": " ".join(map(str, widths)), "test_acc": accuracy,
                      "macs": macs, "params": params, "macs_share": macs / standard_macs, "epochs": epochs,
                      "train_compute": compute, "compute_share": compute / (args.epochs * standard_macs),
@@ -241,12 +245,10 @@ def summarize(args: argparse.Namespace, rows: List[Dict[str, object]]) -> str:
 def main(argv: Sequence[str]) -> int:
     args = parse(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    times_file = args.out / "times.json"
-    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
     torch.set_num_threads(1)
     rows: List[Dict[str, object]] = []
     for seed in args.seeds:
-        rows.extend(run_seed(args, seed, times))
+        rows.extend(run_seed(args, seed))
     atomic_write_csv(args.out / "grow_bench.csv", COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
     summary = summarize(args, rows)
     atomic_write_text(args.out / "summary.md", summary)

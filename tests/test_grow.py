@@ -525,3 +525,56 @@ def test_train_accepts_widths(tmp_path: Path) -> None:
     from splitlbi.train.run import load_model_from_run
 
     assert load_model_from_run(tmp_path / "narrow").fc1.in_features == 30
+
+
+# --------------------------------------------------------------------------- real kills (slow)
+
+
+GROW_ARGS = ["grow", "--dataset", "digits", "--limit-train", "256", "--limit-test", "128", "--batch-size", "64",
+             "--epochs", "5", "--lr", "0.1", "--nu", "1", "--lam", "0.01", "--widths", "2", "4", "20",
+             "--check-every", "1", "--grow-ratio", "1.5", "--grow-until", "3", "--save-every", "1", "--device", "cpu",
+             "--no-progress"]
+
+
+@pytest.mark.slow
+def test_a_grow_run_killed_at_random_moments_resumes_bitwise_equal(tmp_path: Path) -> None:
+    """SIGKILL ``splitlbi grow`` at random moments of its run (start-up, epochs, checks,
+    widening, writes), resume it, and compare everything with an uninterrupted run."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def splitlbi(*args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "splitlbi", *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env)
+
+    reference = tmp_path / "reference"
+    started = time.perf_counter()
+    assert splitlbi(*GROW_ARGS, "--out", str(reference)).wait(timeout=900) == 0
+    wall = time.perf_counter() - started
+    rng = random.Random(0)
+    for trial in range(8):
+        run_dir = tmp_path / f"trial{trial}"
+        process = splitlbi(*GROW_ARGS, "--out", str(run_dir))
+        try:
+            process.wait(timeout=rng.uniform(0.2, 1.0) * wall)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+        if (run_dir / "config.json").is_file():
+            resume = splitlbi("grow", "--resume", str(run_dir), "--no-progress")
+        else:  # killed before it wrote its settings: start it again
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+            resume = splitlbi(*GROW_ARGS, "--out", str(run_dir))
+        _, err = resume.communicate(timeout=900)
+        assert resume.returncode == 0, err
+        assert _same(_comparable(reference), _comparable(run_dir)), f"trial {trial}"
+        assert not list(run_dir.rglob("*.tmp"))

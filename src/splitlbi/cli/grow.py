@@ -15,12 +15,13 @@ __all__ = ["add_parser", "rule_from_arguments", "run"]
 
 #: The growth options and their GrowthRule fields.
 _RULE_OPTIONS = {"check_every": "check_every", "tau": "tau", "grow_ratio": "ratio", "grow_count": "count",
-                 "max_widths": "max_widths", "grow_until": "until"}
+                 "max_widths": "max_widths", "grow_until": "until", "new_filters": "init"}
 
 
 def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     """Register ``grow`` on the ``splitlbi`` subcommand parsers."""
     from splitlbi.grow import GROWABLE, GrowthRule
+    from splitlbi.grow.widen import NEW_FILTER_INITS
 
     defaults = GrowthRule()
     parser = subparsers.add_parser(
@@ -53,6 +54,11 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                              "standard widths)")
     growth.add_argument("--grow-until", type=positive_int, metavar="EPOCH", **option,
                         help="no check after this epoch (default: checks until the last epoch)")
+    growth.add_argument("--new-filters", choices=NEW_FILTER_INITS, **option,
+                        help="how a new filter's weights start (its outgoing weights are zero either way): matched "
+                             "(drawn as the model initializes, then scaled to the median norm of the layer's filters, "
+                             "so that it can enter the support of Γ) or drawn (as the model initializes) "
+                             f"(default: {defaults.init})")
     parser.set_defaults(func=run)
     return parser
 

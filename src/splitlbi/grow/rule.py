@@ -18,6 +18,7 @@ from torch import Tensor
 
 from splitlbi.errors import SplitLBIError
 from splitlbi.grow.layout import GrowthLayout
+from splitlbi.grow.widen import NEW_FILTER_INITS
 from splitlbi.optim import SplitLBI
 
 __all__ = ["GrowthRule", "LayerCheck", "selected_filters", "check_growth"]
@@ -73,6 +74,8 @@ class GrowthRule:
         count: grow by this many filters instead of by ``ratio``.
         max_widths: the cap of each group (empty: the family's standard widths).
         until: no check after this epoch (None: checks until the run's last epoch).
+        init: how new filters start, one of :data:`splitlbi.grow.widen.NEW_FILTER_INITS`
+            (``matched``: drawn, then scaled to the median norm of the conv's old filters).
     """
 
     check_every: int = 10
@@ -81,6 +84,7 @@ class GrowthRule:
     count: Optional[int] = None
     max_widths: Tuple[int, ...] = ()
     until: Optional[int] = None
+    init: str = "matched"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_widths", tuple(self.max_widths))
@@ -105,6 +109,8 @@ class GrowthRule:
             raise SplitLBIError(f"--max-widths must be positive whole numbers, got {list(self.max_widths)}")
         if self.until is not None and (not whole(self.until) or self.until < 1):
             raise SplitLBIError(f"--grow-until must be an epoch >= 1, got {self.until!r}")
+        if self.init not in NEW_FILTER_INITS:
+            raise SplitLBIError(f"--new-filters must be one of {', '.join(NEW_FILTER_INITS)}, got {self.init!r}")
 
     def caps(self, layout: GrowthLayout, widths: Sequence[int]) -> Tuple[int, ...]:
         """The cap of each group: ``max_widths`` or the family's standard widths, checked

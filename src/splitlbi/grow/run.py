@@ -339,7 +339,7 @@ def _grow(config: Optional[TrainConfig], rule: Optional[GrowthRule], run_dir: Pa
                 + (f" -> {c.new_width}" if c.grew else "") for c in checks))
             if any(c.grew for c in checks):
                 model, optimizer, scheduler = _widen(model, optimizer, scheduler, config, build,
-                                                     [c.new_width for c in checks], epoch)
+                                                     [c.new_width for c in checks], epoch, rule.init)
                 say(f"grew to widths {_widths_text(layout, layout.widths(model))}")
             else:
                 growing = False
@@ -369,13 +369,13 @@ def _widths_text(layout: GrowthLayout, widths: Sequence[int]) -> str:
 
 
 def _widen(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, config: TrainConfig,
-           build: Callable[[Sequence[int]], nn.Module], widths: Sequence[int], epoch: int
+           build: Callable[[Sequence[int]], nn.Module], widths: Sequence[int], epoch: int, init: str
            ) -> Tuple[nn.Module, torch.optim.Optimizer, Any]:
     """The network widened to ``widths``, with a new optimizer holding the old state
     (widened) and a new scheduler at the old one's place in the schedule."""
     # The new filters' draw depends on (seed, epoch) only: a resumed run draws the same.
     seed = int(np.random.SeedSequence([config.seed, epoch, 0x67726F77]).generate_state(1)[0])
-    widening = widen_model(model, build, widths, seed=seed)
+    widening = widen_model(model, build, widths, seed=seed, init=init)
     widened = widening.model
     new_optimizer = build_optimizer(config, widened)
     new_scheduler = build_scheduler(config, new_optimizer)

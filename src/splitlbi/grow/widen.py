@@ -6,10 +6,11 @@ option-A stream may move them, see :mod:`splitlbi.grow.layout`). The new entries
 so that the output is unchanged at the moment of growth:
 
 * a new channel of a plain space (LeNet-5, VGG, a ResNet block's inner conv): its filter
-  starts as the family's initialization draws it, and its *outgoing* weights (the input
-  channels of the readers that see it) are zero, so nothing downstream sees it yet; the
-  gradient of those outgoing weights is the new channel's activation times the reader's
-  gradient, so they start learning at the first step;
+  starts as the family's initialization draws it (``init="drawn"``) or, by default
+  (``init="matched"``), drawn and then scaled to the median norm of the conv's old filters,
+  and its *outgoing* weights (the input channels of the readers that see it) are zero, so
+  nothing downstream sees it yet; the gradient of those outgoing weights is the new
+  channel's activation times the reader's gradient, so they start learning at the first step;
 * a new channel of a residual stream: its BatchNorm scale and shift are zero where it is
   written, so the channel is exactly zero everywhere in the stream; its readers' weights
   start as drawn (they multiply a zero), which gives the scale a gradient at the first step.
@@ -18,6 +19,13 @@ so that the output is unchanged at the moment of growth:
 entries of ``momentum_buffer`` and ``v`` (SplitLBI's V) keep their values, every new
 entry is zero (V = 0: a new filter starts outside the support of Γ; fresh momentum).
 Γ = κ·prox(V) of an old filter is unchanged, as the group norm of its V is.
+
+Why ``matched``: a new filter starts with Γ = 0, so SplitLBI pulls its weights towards 0 (at
+the rate κα/ν per step) while its zero outgoing weights give it no gradient yet; without a
+gradient its V tends to its starting weights (V → W₀/κ), so a filter drawn at the
+initialization's norm (≈ 0.6 for LeNet-5's conv2, below λ = 1) never enters the support and
+dies out, while one at the norm of the trained filters (≈ 1.5–2) enters within an epoch or
+two (measured on LeNet-5 / Fashion-MNIST, docs/growing.md).
 """
 
 from __future__ import annotations
@@ -31,7 +39,11 @@ from torch import Tensor, nn
 from splitlbi.errors import SplitLBIError
 from splitlbi.grow.layout import GrowthLayout, layout_of
 
-__all__ = ["Widening", "widen_model", "widen_optimizer_state", "scatter_old"]
+__all__ = ["NEW_FILTER_INITS", "Widening", "widen_model", "widen_optimizer_state", "scatter_old"]
+
+#: How a new filter's weights start: as the family's initialization draws them, or drawn and
+#: scaled to the median norm of the conv's old filters (see the module docstring).
+NEW_FILTER_INITS = ("matched", "drawn")
 
 #: Per dimension of a tensor: the new position of each old index, or None (the dimension keeps its size).
 Positions = Tuple[Optional[Tensor], ...]
@@ -99,7 +111,7 @@ def _check_new_widths(layout: GrowthLayout, old: Sequence[int], new: Sequence[in
 
 
 def widen_model(model: nn.Module, build: Callable[[Sequence[int]], nn.Module], new_widths: Sequence[int], *,
-                seed: int) -> Widening:
+                seed: int, init: str = "matched") -> Widening:
     """``model`` widened to ``new_widths`` (one per width group of its family), computing the
     same function (see the module docstring); ``model`` itself is left unchanged.
 
@@ -108,7 +120,11 @@ def widen_model(model: nn.Module, build: Callable[[Sequence[int]], nn.Module], n
             the CPU; the result is moved to ``model``'s device and dtype).
         seed: seeds the draw of the new filters (through a forked RNG: the global one is
             left as it was, so a resumed run draws the same).
+        init: one of :data:`NEW_FILTER_INITS`: the new filters as drawn, or scaled to the
+            median norm of their conv's old filters.
     """
+    if init not in NEW_FILTER_INITS:
+        raise SplitLBIError(f"init of new filters must be one of {', '.join(NEW_FILTER_INITS)}, got {init!r}")
     layout = layout_of(model)
     old = layout.widths(model)
     new = _check_new_widths(layout, old, new_widths)
@@ -126,6 +142,7 @@ def widen_model(model: nn.Module, build: Callable[[Sequence[int]], nn.Module], n
     dims = _module_dims(layout)
     # The BatchNorms that write a residual stream: its new channels get scale and shift 0 there.
     silenced = {name for space in layout.spaces if space.residual for name in space.norms}
+    convs = {name for space in layout.spaces for name in space.convs}
     old_state = model.state_dict()
     state = widened.state_dict()
     positions: Dict[str, Positions] = {}
@@ -154,6 +171,12 @@ def widen_model(model: nn.Module, build: Callable[[Sequence[int]], nn.Module], n
         if module in silenced and tensor_name in ("weight", "bias"):
             # A residual stream's new channel is zero where it is written.
             target[_new_entries(target.shape[0], where[0]).to(target.device)] = 0
+        if init == "matched" and module in convs and tensor_name == "weight" and where[0] is not None:
+            new = _new_entries(target.shape[0], where[0]).to(target.device)
+            if bool(new.any()):
+                norm = value.flatten(1).norm(dim=1).median()
+                drawn = target[new].flatten(1).norm(dim=1).clamp_min(1e-12)
+                target[new] *= (norm / drawn).view(-1, *([1] * (target.dim() - 1)))
         state[key] = target
         positions[key] = where
     widened.load_state_dict(state)
