@@ -123,6 +123,25 @@ def test_widening_keeps_the_old_weights_and_draws_new_filters() -> None:
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
 
 
+def test_new_filters_start_at_the_median_norm_of_their_layer_or_as_drawn() -> None:
+    model = _family("lenet5", {}, 1, (3, 8, 40))
+    _trained(model, 1, 28, steps=5)
+    build = _builder("lenet5", {}, 1)
+    matched = widen_model(model, build, (5, 10, 40), seed=4).model
+    drawn = widen_model(model, build, (5, 10, 40), seed=4, init="drawn").model
+    for conv, old in (("conv1", 3), ("conv2", 8)):
+        median = getattr(model, conv).weight.detach().flatten(1).norm(dim=1).median()
+        new_matched = getattr(matched, conv).weight.detach()[old:].flatten(1)
+        new_drawn = getattr(drawn, conv).weight.detach()[old:].flatten(1)
+        assert torch.allclose(new_matched.norm(dim=1), median.expand(new_matched.shape[0]), rtol=1e-5)
+        assert not torch.allclose(new_drawn.norm(dim=1), median.expand(new_drawn.shape[0]), rtol=1e-2)
+        # the same draw, only scaled
+        assert torch.allclose(new_matched / new_matched.norm(dim=1, keepdim=True),
+                              new_drawn / new_drawn.norm(dim=1, keepdim=True), atol=1e-6)
+    with pytest.raises(SplitLBIError, match="init of new filters must be one of matched, drawn"):
+        widen_model(model, build, (5, 10, 40), seed=4, init="copied")
+
+
 def test_a_new_residual_channel_is_zero_where_it_is_written() -> None:
     model = _family("resnet20", {"shortcut": "B"}, 3, (8, 10, 12))
     widened = widen_model(model, _builder("resnet20", {"shortcut": "B"}, 3), (9, 10, 12), seed=0).model
@@ -468,6 +487,7 @@ TINY_ARGS = ["--dataset", "digits", "--limit-train", "64", "--limit-test", "32",
     (["--widths", "2", "4", "20", "--grow-ratio", "1.2", "--grow-count", "3"], "not allowed with argument"),
     (["--widths", "2", "4", "20", "--optimizer", "sgd"], "unrecognized arguments: --optimizer"),
     (["--widths", "2", "4", "20", "--check-every", "0"], "must be a positive integer"),
+    (["--widths", "2", "4", "20", "--new-filters", "copied"], "argument --new-filters: invalid choice"),
 ])
 def test_bad_grow_options_are_one_line_errors(args: List[str], message: str, tmp_path: Path,
                                               capsys: pytest.CaptureFixture) -> None:
