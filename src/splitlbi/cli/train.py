@@ -136,7 +136,8 @@ def add_training_options(parser: argparse.ArgumentParser, *, baselines: bool = T
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--device", **option, help="auto, cpu, cuda or cuda:N (default: auto)")
     where = run_group.add_mutually_exclusive_group()
-    where.add_argument("--out", metavar="RUN_DIR", help="new run directory (default: runs/MODEL-DATASET-OPTIMIZER-TIME)")
+    where.add_argument("--out", metavar="RUN_DIR", help="new run directory (default: runs/MODEL-DATASET-"
+                       f"{'OPTIMIZER' if baselines else 'grow'}-TIME)")
     where.add_argument("--resume", metavar="RUN_DIR",
                        help="continue the run in RUN_DIR from its last checkpoint; --epochs may extend it")
     run_group.add_argument("--save-every", type=int, metavar="N", **option,
