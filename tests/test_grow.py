@@ -598,3 +598,29 @@ def test_a_grow_run_killed_at_random_moments_resumes_bitwise_equal(tmp_path: Pat
         assert resume.returncode == 0, err
         assert _same(_comparable(reference), _comparable(run_dir)), f"trial {trial}"
         assert not list(run_dir.rglob("*.tmp"))
+
+
+def test_the_growth_figure_has_widths_and_accuracy_against_macs(straight: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from splitlbi.plots.growth import GrowthBaseline, plot_growth
+
+    out = tmp_path / "fig" / "grow.png"
+    paths = plot_growth([straight, straight], out, baselines=[GrowthBaseline("standard width", [423038.0] * 2,
+                                                                             [50.0, 52.0])])
+    assert [p.suffix for p in paths] == [".png", ".pdf", ".csv"] and all(p.stat().st_size > 0 for p in paths)
+    rows = read_rows(out.with_suffix(".csv"))
+    stages = read_stages(straight)
+    widths = [r for r in rows if r["panel"].startswith("Width") and r["series"] == "conv2"]
+    assert len(widths) == 2 * TINY.epochs  # a staircase: two points per epoch
+    assert float(widths[0]["y"]) == pytest.approx(100 * 4 / 16)  # starts at 4 of the standard 16 filters
+    assert float(widths[-1]["y"]) == pytest.approx(100 * stages[-1]["widths"]["conv2"] / 16)
+    final = next(r for r in rows if r["series"] == "grown (final)")
+    assert float(final["y"]) == pytest.approx(stages[-1]["test_acc"]) and final["n"] == "2"
+    standard = next(r for r in rows if r["series"] == "standard width")
+    assert float(standard["x"]) == pytest.approx(100.0, abs=0.01) and float(standard["y"]) == 51.0
+    assert main(["plot", "grow", str(straight), "--out", str(tmp_path / "cli.png")]) == 0
+    assert (tmp_path / "cli.csv").is_file()
+    with pytest.raises(SplitLBIError, match="is not a 'splitlbi grow' run"):
+        run_dir = tmp_path / "trained"
+        run_training(dataclasses.replace(TINY, widths=(), epochs=1), run_dir, log=None)
+        plot_growth([run_dir], tmp_path / "x.png")
