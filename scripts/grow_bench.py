@@ -71,6 +71,10 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--new-filters", default="matched", choices=("matched", "drawn"))
     parser.add_argument("--finetune-epochs", type=int, default=5, help="fine-tuning of the pruned network")
     parser.add_argument("--finetune-lr", type=float, default=0.005, help="(default: the schedule's last lr)")
+    parser.add_argument("--jobs", nargs="+", choices=NETWORKS, default=list(NETWORKS),
+                        help="train only these networks and write no summary (to run them in processes side by "
+                             "side: 'narrow' needs 'grown' finished, 'pruned' needs 'standard'); default: all, "
+                             "then the summary")
     return parser.parse_args(argv)
 
 
@@ -121,8 +125,12 @@ def run_seed(args: argparse.Namespace, seed: int) -> List[Dict[str, object]]:
     def timed(name: str, job) -> None:
         """Run ``job``, adding its seconds to the job's total (an interrupted job's runs add up;
         a finished one only checks that it is)."""
+        if name not in args.jobs:
+            return
         with Clock() as clock:
             job()
+        if times_file.is_file():  # another process may have added its job's times meanwhile
+            times.update({key: value for key, value in json.loads(times_file.read_text()).items() if key != name})
         total = times.setdefault(name, {"cpu": 0.0, "wall": 0.0})
         total["cpu"] += clock.cpu
         total["wall"] += clock.wall
@@ -179,6 +187,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> List[Dict[str, object]]:
                 args.weight_decay, "--seed", seed, "--device", "cpu", "--no-progress", "--out", pruned_dir)
 
     timed("pruned", prune)
+    if set(args.jobs) != set(NETWORKS):
+        return []
     pruned_widths = kept_widths(mask_file, [layout.convs(g) for g in range(len(layout.groups))])
 
     def final_accuracy(run_dir: Path) -> float:
@@ -249,6 +259,8 @@ def main(argv: Sequence[str]) -> int:
     rows: List[Dict[str, object]] = []
     for seed in args.seeds:
         rows.extend(run_seed(args, seed))
+    if set(args.jobs) != set(NETWORKS):
+        return 0
     atomic_write_csv(args.out / "grow_bench.csv", COLUMNS, [[row[c] for c in COLUMNS] for row in rows])
     summary = summarize(args, rows)
     atomic_write_text(args.out / "summary.md", summary)
