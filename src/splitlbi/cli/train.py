@@ -106,8 +106,9 @@ def add_training_options(parser: argparse.ArgumentParser, *, baselines: bool = T
                        help="what carries Γ in the conv layers: filters (group lasso on each conv filter, the "
                             "paper), bn (the BatchNorm scale of each conv's output channel, l1; convs without "
                             f"BatchNorm keep their filters) or both (default: {_default('couple')})")
-    optim.add_argument("--uncoupled-stem", dest="couple_stem", action="store_false", **option,
-                       help="leave the first conv (and its BatchNorm) dense: no Γ, never pruned")
+    optim.add_argument("--couple-stem", action=argparse.BooleanOptionalAction, **option,
+                       help="whether the first conv (and its BatchNorm) carries Γ; --no-couple-stem leaves it "
+                            f"dense, never pruned (default: {_default('couple_stem').lower()})")
     optim.add_argument("--lam-scale", choices=LAM_SCALES, **option,
                        help="λ per coupled conv layer: none (one λ) or norm (λ times the median norm of the "
                             f"layer's filters at the start) (default: {_default('lam_scale')})")

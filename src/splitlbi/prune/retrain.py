@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Sequence, T
 import torch
 from torch import Tensor, nn
 
-from splitlbi.data import canonical_dataset_name
+from splitlbi.data import canonical_dataset_name, normalize
 from splitlbi.errors import SplitLBIError
 from splitlbi.prune.masks import (
     Masks, apply_masks_, check_not_empty, load_mask_file, load_run_masks, mask_sparsity, save_mask_file,
@@ -193,8 +193,15 @@ def retrain(
         f"mask {mask_source}, {100.0 * kept:.2f}% of the masked weights kept")
 
     if mode == "prune":
+        # The network a user gets: the filters outside the mask removed for real (compact_model).
+        from splitlbi.prune.compact import compact_model
+
         started = time.perf_counter()
-        test = evaluate(model, data.test_images, data.test_labels, batch_size=config.eval_batch_size,
+        filters = {name: mask for name, mask in mask_dict.items() if mask.dim() == 4}
+        example = normalize(data.test_images[:1], data.mean, data.std).cpu()
+        compact, _ = compact_model(model.cpu(), filters, example, measure=False)
+        model.to(dev)
+        test = evaluate(compact.to(dev), data.test_images, data.test_labels, batch_size=config.eval_batch_size,
                         mean=data.mean, std=data.std)
         metrics = {"epoch": 0, "lr": None, "train_loss": None, "train_acc": None, "test_loss": test.loss,
                    "test_acc": test.accuracy, "sparse_test_acc": test.accuracy, "gamma_nonzero_share": kept,

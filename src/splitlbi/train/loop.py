@@ -350,6 +350,14 @@ def evaluate_sparse(model: nn.Module, optimizer: SplitLBI, data: "TrainData", re
     return SparseEvaluation(accuracy, recalibrated, macs_share)
 
 
+def _run_masks(model: nn.Module, optimizer: SplitLBI) -> Dict[str, Tensor]:
+    """The support of Γ as saved in ``masks/``: the coupled parameters' masks and, for BatchNorm
+    scales, the masks of their convs' filters too (what compaction and retraining read)."""
+    from splitlbi.prune.channels import filter_masks
+
+    return filter_masks(model, optimizer.masks_by_module(model))
+
+
 # --------------------------------------------------------------------------- the epoch loop
 
 
@@ -520,7 +528,7 @@ def run_epochs(
         with distributed.agreement(context):
             if context.is_main:
                 rundir.write_epoch(run_dir, history, metrics, model, optimizer, scheduler, rng_states,
-                                   masks=lbi.masks() if lbi is not None else None,
+                                   masks=_run_masks(model, lbi) if lbi is not None else None,
                                    keep=epoch % config.save_every == 0 or epoch == config.epochs)
                 say(summary_line(metrics, config.epochs))
                 if board is not None:

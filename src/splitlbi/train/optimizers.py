@@ -34,7 +34,7 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
             params: list = named
             if config.couple != "filters" or not config.couple_stem or config.lam_scale != "none":
                 if config.penalty != "auto" or config.linear_penalty == "auto":
-                    raise SplitLBIError(f"--couple {config.couple}, --uncoupled-stem and --lam-scale choose the "
+                    raise SplitLBIError(f"--couple {config.couple}, --no-couple-stem and --lam-scale choose the "
                                         f"penalties themselves: leave --penalty at auto and set --linear-penalty to "
                                         f"none, l1 or neuron")
                 params = param_groups(model, couple=config.couple, stem=config.couple_stem,
