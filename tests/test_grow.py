@@ -610,7 +610,9 @@ def test_the_growth_figure_has_widths_and_accuracy_against_macs(straight: Path, 
     assert [p.suffix for p in paths] == [".png", ".pdf", ".csv"] and all(p.stat().st_size > 0 for p in paths)
     rows = read_rows(out.with_suffix(".csv"))
     stages = read_stages(straight)
-    widths = [r for r in rows if r["panel"].startswith("Width") and r["series"] == "conv2"]
+    assert {r["panel"] for r in rows if r["series"] == "conv2"} == {"Widths along run 1 (seed 0)",
+                                                                    "Widths along run 2 (seed 0)"}  # one per run
+    widths = [r for r in rows if r["panel"] == "Widths along run 1 (seed 0)" and r["series"] == "conv2"]
     assert len(widths) == 2 * TINY.epochs  # a staircase: two points per epoch
     assert float(widths[0]["y"]) == pytest.approx(100 * 4 / 16)  # starts at 4 of the standard 16 filters
     assert float(widths[-1]["y"]) == pytest.approx(100 * stages[-1]["widths"]["conv2"] / 16)

@@ -88,7 +88,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     grow = commands.add_parser(
         "grow", help="widths along the run and accuracy against MACs of 'splitlbi grow' runs",
         description="Left: the width of each layer (ResNets: stage) of the grow runs along the run, in percent "
-        "of the standard network (mean and std over the runs). Right: test accuracy against MACs of each "
+        "of the standard network, one line per run. Right: test accuracy against MACs of each "
         "run's stages and of the final grown networks. Writes the PNG, a PDF and the CSV of the numbers.",
     )
     grow.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="grow run directories (e.g. seeds)")

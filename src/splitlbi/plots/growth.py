@@ -1,7 +1,7 @@
 """The figure of growing networks: the width of each layer over the run, and accuracy against MACs.
 
-Left: each width group's width in percent of the family's standard width, epoch by epoch
-(mean and standard deviation over the grow runs given, e.g. seeds). Right: test accuracy
+One panel per grow run given (e.g. seeds): each width group's width in percent of the
+family's standard width, epoch by epoch. Last panel: test accuracy
 against MACs (percent of the standard network's): each run's stages (the accuracy at the
 end of each stage against the stage's MACs), the final grown networks (mean ± std), and
 any baselines given as points (mean ± std over their repeats). Written as PNG, PDF and the
@@ -27,6 +27,10 @@ GROWN_COLOR = METHOD_COLORS["splitlbi"]
 #: One hue per width group on the left panel (tab10 without SplitLBI's blue).
 GROUP_COLORS = ("#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
                 "#ff7f0e", "#1f77b4")
+#: Line styles of the width groups (a group hidden under another at the same share still shows).
+GROUP_STYLES = ("-", "--", ":", "-.")
+#: Markers of the runs' stages on the accuracy panel.
+RUN_MARKERS = (".", "^", "s", "D", "v", "P")
 
 
 @dataclass
@@ -43,29 +47,25 @@ def _mean_std(values: Sequence[float]) -> tuple:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def _width_series(runs: Sequence[Path], groups: Sequence[str], standard: Dict[str, int]) -> List[Series]:
+def _width_panels(runs: Sequence[Path], seeds: Sequence[object], groups: Sequence[str],
+                  standard: Dict[str, int]) -> List[Panel]:
+    """One panel per run with a staircase per width group: runs that stop growing at
+    different epochs are not summarized well by a mean and a std band (which can pass the cap)."""
     from splitlbi.grow import read_stages
 
-    per_run: List[Dict[str, List[float]]] = []
-    for run in runs:
-        widths: Dict[str, List[float]] = {group: [] for group in groups}
-        for stage in read_stages(run):
-            for _ in range(stage["first_epoch"], stage["last_epoch"] + 1):
-                for group in groups:
-                    widths[group].append(100.0 * stage["widths"][group] / standard[group])
-        per_run.append(widths)
-    length = min(len(widths[groups[0]]) for widths in per_run)
-    series = []
-    for index, group in enumerate(groups):
-        columns = [[widths[group][e] for widths in per_run] for e in range(length)]
-        mean = [statistics.fmean(c) for c in columns]
-        std = [statistics.stdev(c) for c in columns] if len(per_run) > 1 else None
+    panels = []
+    for run_index, (run, seed) in enumerate(zip(runs, seeds)):
+        stages = read_stages(run)
+        epochs = [(stage, e) for stage in stages for e in range(stage["first_epoch"], stage["last_epoch"] + 1)]
         # A staircase: epoch e is trained at its width from e - 1 to e (widths change between epochs).
-        x = [float(edge) for e in range(1, length + 1) for edge in (e - 1, e)]
-        series.append(Series(group, x, [v for v in mean for _ in (0, 1)],
-                             None if std is None else [v for v in std for _ in (0, 1)], n=len(per_run),
-                             color=GROUP_COLORS[index % len(GROUP_COLORS)]))
-    return series
+        x = [float(edge) for _, e in epochs for edge in (e - 1, e)]
+        title = "Width of each layer along the run" if len(runs) == 1 else \
+            f"Widths along run {run_index + 1} (seed {seed})"
+        panels.append(Panel(title, "epoch", "width (% of the standard)", series=[
+            Series(group, x, [100.0 * stage["widths"][group] / standard[group] for stage, _ in epochs for _ in (0, 1)],
+                   color=GROUP_COLORS[index % len(GROUP_COLORS)], style=GROUP_STYLES[index % len(GROUP_STYLES)])
+            for index, group in enumerate(groups)]))
+    return panels
 
 
 def plot_growth(runs: Sequence[Path], out: Path, *, baselines: Sequence[GrowthBaseline] = (),
@@ -93,8 +93,7 @@ def plot_growth(runs: Sequence[Path], out: Path, *, baselines: Sequence[GrowthBa
     standard_macs = network_cost(info["model"], info["num_classes"], info["in_channels"], input_shape(info),
                                  layout.standard)[0]
 
-    widths = Panel("Width of each layer along the run", "epoch", "width (% of the standard)",
-                   series=_width_series(runs, layout.groups, standard))
+    widths = _width_panels(runs, [i.get("seed") for i in infos], layout.groups, standard)
     accuracy = Panel("Accuracy against MACs", "MACs (% of the standard network)", "test accuracy (%)")
     finals_macs, finals_accuracy = [], []
     for seed_index, (run, run_info) in enumerate(zip(runs, infos)):
@@ -103,7 +102,8 @@ def plot_growth(runs: Sequence[Path], out: Path, *, baselines: Sequence[GrowthBa
             continue
         accuracy.series.append(Series(f"grown: stages of run {seed_index + 1} (seed {run_info.get('seed')})",
                                       [100.0 * s["macs"] / standard_macs for s in stages],
-                                      [s["test_acc"] for s in stages], color=GROWN_COLOR, style=":", marker="."))
+                                      [s["test_acc"] for s in stages], color=GROWN_COLOR, style=":",
+                                      marker=RUN_MARKERS[seed_index % len(RUN_MARKERS)]))
         finals_macs.append(100.0 * stages[-1]["macs"] / standard_macs)
         finals_accuracy.append(stages[-1]["test_acc"])
     if finals_macs:
@@ -121,5 +121,5 @@ def plot_growth(runs: Sequence[Path], out: Path, *, baselines: Sequence[GrowthBa
                                       [accuracy_std] if len(baseline.accuracy) > 1 else None, n=len(baseline.accuracy),
                                       color=color, style="", marker="o", band=False))
     model_title = title or f"Growing {info['model']} along the SplitLBI path ({len(runs)} run(s))"
-    return draw_panels([widths, accuracy], Path(out), columns=2, title=model_title, note=note, shared_legend=False)
+    return draw_panels([*widths, accuracy], Path(out), columns=2, title=model_title, note=note, shared_legend=True)
 
