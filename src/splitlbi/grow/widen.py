@@ -23,9 +23,10 @@ entry is zero (V = 0: a new filter starts outside the support of Γ; fresh momen
 Why ``matched``: a new filter starts with Γ = 0, so SplitLBI pulls its weights towards 0 (at
 the rate κα/ν per step) while its zero outgoing weights give it no gradient yet; without a
 gradient its V tends to its starting weights (V → W₀/κ), so a filter drawn at the
-initialization's norm (≈ 0.6 for LeNet-5's conv2, below λ = 1) never enters the support and
-dies out, while one at the norm of the trained filters (≈ 1.5–2) enters within an epoch or
-two (measured on LeNet-5 / Fashion-MNIST, docs/growing.md).
+initialization's norm (median 0.58 for LeNet-5's convs, below λ = 1) stays out of the
+support, while one at the median norm of its layer's trained filters can enter (on LeNet-5 /
+Fashion-MNIST no drawn new conv1/conv2 filter was ever selected, every matched one at the
+next check: docs/growing.md).
 """
 
 from __future__ import annotations
