@@ -141,7 +141,7 @@ def test_a_model_by_import_path(user_module: str) -> None:
 def test_list_models_filters_as_timm() -> None:
     assert list_models("resnet*") == [name for name in list_models() if name.startswith("resnet")]
     assert "resnet20" in list_models("resnet*") and "lenet5" not in list_models("resnet*")
-    assert list_models(["lenet*", "vgg*"]) == ["lenet5", "vgg16_bn"]
+    assert list_models(["lenet*", "vgg*"]) == ["lenet5", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"]
     assert "resnet18" not in list_models(module="resnet_cifar") and "resnet20" in list_models(module="resnet_cifar")
     assert "resnet110" not in list_models("resnet*", exclude_filters="resnet1*")
     assert list_models(pretrained=True) == []

@@ -43,13 +43,21 @@ def _cmd_filters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grow(args: argparse.Namespace) -> int:
+    from splitlbi.plots.growth import plot_growth
+
+    paths = plot_growth(args.runs, args.out, title=args.title)
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return 0
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``plot`` with its sub-commands ``path`` and ``filters`` on ``subparsers``."""
     plot = subparsers.add_parser(
         "plot", help="draw the paper's figures from run directories",
         description="Draw figures from run directories written by `splitlbi train`.",
     )
-    commands = plot.add_subparsers(dest="plot_command", metavar="{path,filters}", required=True)
+    commands = plot.add_subparsers(dest="plot_command", metavar="{path,filters,grow}", required=True)
 
     path = commands.add_parser(
         "path", help="filter-norm paths, coloured by the support of Γ (Figure 1)",
@@ -94,4 +102,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     filters.add_argument("--no-progress", action="store_true",
                          help="no progress bars (drawn only when stderr is a terminal anyway)")
     filters.set_defaults(func=_cmd_filters)
+
+    grow = commands.add_parser(
+        "grow", help="widths along the run and accuracy against MACs of 'splitlbi grow' runs",
+        description="Left: the width of each layer (ResNets: stage) of the grow runs along the run, in percent "
+        "of the standard network, one line per run. Right: test accuracy against MACs of each "
+        "run's stages and of the final grown networks. Writes the PNG, a PDF and the CSV of the numbers.",
+    )
+    grow.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="grow run directories (e.g. seeds)")
+    grow.add_argument("--out", required=True, type=Path, help="output PNG (the PDF and CSV go beside it)")
+    grow.add_argument("--title", default=None, help="figure title")
+    grow.set_defaults(func=_cmd_grow)
     return plot

@@ -26,7 +26,7 @@ CORE_COMMANDS = ("splitlbi.cli.train",)
 #: Subcommand modules written separately; a missing one just leaves its subcommand out.
 OPTIONAL_COMMANDS = ("splitlbi.cli.figures", "splitlbi.cli.demo", "splitlbi.cli.compare",
                      "splitlbi.cli.masks", "splitlbi.cli.retrain", "splitlbi.cli.compact",
-                     "splitlbi.cli.baseline", "splitlbi.cli.reproduce")
+                     "splitlbi.cli.baseline", "splitlbi.cli.reproduce", "splitlbi.cli.grow")
 
 
 def _one_line(message: object) -> str:

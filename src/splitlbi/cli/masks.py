@@ -117,9 +117,9 @@ def _run_budget(arguments: argparse.Namespace, info: dict, flag: str, fraction: 
     import torch
 
     from splitlbi.cli.compact import _input_shape
-    from splitlbi.models import create_model
     from splitlbi.prune import save_mask_file
     from splitlbi.prune.budget import budget_masks, path_scores
+    from splitlbi.train.rundir import create_run_model
 
     if arguments.like is not None:
         raise SplitLBIError(f"{flag} chooses filters by the path scores of RUN_DIR; it does not combine with --like")
@@ -129,7 +129,7 @@ def _run_budget(arguments: argparse.Namespace, info: dict, flag: str, fraction: 
         raise SplitLBIError(f"{flag} needs --epoch K (the epoch whose path scores rank the filters)")
     scores = path_scores(arguments.run_dir, arguments.epoch)
     # Only the architecture matters for which filters go and what the compacted network costs.
-    model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"]).eval()
+    model = create_run_model(info).eval()
     example = torch.randn(1, *_input_shape(info), generator=torch.Generator().manual_seed(0))
     normalize = arguments.normalize or DEFAULT_NORMALIZE
     result = budget_masks(model, example, scores, ranking=arguments.ranking, normalize=normalize,

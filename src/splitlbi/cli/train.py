@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict
 
-from splitlbi.cli.argtypes import epoch_list, output_path, seed
+from splitlbi.cli.argtypes import epoch_list, output_path, positive_int, seed
 from splitlbi.errors import SplitLBIError
 from splitlbi.optim.functional import UPDATES
 from splitlbi.optim.groups import COUPLINGS, LAM_SCALES
@@ -18,7 +18,7 @@ from splitlbi.train.config import (
 from splitlbi.train.distributed import is_main_process
 from splitlbi.train.run import read_train_config, run_training
 
-__all__ = ["add_parser", "config_from_arguments", "run"]
+__all__ = ["add_parser", "add_training_options", "config_from_arguments", "run"]
 
 _DEFAULTS = TrainConfig()
 
@@ -37,6 +37,18 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                     "config.json, metrics.csv, path.csv, init.pt, checkpoints/ and masks/. "
                     "A stopped or killed run continues with --resume RUN_DIR.",
     )
+    add_training_options(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def add_training_options(parser: argparse.ArgumentParser, *, baselines: bool = True, extras: bool = True) -> None:
+    """The options of a training run (each a :class:`TrainConfig` field, default SUPPRESS),
+    ``--out`` and ``--resume``: ``splitlbi train``'s, shared with ``splitlbi grow``.
+
+    ``baselines``: offer ``--optimizer``; ``extras``: offer ``--tensorboard`` and the
+    speed-and-scale options.
+    """
     # Every option defaults to SUPPRESS so that we know which ones the user gave: with
     # --resume, given options must agree with the run's config.json.
     option = dict(default=argparse.SUPPRESS)
@@ -46,6 +58,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                             f"importable callable returning an nn.Module, given num_classes and in_channels where it "
                             f"takes them; stored in config.json so that masks, retrain and compact find it) "
                             f"(default: {_default('model')})")
+    model.add_argument("--widths", type=positive_int, nargs="+", metavar="N", **option,
+                       help="the model's widths: filters per conv (lenet5: 3 numbers, vggNN_bn: one per conv) or "
+                            "per stage (CIFAR ResNets: 3) (default: the model's standard network)")
     model.add_argument("--dataset", **option,
                        help=f"mnist, fashion-mnist, cifar10, digits (default: {_default('dataset')})")
     model.add_argument("--data-dir", **option, metavar="DIR",
@@ -65,8 +80,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                        help="evaluate on only the first N test images")
 
     optim = parser.add_argument_group("optimizer")
-    optim.add_argument("--optimizer", choices=OPTIMIZER_NAMES, **option,
-                       help=f"(default: {_default('optimizer')})")
+    if baselines:
+        optim.add_argument("--optimizer", choices=OPTIMIZER_NAMES, **option,
+                           help=f"(default: {_default('optimizer')})")
     optim.add_argument("--lr", type=float, **option,
                        help="learning rate (default: per optimizer, "
                             + ", ".join(f"{name} {lr:g}" for name, lr in DEFAULT_LR.items()) + ")")
@@ -128,7 +144,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     run_group = parser.add_argument_group("run")
     run_group.add_argument("--device", **option, help="auto, cpu, cuda or cuda:N (default: auto)")
     where = run_group.add_mutually_exclusive_group()
-    where.add_argument("--out", type=output_path, metavar="RUN_DIR", help="new run directory (default: runs/MODEL-DATASET-OPTIMIZER-TIME)")
+    where.add_argument("--out", type=output_path, metavar="RUN_DIR", help="new run directory (default: runs/MODEL-DATASET-"
+                       f"{'OPTIMIZER' if baselines else 'grow'}-TIME)")
     where.add_argument("--resume", type=output_path, metavar="RUN_DIR",
                        help="continue the run in RUN_DIR from its last checkpoint; --epochs may extend it")
     run_group.add_argument("--save-every", type=int, metavar="N", **option,
@@ -136,21 +153,23 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                                 f"are always written (default: {_default('save_every')})")
     run_group.add_argument("--eval-batch-size", type=int, **option,
                            help=f"(default: {_default('eval_batch_size')})")
-    run_group.add_argument("--tensorboard", action="store_true", **option,
-                           help="also write TensorBoard event files to RUN_DIR/tensorboard (losses, accuracies, "
-                                "share of non-zeros of Γ overall and per layer, filter-norm histograms; "
-                                "metrics.csv stays the record); needs pip install \"splitlbi[tensorboard]\"")
+    if extras:
+        run_group.add_argument("--tensorboard", action="store_true", **option,
+                               help="also write TensorBoard event files to RUN_DIR/tensorboard (losses, accuracies, "
+                                    "share of non-zeros of Γ overall and per layer, filter-norm histograms; "
+                                    "metrics.csv stays the record); needs pip install \"splitlbi[tensorboard]\"")
     run_group.add_argument("--no-progress", action="store_true", **option, help="no progress bars (they are drawn only when stderr is a terminal anyway)")
     run_group.add_argument("--nonfinite", choices=NONFINITE_CHOICES, **option,
                            help="a batch whose loss is nan or inf: stop the run with an error (the last good "
                                 "checkpoint stays last.pt) or skip that batch, as AMP's GradScaler does; may "
                                 "change on --resume (default: stop)")
-
-
     run_group.add_argument("--recalibrate-bn", type=int, metavar="N", **option,
                            help="also evaluate the sparse model with BatchNorm statistics recalibrated on the first N "
                                 "training images (metrics.csv: sparse_recal_test_acc; 0: not; default: "
                                 f"{_default('recalibrate_bn')})")
+    if not extras:
+        return
+
     speed = parser.add_argument_group("speed and scale",
                                       "multi-GPU and multi-node: launch with torchrun --nproc-per-node N -m splitlbi "
                                       "train ... (see docs/distributed.md)")
@@ -165,8 +184,6 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
                             "recent GPUs)")
     speed.add_argument("--compile", action="store_true", **option,
                        help="torch.compile the model (the first epoch pays the compilation)")
-    parser.set_defaults(func=run)
-    return parser
 
 
 def _given_settings(namespace: argparse.Namespace) -> Dict[str, Any]:

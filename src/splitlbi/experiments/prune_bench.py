@@ -310,14 +310,13 @@ class _Bench:
     def mask_file(self, name: str, make_masks: Callable[[], Dict[str, Tensor]], source: Path,
                   epoch: Optional[int], kind: str) -> Path:
         """A budget mask saved as an architecture mask file (filters, their biases and BN channels)."""
-        from splitlbi.models import create_model
         from splitlbi.prune import save_mask_file
+        from splitlbi.train.rundir import create_run_model
         from splitlbi.prune.baselines import architecture_masks
 
         def make(path: Path) -> None:
             masks = make_masks()
-            model = create_model(self.info["model"], num_classes=self.info["num_classes"],
-                                 in_channels=self.info["in_channels"])
+            model = create_run_model(self.info)
             save_mask_file(path, architecture_masks(model, masks, self.example()), model=self.info["model"],
                            epoch=epoch, source=source, kind=kind)
 

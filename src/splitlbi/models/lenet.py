@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitlbi.models.registry import register_model
+from splitlbi.models.registry import check_widths, register_model
 
-__all__ = ["LeNet5", "lenet5"]
+__all__ = ["LENET5_WIDTHS", "LeNet5", "lenet5"]
+
+#: Filters of ``conv1``, ``conv2``, ``conv3`` in the standard LeNet-5.
+LENET5_WIDTHS = (6, 16, 120)
 
 
 class LeNet5(nn.Module):
@@ -21,14 +26,19 @@ class LeNet5(nn.Module):
     Other input sizes: C5's output is reduced to 1x1 by a global max pool, which is
     the identity on 28x28 inputs (so the network there is exactly LeNet-5) and keeps
     the same parameters for e.g. 32x32 inputs, where C5 gives 2x2.
+
+    ``widths``: the filters of ``conv1``, ``conv2``, ``conv3`` (default
+    :data:`LENET5_WIDTHS`, the network above); ``fc1`` takes ``widths[2]`` inputs.
     """
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+    def __init__(self, num_classes: int = 10, in_channels: int = 1,
+                 widths: Sequence[int] = LENET5_WIDTHS) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 6, kernel_size=5, padding=2)
-        self.conv2 = nn.Conv2d(6, 16, kernel_size=5)
-        self.conv3 = nn.Conv2d(16, 120, kernel_size=5)
-        self.fc1 = nn.Linear(120, 84)
+        c1, c2, c3 = check_widths(widths, len(LENET5_WIDTHS), "lenet5")
+        self.conv1 = nn.Conv2d(in_channels, c1, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(c1, c2, kernel_size=5)
+        self.conv3 = nn.Conv2d(c2, c3, kernel_size=5)
+        self.fc1 = nn.Linear(c3, 84)
         self.fc2 = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +51,10 @@ class LeNet5(nn.Module):
 
 
 @register_model
-def lenet5(num_classes: int = 10, in_channels: int = 1) -> LeNet5:
-    """LeNet-5 for 28x28 images (61,706 parameters for 1 channel and 10 classes)."""
-    return LeNet5(num_classes=num_classes, in_channels=in_channels)
+def lenet5(num_classes: int = 10, in_channels: int = 1, widths: Optional[Sequence[int]] = None) -> LeNet5:
+    """LeNet-5 for 28x28 images (61,706 parameters for 1 channel and 10 classes).
+
+    ``widths``: filters of conv1, conv2, conv3 (default ``(6, 16, 120)``).
+    """
+    return LeNet5(num_classes=num_classes, in_channels=in_channels, 
+                  widths=LENET5_WIDTHS if widths is None else widths)

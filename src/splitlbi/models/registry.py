@@ -16,7 +16,7 @@ import inspect
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Iterable, Optional, TypeVar, Union
 
 from torch import nn
@@ -24,7 +24,8 @@ from torch import nn
 from splitlbi.errors import SplitLBIError
 
 __all__ = ["register_model", "create_model", "list_models", "is_model", "is_factory_path", "model_factory",
-           "model_module", "import_model_module", "provide_model"]
+           "model_module", "import_model_module", "provide_model",
+           "check_widths"]
 
 ModelFactory = TypeVar("ModelFactory", bound=Callable[..., nn.Module])
 
@@ -93,6 +94,17 @@ def list_models(filter: Union[str, Iterable[str]] = "", module: str = "", pretra
 def is_factory_path(name: str) -> bool:
     """Whether ``name`` is an import path ``package.module:factory`` rather than a registered name."""
     return isinstance(name, str) and bool(_FACTORY_PATH.match(name))
+
+
+def check_widths(widths: Sequence[int], count: int, model: str) -> tuple[int, ...]:
+    """``widths`` as a tuple of ``count`` positive integers (a factory's ``widths=``
+    argument: filters per layer or per stage); :class:`SplitLBIError` naming ``model``
+    and what was expected otherwise."""
+    values = tuple(widths) if isinstance(widths, (list, tuple)) else None
+    if (values is None or len(values) != count
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in values)):
+        raise SplitLBIError(f"widths of {model} must be {count} positive integers, got {widths!r}")
+    return values
 
 
 def is_model(name: str) -> bool:

@@ -16,6 +16,12 @@ resnet44 658,586, resnet56 853,018, resnet110 1,727,962.
 Parameter names: ``conv1, bn1, layer1.0.conv1, layer1.0.bn1, layer1.0.conv2, ...,
 layer3.{n-1}.bn2, fc`` (and ``layerK.0.shortcut.0/1`` with option B).
 
+**Widths.** ``widths=(w1, w2, w3)`` sets the filters of each stage (default ``(16, 32,
+64)``): the stem and every conv of stage k have ``wk`` filters (the residual stream of a
+stage and its blocks' inner convs share one width), and ``fc`` takes ``w3`` inputs.
+Option A pads the stream from ``w(k-1)`` to ``wk`` channels, so it needs
+``w1 <= w2 <= w3``; option B has no such limit.
+
 **ResNet-50 for CIFAR** (``resnet50_cifar``): the bottleneck ResNet-50 of pruning
 papers (Network Slimming, Liu et al. 2017; lottery tickets / rethinking pruning):
 torchvision's ResNet-50 (see ``resnet.py``, same parameter names) with a 3x3/1
@@ -25,12 +31,15 @@ classes.
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from splitlbi.models import resnet as _imagenet
-from splitlbi.models.registry import register_model
+from splitlbi.errors import SplitLBIError
+from splitlbi.models.registry import check_widths, register_model
 
 __all__ = [
     "CifarBasicBlock",
@@ -42,9 +51,13 @@ __all__ = [
     "resnet56",
     "resnet110",
     "resnet50_cifar",
+    "CIFAR_RESNET_WIDTHS",
 ]
 
 SHORTCUTS = ("A", "B")
+
+#: Filters per stage of the CIFAR ResNets of He et al. 2016.
+CIFAR_RESNET_WIDTHS = (16, 32, 64)
 
 
 class PadShortcut(nn.Module):
@@ -115,24 +128,30 @@ class CifarResNet(nn.Module):
     Init as torchvision's ResNets: Kaiming-normal (fan_out) convs, BN weight 1 bias 0.
     """
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, shortcut: str = "A") -> None:
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, shortcut: str = "A",
+                 widths: Sequence[int] = CIFAR_RESNET_WIDTHS) -> None:
         super().__init__()
         option = str(shortcut).upper()
         if option not in SHORTCUTS:
             raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
         blocks = check_depth(depth)
+        stages = check_widths(widths, len(CIFAR_RESNET_WIDTHS), f"resnet{depth}")
+        if option == "A" and list(stages) != sorted(stages):
+            # Option A zero-pads the stream into the next stage: it cannot drop channels.
+            raise SplitLBIError(f"widths of resnet{depth} with shortcut A must not decrease from stage to stage, "
+                                f"got {stages!r} (use shortcut='B' for other widths)")
         self.depth, self.shortcut_type = depth, option
-        self.conv1 = _imagenet.conv3x3(in_channels, 16)
-        self.bn1 = nn.BatchNorm2d(16)
-        in_planes = 16
-        for index, (planes, stride) in enumerate(zip((16, 32, 64), (1, 2, 2)), start=1):
+        self.conv1 = _imagenet.conv3x3(in_channels, stages[0])
+        self.bn1 = nn.BatchNorm2d(stages[0])
+        in_planes = stages[0]
+        for index, (planes, stride) in enumerate(zip(stages, (1, 2, 2)), start=1):
             strides = [stride] + [1] * (blocks - 1)
             stage = []
             for s in strides:
                 stage.append(CifarBasicBlock(in_planes, planes, s, option))
                 in_planes = planes
             setattr(self, f"layer{index}", nn.Sequential(*stage))
-        self.fc = nn.Linear(64, num_classes)
+        self.fc = nn.Linear(stages[-1], num_classes)
         _imagenet.init_resnet_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,15 +161,18 @@ class CifarResNet(nn.Module):
         return self.fc(x)
 
 
-def _cifar_resnet(depth: int, num_classes: int, in_channels: int, **kwargs) -> CifarResNet:
-    return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels, **kwargs)
+def _cifar_resnet(depth: int, num_classes: int, in_channels: int, widths: Optional[Sequence[int]] = None,
+                  **kwargs) -> CifarResNet:
+    return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels,
+                       widths=CIFAR_RESNET_WIDTHS if widths is None else widths, **kwargs)
 
 
 @register_model
 def resnet20(num_classes: int = 10, in_channels: int = 1, **kwargs) -> CifarResNet:
     """ResNet-20 for CIFAR (He et al. 2016): 269,722 parameters (option A, 3 channels, 10 classes).
 
-    ``kwargs``: ``shortcut="A"`` (zero-padding, default) or ``"B"`` (1x1 conv + BN).
+    ``kwargs``: ``shortcut="A"`` (zero-padding, default) or ``"B"`` (1x1 conv + BN);
+    ``widths=(w1, w2, w3)`` filters per stage (default ``(16, 32, 64)``; every CIFAR ResNet).
     """
     return _cifar_resnet(20, num_classes, in_channels, **kwargs)
 

@@ -1,5 +1,5 @@
 """VGG-16 with batch norm for CIFAR (Simonyan & Zisserman, ICLR 2015; BN variant as in
-Network Slimming, Liu et al., ICCV 2017).
+Network Slimming, Liu et al., ICCV 2017), and the VGG-11/13/19 of the same family.
 
 Thirteen 3x3 convs ``[64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M,
 512, 512, 512, M]``, each followed by BatchNorm and ReLU; after the last max pool
@@ -15,22 +15,46 @@ names :meth:`VGG.conv_names` returns.
 Parameter count for 3 channels and 10 classes: 14,728,266. This counts the conv
 biases (kept as in torchvision's ``vgg16_bn`` and the common CIFAR VGG code);
 Network Slimming's convs have none (``conv_bias=False``: 14,724,042).
+
+**Widths.** Every factory takes ``widths``: one number of filters per conv, in order
+(13 for VGG-16); the default is the configuration's own, so ``vgg16_bn()`` is the
+network above with the same parameter names. ``vgg11_bn``, ``vgg13_bn`` and ``vgg19_bn``
+use the configurations A, B and E of the VGG paper with the same BN/classifier layout.
 """
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from splitlbi.models.registry import register_model
+from splitlbi.models.registry import check_widths, register_model
 
-__all__ = ["VGG", "VGG16_CFG", "make_features", "vgg16_bn"]
+__all__ = ["VGG", "VGG_CFGS", "VGG16_CFG", "cfg_with_widths", "make_features", "vgg11_bn", "vgg13_bn", "vgg16_bn",
+           "vgg19_bn"]
 
 VGG16_CFG: tuple[Union[int, str], ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",
 )
+
+#: The VGG paper's configurations A (11 layers), B (13), D (16) and E (19), by depth.
+VGG_CFGS: dict[int, tuple[Union[int, str], ...]] = {
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    16: VGG16_CFG,
+    19: (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
+}
+
+
+def cfg_with_widths(cfg: tuple[Union[int, str], ...], widths: Optional[Sequence[int]],
+                    model: str = "vgg") -> tuple[Union[int, str], ...]:
+    """``cfg`` with its conv widths replaced, in order, by ``widths`` (``None``: ``cfg`` itself)."""
+    if widths is None:
+        return cfg
+    convs = [item for item in cfg if item != "M"]
+    values = iter(check_widths(widths, len(convs), model))
+    return tuple(item if item == "M" else next(values) for item in cfg)
 
 
 def make_features(cfg: tuple[Union[int, str], ...], in_channels: int, conv_bias: bool = True) -> nn.Sequential:
@@ -92,11 +116,35 @@ class VGG(nn.Module):
         return self.classifier(x)
 
 
+def _vgg(depth: int, num_classes: int, in_channels: int, widths: Optional[Sequence[int]], **kwargs) -> VGG:
+    cfg = cfg_with_widths(VGG_CFGS[depth], widths, f"vgg{depth}_bn")
+    return VGG(cfg, num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
 @register_model
-def vgg16_bn(num_classes: int = 10, in_channels: int = 1, **kwargs) -> VGG:
+def vgg11_bn(num_classes: int = 10, in_channels: int = 1, widths: Optional[Sequence[int]] = None, **kwargs) -> VGG:
+    """VGG-11 (configuration A) with BN for CIFAR; ``widths``: 8 conv widths; ``kwargs`` as :func:`vgg16_bn`."""
+    return _vgg(11, num_classes, in_channels, widths, **kwargs)
+
+
+@register_model
+def vgg13_bn(num_classes: int = 10, in_channels: int = 1, widths: Optional[Sequence[int]] = None, **kwargs) -> VGG:
+    """VGG-13 (configuration B) with BN for CIFAR; ``widths``: 10 conv widths; ``kwargs`` as :func:`vgg16_bn`."""
+    return _vgg(13, num_classes, in_channels, widths, **kwargs)
+
+
+@register_model
+def vgg16_bn(num_classes: int = 10, in_channels: int = 1, widths: Optional[Sequence[int]] = None, **kwargs) -> VGG:
     """VGG-16 with BN for CIFAR (Network Slimming's classifier: ``Linear(512, classes)``).
 
     14,728,266 parameters for 3 channels and 10 classes (conv biases included).
+    ``widths``: the 13 conv widths (default: 64, 64, 128, 128, 256 x3, 512 x6).
     ``kwargs``: ``conv_bias`` (default True; False drops the 4,224 conv biases).
     """
-    return VGG(VGG16_CFG, num_classes=num_classes, in_channels=in_channels, **kwargs)
+    return _vgg(16, num_classes, in_channels, widths, **kwargs)
+
+
+@register_model
+def vgg19_bn(num_classes: int = 10, in_channels: int = 1, widths: Optional[Sequence[int]] = None, **kwargs) -> VGG:
+    """VGG-19 (configuration E) with BN for CIFAR; ``widths``: 16 conv widths; ``kwargs`` as :func:`vgg16_bn`."""
+    return _vgg(19, num_classes, in_channels, widths, **kwargs)

@@ -25,6 +25,8 @@ _EXPORTS = {
     "Series": "curves",
     "draw_panels": "curves",
     "read_metrics": "curves",
+    "plot_growth": "growth",
+    "GrowthBaseline": "growth",
     "apply_paper_style": "style",
     "paper_style": "style",
     "method_color": "style",

@@ -54,7 +54,7 @@ from splitlbi.prune.masks import Masks, apply_masks_, check_not_empty, load_mask
 from splitlbi.prune.retrain import MASK_FILE, MaskedSGD, ensure_mask_file, retrain
 from splitlbi.train import run as run_module
 from splitlbi.train import rundir
-from splitlbi.train.config import TrainConfig, resolve_device, validate_config
+from splitlbi.train.config import TrainConfig, model_kwargs, resolve_device, validate_config
 from splitlbi.train.loop import run_epochs
 from splitlbi.train.optimizers import build_scheduler
 from splitlbi.train.rundir import holds_run_dirs, lock_run_dir
@@ -184,7 +184,7 @@ def _new_run(config: TrainConfig, out: Path, info: Dict[str, Any], *, init_seed:
     data = run_module._load_data(config, dev)
     run_module._seed_everything(init_seed)
     model = create_model(config.model, num_classes=data.facts["num_classes"],
-                         in_channels=data.facts["in_channels"]).to(dev)
+                         in_channels=data.facts["in_channels"], **model_kwargs(config.widths)).to(dev)
     example = data.train_images[:1].float()
     arch: Masks = {}
     if masks is not None:
@@ -346,7 +346,8 @@ def scratch(config: TrainConfig, out_dir: PathLike, *, masks: Optional[PathLike]
     info: Dict[str, Any] = {"name": f"scratch-{budget.lower()}", "masks": str(masks), "init_seed": config.seed + 1,
                             "epochs_e": config.epochs}
     data = run_module._load_data(dataclasses.replace(config, limit_train=1, limit_test=1), torch.device("cpu"))
-    probe = create_model(config.model, num_classes=data.facts["num_classes"], in_channels=data.facts["in_channels"])
+    probe = create_model(config.model, num_classes=data.facts["num_classes"], in_channels=data.facts["in_channels"],
+                         **model_kwargs(config.widths))
     mask_dict = load_mask_file(masks, probe)
     check_not_empty(mask_dict, f"the masks in {masks}", allow_empty_mask)
     if budget == "B":

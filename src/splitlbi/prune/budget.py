@@ -173,8 +173,8 @@ def _consistent(scores: Tensor, support: Tensor) -> Tensor:
 
 
 def _checkpoint_path_scores(run_dir: Path, epoch: int, why: str) -> Dict[str, Tensor]:
-    from splitlbi.models import create_model
     from splitlbi.train.optimizers import build_optimizer
+    from splitlbi.train.rundir import create_run_model
     from splitlbi.train.run import CHECKPOINT_DIR, LAST_CHECKPOINT, list_checkpoints, load_checkpoint, \
         read_run_config, read_train_config
 
@@ -191,7 +191,7 @@ def _checkpoint_path_scores(run_dir: Path, epoch: int, why: str) -> Dict[str, Te
         raise SplitLBIError(f"{run_dir} has no path scores for epoch {epoch}: {why} and no checkpoint of epoch "
                             f"{epoch} (epochs with checkpoints: {have})")
     info = read_run_config(run_dir)
-    model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
+    model = create_run_model(info)
     optimizer = build_optimizer(read_train_config(run_dir), model)
     try:
         model.load_state_dict(checkpoint["model"])

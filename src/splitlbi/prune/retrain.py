@@ -32,7 +32,6 @@ from torch import Tensor, nn
 
 from splitlbi.data import canonical_dataset_name, normalize
 from splitlbi.errors import SplitLBIError
-from splitlbi.models import create_model
 from splitlbi.prune.masks import (
     Masks, apply_masks_, check_not_empty, load_mask_file, load_run_masks, mask_sparsity, read_mask_file,
     save_mask_file, validate_masks,
@@ -140,7 +139,7 @@ def retrain(
         raise SplitLBIError(f"--mode {mode} needs --epoch" + ("" if mode != "lottery" else " or --masks"))
     info = read_run_config(run_dir)
     source = rundir.train_config_from_info(info)
-    model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
+    model = rundir.create_run_model(info)
 
     # The mask.
     if masks is None:

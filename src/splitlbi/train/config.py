@@ -17,6 +17,7 @@ from splitlbi.optim.groups import COUPLING_LAM, COUPLINGS, LAM_SCALES
 from splitlbi.optim.penalties import PENALTIES
 
 __all__ = [
+    "model_kwargs",
     "AUGMENTATIONS",
     "COUPLING_LAM",
     "DEFAULT_LR",
@@ -91,6 +92,9 @@ class TrainConfig:
     """
 
     model: str = "lenet5"
+    # The model's widths (filters per conv or per stage, its factory's ``widths``); empty: the
+    # model's standard network. Runs written before the field existed used the standard one.
+    widths: Tuple[int, ...] = field(default_factory=tuple)
     dataset: str = "digits"
     data_dir: Optional[str] = None
     train_split: Optional[int] = None
@@ -152,6 +156,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # JSON gives lists; keep one canonical type so configs compare equal.
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        self.widths = tuple(self.widths)
         if self.lr is None:
             self.lr = DEFAULT_LR.get(self.optimizer, DEFAULT_LR["splitlbi"])
         if self.lam is None and self.couple in COUPLING_LAM:
@@ -161,6 +166,7 @@ class TrainConfig:
         """The settings as a JSON-ready dict."""
         values = dataclasses.asdict(self)
         values["lr_milestones"] = list(self.lr_milestones)
+        values["widths"] = list(self.widths)
         return values
 
     @classmethod
@@ -172,6 +178,13 @@ class TrainConfig:
             raise SplitLBIError(f"unknown training setting(s): {', '.join(unknown)}")
         check_setting_types(values)
         return cls(**dict(values))
+
+
+def model_kwargs(widths: Iterable[int]) -> dict:
+    """The extra ``create_model`` arguments of a run's ``widths`` (a TrainConfig's or a
+    config.json's): ``{"widths": [...]}``, or none for the model's standard network."""
+    widths = list(widths or ())
+    return {"widths": widths} if widths else {}
 
 
 def _kind(default: Any) -> Tuple[type, ...]:
@@ -204,7 +217,7 @@ def check_setting_types(values: Mapping[str, Any]) -> None:
             # lr defaults to None (DEFAULT_LR by optimizer) but, once given, is a number.
             kinds = (int, float) if name == "lr" else _kind(defaults[name])
             ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
-            if ok and name == "lr_milestones":
+            if ok and name in ("lr_milestones", "widths"):
                 ok = all(isinstance(m, int) and not isinstance(m, bool) for m in value)
         if not ok:
             expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
@@ -296,6 +309,7 @@ def validate_config(config: TrainConfig) -> None:
              f"--lr-milestones must be epochs >= 1, got {list(config.lr_milestones)}")
     _require(list(config.lr_milestones) == sorted(set(config.lr_milestones)),
              f"--lr-milestones must be increasing, got {list(config.lr_milestones)}")
+    _require(all(w >= 1 for w in config.widths), f"--widths must be positive integers, got {list(config.widths)}")
     for name in ("train_split", "pad_to", "limit_train", "limit_test"):
         value = getattr(config, name)
         _require(value is None or value >= 1, f"--{name.replace('_', '-')} must be >= 1, got {value}")

@@ -409,6 +409,7 @@ def run_epochs(
     config: TrainConfig,
     *,
     start_epoch: int,
+    until: Optional[int] = None,
     history: rundir.RunHistory,
     say: Callable[[str], None],
     context: Optional[distributed.DistributedContext] = None,
@@ -423,8 +424,9 @@ def run_epochs(
     resumable: bool = True,
     train_epoch: Callable[..., Evaluation] = train_one_epoch,
 ) -> None:
-    """Train epochs ``start_epoch + 1 .. config.epochs`` into the run directory ``run_dir``:
-    the one epoch loop of ``splitlbi train``, retraining and every baseline.
+    """Train epochs ``start_epoch + 1 .. config.epochs`` (or ``.. until``) into the run directory
+    ``run_dir``: the one epoch loop of ``splitlbi train``, retraining, every baseline and the
+    stages of ``splitlbi grow``.
 
     Each epoch: one pass of :func:`train_one_epoch` (``config``'s batch size, data order
     and augmentation, seeded by ``(config.seed, epoch)``; ``config.nonfinite``), the test
@@ -434,6 +436,9 @@ def run_epochs(
 
     Args:
         model: the plain module (the optimizer's names, checkpoints, path rows).
+        until: stop after this epoch (a stage of a longer run: ``splitlbi grow`` changes the
+            network between stages); default ``config.epochs``. The summaries still count
+            to ``config.epochs``.
         history: metrics.csv and path.csv so far (rank 0; extended in place, saved in
             every checkpoint).
         context: the torchrun process group (default: one process). Rank 0 alone writes,
@@ -479,7 +484,7 @@ def run_epochs(
         # Before the first step: is the run long enough for ν at all (docs: "ν depends on the number of steps")?
         batches = math.ceil(data.train_images.shape[0] / (config.batch_size * context.world_size))
         diagnostics.warn_once(lbi, "steps", diagnostics.steps_message(lbi, config.epochs * batches), stacklevel=2)
-    for epoch in range(start_epoch + 1, config.epochs + 1):
+    for epoch in range(start_epoch + 1, (config.epochs if until is None else until) + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         where = f"{label}epoch {epoch}/{config.epochs}"

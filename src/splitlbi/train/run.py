@@ -20,7 +20,7 @@ from splitlbi.data import canonical_dataset_name, load_dataset
 from splitlbi.errors import SplitLBIError
 from splitlbi.models import create_model, model_factory
 from splitlbi.train import distributed
-from splitlbi.train.config import TrainConfig, resolve_device, validate_config
+from splitlbi.train.config import TrainConfig, model_kwargs, resolve_device, validate_config
 from splitlbi.train.loop import EpochCallback, TrainData, run_epochs, train_one_epoch
 from splitlbi.train.optimizers import build_optimizer, build_scheduler, resolve_coupling
 from splitlbi.train.rundir import (  # noqa: F401  (re-exported: the run-directory names callers import from here)
@@ -167,6 +167,9 @@ def _run_training(
         open_run_dir(run_dir, new=False, say=say)
         # Rank 0 writes a missing config.json back; the other ranks read the same copy.
         info = read_or_rebuild_run_config(run_dir, say, write=distributed.is_main_process())
+        if "grow" in info:  # its widths change along the run: only its own command knows them
+            raise SplitLBIError(f"--resume {run_dir}: this run was written by 'splitlbi grow'; continue it with "
+                                f"'splitlbi grow --resume {run_dir}'")
         command = written_by(info)
         if command != "train":  # its masks and penalties are not TrainConfig settings: its own command resumes it
             raise SplitLBIError(f"--resume {run_dir}: this run was written by 'splitlbi {command}'; run the same "
@@ -206,7 +209,7 @@ def _run_training(
     # `model` is the plain module throughout: the optimizer (layer names), checkpoints,
     # init.pt and path.csv use it; DDP and torch.compile only wrap it for the forward.
     model = create_model(config.model, num_classes=data.facts["num_classes"],
-                         in_channels=data.facts["in_channels"])
+                         in_channels=data.facts["in_channels"], **model_kwargs(config.widths))
     check_model_fits(model, data, config)
     if config.sync_bn and context.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -72,7 +72,7 @@ from splitlbi.models.registry import import_model_module, model_module
 from splitlbi.optim import SplitLBI
 from splitlbi.optim import penalties as _penalties
 from splitlbi.train import distributed
-from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, SPLITLBI_ONLY_FIELDS, TrainConfig, check_setting_types
+from splitlbi.train.config import RESUME_OVERRIDABLE_FIELDS, SPLITLBI_ONLY_FIELDS, TrainConfig, check_setting_types, model_kwargs
 from splitlbi.utils.io import (
     DamagedFileError, append_text, atomic_torch_save, atomic_write_text, check_torch_file, fsync_directory,
     load_torch_file,
@@ -89,14 +89,14 @@ __all__ = [
     # reading
     "read_run_config", "read_train_config", "train_config_from_info", "list_checkpoints", "torch_load",
     "load_checkpoint", "load_masks", "load_model_from_run", "check_run_info", "read_or_rebuild_run_config",
-    "saved_config", "written_by",
+    "saved_config", "written_by", "create_run_model",
     # creating, opening, the settings rule
     "check_new_run_dir", "open_run_dir", "changed_settings", "merge_resume_config", "check_same_settings",
     "check_same_dataset", "check_same_world", "run_info", "write_json", "record_resume", "completed_epochs",
     "remove_unstarted_run", "run_differences", "check_can_write", "start_or_continue", "check_checkpoint_settings", "RunMismatchError",
     "train_or_resume", "JOB_FILE", "job_done", "mark_job_done", "job_lock",
     # rows and checkpoints
-    "filter_path_rows", "metrics_row", "append_rows", "file_columns", "restore_rows",
+    "filter_path_rows", "metrics_row", "append_rows", "file_columns", "restore_rows", "truncate_rows_after",
     "rng_state", "restore_rng_state", "checkpoint_state", "save_checkpoint", "remove_epoch_files_after",
     "start_run", "rewind", "write_epoch",
     "checkpoint_candidates", "newest_valid_checkpoint", "set_aside", "CheckpointError", "CheckpointMisfit",
@@ -976,6 +976,13 @@ def train_config_from_info(info: Dict[str, Any]) -> TrainConfig:
     return TrainConfig.from_dict({**_DEFAULTS_OF_OLDER_RUNS, **{key: value for key, value in info.items() if key in names}})
 
 
+def create_run_model(info: Mapping[str, Any]) -> nn.Module:
+    """A new (randomly initialized) network of a run's architecture: ``create_model`` with the
+    model, classes, input channels and widths in its parsed config.json."""
+    return create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"],
+                        **model_kwargs(info.get("widths")))
+
+
 def list_checkpoints(run_dir: PathLike) -> Dict[int, Path]:
     """Epoch -> path of each kept ``checkpoints/epoch_XXXX.pt``, in epoch order."""
     found = {}
@@ -1020,7 +1027,7 @@ def load_model_from_run(run_dir: PathLike, weights: Union[int, str] = "last", ma
             number with a kept checkpoint.
     """
     info = read_run_config(run_dir)
-    model = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"])
+    model = create_run_model(info)
     if weights == "init":
         state = torch_load(Path(run_dir) / INIT_FILE, map_location)
     elif weights == "last":
@@ -1452,7 +1459,7 @@ def file_columns(path: Path, default: Sequence[str]) -> Sequence[str]:
     return tuple(first.split(",")) if first else default
 
 
-def _truncate_rows_after(path: Path, epoch: int, columns: Sequence[str]) -> None:
+def truncate_rows_after(path: Path, epoch: int, columns: Sequence[str]) -> None:
     """Keep the header and the complete rows of epochs <= ``epoch``: undo a crash's half-epoch."""
     header = ",".join(columns)
     try:
@@ -1489,7 +1496,7 @@ def restore_rows(path: Path, saved: Optional[str], first: int, last: int, column
             restore_table(path, saved, say)
             return saved
     # A run written before path.csv had v_norm keeps its six columns.
-    _truncate_rows_after(path, last, file_columns(path, columns))
+    truncate_rows_after(path, last, file_columns(path, columns))
     return _require_rows(path, first, last)
 
 
