@@ -40,7 +40,9 @@ cp "$runs/table.md" "$figures/lenet5_mnist_table1.md"
 cp "$runs/table.csv" "$figures/lenet5_mnist_table1.csv"
 cp "$runs/runs.csv" "$figures/lenet5_mnist_table1_runs.csv"
 
-case " ${variants[*]} " in *" splitlbi-mom-wd "*" sgd-mom-wd "*) ;; *) exit 0 ;; esac  # Figure 1 needs both
+# Figure 1 needs both seed-0 Mom-Wd runs (each name tested on its own: adjacent names share a space).
+case " ${variants[*]} " in *" splitlbi-mom-wd "*) ;; *) exit 0 ;; esac
+case " ${variants[*]} " in *" sgd-mom-wd "*) ;; *) exit 0 ;; esac
 lbi=$runs/splitlbi-mom-wd/seed${seeds[0]}
 sgd=$runs/sgd-mom-wd/seed${seeds[0]}
 splitlbi plot path "$lbi" "$sgd" --layer conv3 --out "$figures/fig1_paths_mnist.png" \

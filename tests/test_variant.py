@@ -304,7 +304,7 @@ def test_cli_option_and_old_run_configs(tmp_path):
     # a run directory written before the field existed reads as the paper's update
     from splitlbi.train.config import TrainConfig
 
-    values = TrainConfig().to_dict()
+    values = {**TrainConfig().to_dict(), "num_classes": 10, "in_channels": 1}  # what a run adds to its config
     del values["update"]
     (tmp_path / CONFIG_FILE).write_text(json.dumps(values))
     assert read_train_config(tmp_path).update == "paper"

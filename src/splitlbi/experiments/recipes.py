@@ -22,7 +22,7 @@ __all__ = ["SCALES", "FIGURES", "BENCHMARKS", "EXPERIMENTS", "RECIPE_DIR", "RECI
            "recipe_path", "parse_override"]
 
 #: The scales a recipe file may define (a top-level table each).
-SCALES = ("smoke", "cpu", "paper")
+SCALES = ("smoke", "cpu", "paper", "resnet")  # resnet: prune-bench in the reference regime (docs/results.md)
 #: The other top-level entries of a recipe file, with the type each must have.
 _TOP_LEVEL = {"figure": str, "title": str}
 

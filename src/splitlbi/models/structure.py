@@ -63,6 +63,13 @@ def _traced_pairs(model: nn.Module, example_input: Tensor) -> Dict[str, str]:
 
     handles = [m.register_forward_hook(conv_hook) for m in convs]
     handles += [m.register_forward_hook(norm_hook) for m in norms]
+    forward_once(model, example_input, handles)
+    return found
+
+
+def forward_once(model: nn.Module, example_input: Tensor, handles: list) -> None:
+    """One forward pass of ``example_input`` in eval mode without gradients (for the hooks behind
+    ``handles``), then the hooks removed and the training mode restored."""
     was_training = model.training
     try:
         model.eval()
@@ -72,7 +79,6 @@ def _traced_pairs(model: nn.Module, example_input: Tensor) -> Dict[str, str]:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return found
 
 
 def stem_conv(model: nn.Module) -> Optional[str]:

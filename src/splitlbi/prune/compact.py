@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from splitlbi.errors import SplitLBIError
+from splitlbi.models.structure import forward_once
 
 __all__ = ["CompactReport", "ConvGroup", "GroupReport", "IndexShortcut", "MaskedNetwork", "apply_filter_masks",
            "check_masks", "compact_model", "compare_latency", "mask_network", "count_macs_params", "measure_latency",
@@ -182,15 +183,7 @@ def _bn_after(model: nn.Module, example_input: Tensor) -> Dict[str, nn.BatchNorm
     keep: List[Tensor] = []
     handles = [m.register_forward_hook(conv_hook) for m in convs]
     handles += [m.register_forward_hook(bn_hook) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(example_input)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
+    forward_once(model, example_input, handles)
     return found
 
 
