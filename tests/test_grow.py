@@ -626,3 +626,12 @@ def test_the_growth_figure_has_widths_and_accuracy_against_macs(straight: Path, 
         run_dir = tmp_path / "trained"
         run_training(dataclasses.replace(TINY, widths=(), epochs=1), run_dir, log=None)
         plot_growth([run_dir], tmp_path / "x.png")
+
+
+def test_widths_leave_the_names_of_cached_runs_alone() -> None:
+    """reproduce names a run by the hash of its settings: a field added later (widths) is left out at
+    its default, so the runs of every workspace written before it are still found."""
+    from splitlbi.experiments.workspace import config_settings
+
+    assert "widths" not in config_settings(TrainConfig())
+    assert list(config_settings(TrainConfig(model="lenet5", widths=(3, 8, 60)))["widths"]) == [3, 8, 60]

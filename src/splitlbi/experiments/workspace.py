@@ -44,7 +44,7 @@ _NOT_HASHED = frozenset(RESUME_OVERRIDABLE_FIELDS - {"epochs"})
 # Settings that only SplitLBI reads: an SGD run is the same run whatever they say.
 _SPLITLBI_ONLY = SPLITLBI_ONLY_FIELDS
 # Settings added after runs were hashed: left out at these values (their defaults) so those runs keep their names.
-_HASHED_UNLESS = {"update": "paper", "couple": "filters", "couple_stem": True, "lam_scale": "none"}
+_HASHED_UNLESS = {"update": "paper", "couple": "filters", "couple_stem": True, "lam_scale": "none", "widths": []}
 
 Log = Optional[Callable[[str], None]]
 PathLike = Union[str, Path]
