@@ -615,3 +615,20 @@ def test_smaller_items_of_the_issue(run: Path, copy: Path, tmp_path: Path, capsy
         SplitLBI(model.parameters(), lr=0.1, fused="no")
     for lr in (np.float32(0.1), torch.tensor(0.1)):
         assert SplitLBI(model.parameters(), lr=lr).param_groups[0]["lr"] == pytest.approx(0.1)
+
+
+def test_a_figure_write_killed_halfway_leaves_no_temporary_after_the_rerun(tmp_path: Path) -> None:
+    """reproduce killed inside a figure's atomic write: the rerun's figure removes that temporary,
+    not one that a reproduction sharing the folder is writing now."""
+    import os
+    import time
+
+    from splitlbi.experiments.reproduce import remove_stale_figure_temporaries
+
+    stale, live, figure = tmp_path / ".fig7.csv.killed.tmp", tmp_path / ".fig7.csv.abc.tmp", tmp_path / "fig7.csv"
+    for path in (stale, live, figure):
+        path.write_text("x")
+    os.utime(stale, (time.time() - 60, time.time() - 60))
+    os.utime(figure, (time.time() - 60, time.time() - 60))
+    assert remove_stale_figure_temporaries(tmp_path, time.time() - 30) == [stale]
+    assert live.exists() and figure.exists() and not stale.exists()

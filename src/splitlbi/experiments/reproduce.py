@@ -652,6 +652,22 @@ def check_figure_settings(recipe: Recipe) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
+def remove_stale_figure_temporaries(folder: Path, before: float) -> List[Path]:
+    """Delete the temporaries of atomic writes into ``folder`` made before ``before`` (a time.time()):
+    a process killed while writing a figure left them. Another reproduction sharing the folder
+    writes its temporaries after this one began its figure, so they are left alone."""
+    removed = []
+    for path in folder.iterdir():
+        if path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file():
+            try:
+                if path.stat().st_mtime < before:
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:  # its writer renamed it meanwhile
+                continue
+    return removed
+
+
 def reproduce(figures: Sequence[str], scale: str = "smoke", out_dir: Optional[Path] = None, *,
               data_dir: Optional[str] = None, device: str = "auto", progress: bool = True,
               overrides: Sequence[str] = (), recipe_file: Optional[Path] = None, reuse: Sequence[Path] = (),
@@ -687,7 +703,9 @@ def reproduce(figures: Sequence[str], scale: str = "smoke", out_dir: Optional[Pa
         say(f"== {recipe.figure} ({recipe.title}), scale {scale}")
         target = out / FIGURES_DIR / f"{recipe.figure}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
+        began = time.time()
         files = FIGURE_FUNCTIONS[recipe.figure](ws, recipe, target)
+        remove_stale_figure_temporaries(target.parent, began)
         for path in files:
             say(f"wrote {path}")
         written.extend(files)
