@@ -141,6 +141,18 @@ def test_recipe_scales_validate() -> None:
     paper = bench_settings(load_recipe("prune-bench", "paper"))
     assert paper.models == ["resnet56", "vgg16_bn"]
     assert set(load_recipe("prune-bench", "cpu").sections["model"]) == {"resnet20", "lenet5"}
+    assert cpu.goal_margin == 0.5 and bench_settings(load_recipe("prune-bench", "resnet")).goal_margin == 0.3
+
+
+def test_goal_line_reads_the_margin_of_the_scale() -> None:
+    from splitlbi.experiments.prune_bench import goal_line
+
+    rows = [{"method": "sgd_dense", "target_macs": 1.0, "default_variant": 1, "test_acc": 92.4},
+            {"method": "splitlbi_finetune", "target_macs": 0.5, "default_variant": 1, "test_acc": 92.0},
+            {"method": "l1", "target_macs": 0.5, "default_variant": 1, "test_acc": 91.8}]
+    assert "-0.40 points: met, goal >= -0.5" in goal_line(rows, 0.5)
+    assert "-0.40 points: not met, goal >= -0.3" in goal_line(rows, 0.5, margin=0.3)
+    assert "+0.20 points: met" in goal_line(rows, 0.5, margin=0.3)
 
 
 def test_bad_bench_settings_are_one_line_errors() -> None:
@@ -149,7 +161,8 @@ def test_bad_bench_settings_are_one_line_errors() -> None:
                               ("bench.methods=['magic']", "unknown methods"),
                               ("bench.variant_budgets=[0.25]", "variant_budgets"),
                               ("bench.budgets={lenet5=[0.5]}", "must name every model"),
-                              ("bench.budgets={lenet5=[0.5],resnet20=[0]}", "budgets must be")):
+                              ("bench.budgets={lenet5=[0.5],resnet20=[0]}", "budgets must be"),
+                              ("bench.goal_margin=-1", "goal_margin")):
         with pytest.raises(SplitLBIError, match=message):
             bench_settings(load_recipe("prune-bench", "smoke", overrides=[override]))
 

@@ -52,7 +52,7 @@ RECIPE_TABLES: Dict[str, Dict[str, str]] = {
               "k": "integers", "normalize": "strings", "variant_budgets": "any", "methods": "strings",
               "ranking": "string", "taylor_batches": "integer", "slimming_lambda": "number",
               "group_norm_reg": "number", "group_norm_every": "any", "report_only": "boolean",
-              "full_runs": "boolean"},
+              "full_runs": "boolean", "goal_margin": "number"},
     # resnet-path (experiments/path_study.py)
     "study": {"candidates": "strings", "reference": "string", "half": "integer", "budget": "number",
               "margin": "number"},
