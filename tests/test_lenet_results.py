@@ -77,3 +77,16 @@ def test_lenet_results_script_runs_on_the_official_split(shared_data_dir: Path, 
     again = _run_script(data_dir, runs, figures)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("finished before, skipped") == len(VARIANTS)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_lenet_results_script_runs_all_thirteen_variants_by_default(tmp_path: Path) -> None:
+    # PYTHON=echo prints the `splitlbi compare` call instead of running it (the script then stops at the
+    # missing table): the default variant list, written over two lines, must reach compare whole.
+    env = {**os.environ, "PYTHON": "echo", "FIGURES": str(tmp_path / "figures")}
+    env.pop("VARIANTS", None)
+    result = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "data"), str(tmp_path / "runs")], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=60)
+    call = result.stdout.split("--optimizers", 1)[1].split("--", 1)[0].split()
+    assert call == ["splitlbi-naive", "splitlbi-mom", "splitlbi-mom-wd", "sgd-naive", "sgd-mom", "sgd-mom-wd",
+                    "sgd-nesterov", "adam", "adamw", "adagrad", "rmsprop", "radam", "amsgrad"]
